@@ -1,0 +1,196 @@
+//! The one replicated command type, its response, and the records the state machine stores.
+//!
+//! Every byte string here is ciphertext, a wrapped key or an identifier; never plaintext.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A client-chosen idempotency key: a retried write carrying the same id is applied once.
+pub type RequestId = String;
+
+/// A change to the replicated state. Built and stamped (times, ids) by the proposing node;
+/// applied deterministically by every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Records the cluster's identity, its root key's check value and the first keyring key.
+    /// Applied once; a second one is rejected.
+    InitCluster {
+        /// The cluster record.
+        cluster: ClusterRecord,
+        /// The first keyring key, wrapped by the HSM root key.
+        keyring: KeyringRecord,
+    },
+    /// Writes a new version of a secret.
+    PutSecret {
+        /// Idempotency key, if the client gave one.
+        request_id: Option<RequestId>,
+        /// The secret path (validated by the proposer).
+        path: String,
+        /// The version this write creates. The proposer sealed the value for this number, so it
+        /// applies only if the secret's current version is exactly `version - 1`.
+        version: u64,
+        /// The client's check-and-set: the current version must equal it (0: no secret yet).
+        cas: Option<u64>,
+        /// A new `max_versions` for the secret; `None` keeps the secret's setting.
+        max_versions: Option<u32>,
+        /// The default `max_versions` of a new secret, from the proposer's config.
+        default_max_versions: u32,
+        /// The sealed value.
+        sealed: SealedValue,
+        /// Proposer's wall-clock time, milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
+    /// Changes the state of versions of a secret.
+    SetVersionState {
+        /// The secret path.
+        path: String,
+        /// The versions to change; empty means the current version.
+        versions: Vec<u64>,
+        /// The new state.
+        state: VersionState,
+        /// Proposer's wall-clock time, milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
+}
+
+/// The target state of a [`Command::SetVersionState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VersionState {
+    /// Soft-deleted: unreadable until undeleted.
+    Deleted,
+    /// Readable again.
+    Undeleted,
+    /// Ciphertext and wrapped data key removed for good.
+    Destroyed,
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The command changed the state (or was a no-op such as a membership entry).
+    Applied,
+    /// A secret version was written.
+    Put {
+        /// The new version.
+        version: u64,
+        /// Its creation time, milliseconds since the Unix epoch.
+        created_at_ms: u64,
+    },
+    /// The command was refused and changed nothing.
+    Rejected(Rejection),
+}
+
+/// Why a command was refused. Deterministic: every node refuses the same command the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// The client's check-and-set did not match.
+    #[error("check-and-set failed: expected version {expected}, current version is {current}")]
+    CasMismatch {
+        /// The version the client expected.
+        expected: u64,
+        /// The secret's current version (0: no secret).
+        current: u64,
+    },
+    /// Another write took the version this one was sealed for; the proposer seals again.
+    #[error("version {version} was taken by a concurrent write (current version is {current})")]
+    VersionTaken {
+        /// The version this write was sealed for.
+        version: u64,
+        /// The secret's current version.
+        current: u64,
+    },
+    /// No secret at the path.
+    #[error("no secret at {path}")]
+    SecretNotFound {
+        /// The path.
+        path: String,
+    },
+    /// The version does not exist (never written, or pruned by max_versions).
+    #[error("secret {path} has no version {version}")]
+    VersionNotFound {
+        /// The path.
+        path: String,
+        /// The version.
+        version: u64,
+    },
+    /// A destroyed version cannot be restored.
+    #[error("version {version} of secret {path} is destroyed and cannot be restored")]
+    VersionDestroyed {
+        /// The path.
+        path: String,
+        /// The version.
+        version: u64,
+    },
+    /// The cluster was initialised already.
+    #[error("the cluster is already initialised")]
+    AlreadyInitialized,
+}
+
+/// A secret value sealed by the node that received it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedValue {
+    /// The keyring key version that wrapped the data key.
+    pub keyring_version: u32,
+    /// The data key, sealed by the keyring key (nonce, ciphertext, tag).
+    pub wrapped_data_key: Vec<u8>,
+    /// The value, sealed by the data key (ciphertext, tag).
+    pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedValue")
+            .field("keyring_version", &self.keyring_version)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// A random id chosen at init.
+    pub cluster_id: String,
+    /// The key check value of the HSM root key every node must hold.
+    pub root_kcv: String,
+    /// When the cluster was initialised, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// A keyring key, wrapped by the HSM root key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyringRecord {
+    /// The keyring key version.
+    pub version: u32,
+    /// The key, wrapped by the root key inside the HSM (RFC 5649).
+    pub wrapped: Vec<u8>,
+    /// When it was created, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// A secret's metadata: its versions and their states, without values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretMeta {
+    /// The newest version number ever written (versions are never reused).
+    pub current_version: u64,
+    /// How many versions are kept.
+    pub max_versions: u32,
+    /// When the first version was written, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When the secret last changed, milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+    /// The kept versions, oldest first.
+    pub versions: BTreeMap<u64, VersionMeta>,
+}
+
+/// One version's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMeta {
+    /// When it was written, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When it was soft-deleted, if it is.
+    pub deleted_at_ms: Option<u64>,
+    /// Whether its ciphertext was destroyed.
+    pub destroyed: bool,
+}

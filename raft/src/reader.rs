@@ -1,0 +1,145 @@
+//! Reads of the applied state, for the node's services. Callers decide consistency (a
+//! linearizable read waits for the read index to be applied before it reads here).
+
+use std::sync::Arc;
+
+use rocksdb::{Direction, IteratorMode, ReadOptions};
+
+use crate::command::{ClusterRecord, KeyringRecord, SealedValue, SecretMeta};
+use crate::error::StoreError;
+use crate::store::{cf, decode, keyring_key, version_key, Store, CLUSTER_KEY, KEYRING_PREFIX};
+
+/// A read handle on the state machine's data. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateReader {
+    store: Arc<Store>,
+}
+
+impl StateReader {
+    /// A reader over the shared RocksDB instance.
+    pub fn new(store: Arc<Store>) -> Self {
+        StateReader { store }
+    }
+
+    /// The cluster record, once the cluster is initialised.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn cluster(&self) -> Result<Option<ClusterRecord>, StoreError> {
+        self.store.get(cf::CLUSTER, CLUSTER_KEY, "cluster record")
+    }
+
+    /// One keyring key version.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn keyring(&self, version: u32) -> Result<Option<KeyringRecord>, StoreError> {
+        self.store.get(cf::CLUSTER, &keyring_key(version), "keyring record")
+    }
+
+    /// Every keyring key version, oldest first.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn keyrings(&self) -> Result<Vec<KeyringRecord>, StoreError> {
+        let iter = self
+            .store
+            .db
+            .iterator_cf(self.store.cf(cf::CLUSTER), IteratorMode::From(KEYRING_PREFIX, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.store.rocks_err(e))?;
+            if !key.starts_with(KEYRING_PREFIX) {
+                break;
+            }
+            out.push(decode(&value, "keyring record")?);
+        }
+        Ok(out)
+    }
+
+    /// A secret's metadata.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn secret(&self, path: &str) -> Result<Option<SecretMeta>, StoreError> {
+        self.store.get(cf::SECRETS, path.as_bytes(), "secret metadata")
+    }
+
+    /// A secret's metadata and the sealed value of one version (the current one when `version` is
+    /// `None`), read from one consistent view. The value is `None` when the version is not stored
+    /// (never written, pruned or destroyed); the metadata says which.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn secret_version(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Option<(SecretMeta, u64, Option<SealedValue>)>, StoreError> {
+        let view = self.store.db.snapshot();
+        let Some(bytes) =
+            view.get_cf(self.store.cf(cf::SECRETS), path.as_bytes()).map_err(|e| self.store.rocks_err(e))?
+        else {
+            return Ok(None);
+        };
+        let meta: SecretMeta = decode(&bytes, "secret metadata")?;
+        let version = version.unwrap_or(meta.current_version);
+        let sealed = match view
+            .get_cf(self.store.cf(cf::VERSIONS), version_key(path, version))
+            .map_err(|e| self.store.rocks_err(e))?
+        {
+            Some(bytes) => Some(decode(&bytes, "sealed value")?),
+            None => None,
+        };
+        Ok(Some((meta, version, sealed)))
+    }
+
+    /// Up to `limit` secret paths that start with `prefix` and sort after `start_after`, in order.
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut from = prefix.as_bytes().to_vec();
+        if let Some(after) = start_after {
+            if after.as_bytes() >= from.as_slice() {
+                from = after.as_bytes().to_vec();
+                from.push(0);
+            }
+        }
+        let mut opts = ReadOptions::default();
+        opts.fill_cache(false);
+        let iter = self.store.db.iterator_cf_opt(
+            self.store.cf(cf::SECRETS),
+            opts,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            // Keys are paths the node validated as ASCII; anything else is skipped, not trusted.
+            if let Ok(path) = std::str::from_utf8(&key) {
+                out.push(path.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forces everything written so far to disk and flushes the memtables to SST files, then
+    /// compacts them: used by tests and operators to check what is at rest.
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn flush_and_compact(&self) -> Result<(), StoreError> {
+        for name in cf::ALL {
+            self.store.db.flush_cf(self.store.cf(name)).map_err(|e| self.store.rocks_err(e))?;
+            self.store.db.compact_range_cf(self.store.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+}

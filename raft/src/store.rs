@@ -1,0 +1,144 @@
+//! The RocksDB instance that holds a node's Raft log and its state machine, in column families.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `logs` | log index, u64 big-endian | postcard `Entry` |
+//! | `raft_meta` | `vote`, `committed`, `last_purged` | postcard |
+//! | `sm_meta` | `last_applied`, `membership` | postcard |
+//! | `secrets` | path | postcard [`SecretMeta`](crate::SecretMeta) |
+//! | `versions` | path, 0x00, version u64 big-endian | postcard [`SealedValue`](crate::SealedValue) |
+//! | `cluster` | `cluster`, `keyring/` + version u32 big-endian | postcard records |
+//! | `requests` | request id | postcard [`Response`](crate::Response) of the applied write |
+//!
+//! Paths never contain 0x00 (the node validates them), so `path 0x00` prefixes one secret's versions.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::StoreError;
+
+/// Column family names.
+pub(crate) mod cf {
+    pub const LOGS: &str = "logs";
+    pub const RAFT_META: &str = "raft_meta";
+    pub const SM_META: &str = "sm_meta";
+    pub const SECRETS: &str = "secrets";
+    pub const VERSIONS: &str = "versions";
+    pub const CLUSTER: &str = "cluster";
+    pub const REQUESTS: &str = "requests";
+    /// The column families that make up the state machine's data, in snapshot order.
+    pub const STATE: [&str; 4] = [SECRETS, VERSIONS, CLUSTER, REQUESTS];
+    pub const ALL: [&str; 7] = [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS];
+}
+
+/// One RocksDB database shared by a node's log store, state machine and readers.
+pub struct Store {
+    pub(crate) db: DB,
+    path: PathBuf,
+    snapshot_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `dir`: RocksDB in `dir/db`, snapshots in
+    /// `dir/snapshots`.
+    ///
+    /// # Errors
+    /// When RocksDB cannot open the directory (locked by another process, corrupt, unwritable).
+    pub fn open(dir: &Path) -> Result<Arc<Store>, StoreError> {
+        let path = dir.join("db");
+        let snapshot_dir = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir)
+            .map_err(|source| StoreError::SnapshotIo { path: snapshot_dir.display().to_string(), source })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // A failed fsync must stop the node rather than let it carry on with unknown durability.
+        opts.set_paranoid_checks(true);
+        let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| StoreError::rocks(&path, e))?;
+        Ok(Arc::new(Store { db, path, snapshot_dir }))
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("every column family in cf::ALL is created at open")
+    }
+
+    pub(crate) fn snapshot_dir(&self) -> &Path {
+        &self.snapshot_dir
+    }
+
+    pub(crate) fn rocks_err(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::rocks(&self.path, source)
+    }
+
+    pub(crate) fn get<T: DeserializeOwned>(
+        &self,
+        cf_name: &str,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(cf_name), key).map_err(|e| self.rocks_err(e))? {
+            Some(bytes) => Ok(Some(decode(&bytes, what)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Forces RocksDB's write-ahead log to disk: state written without fsync becomes durable.
+    pub(crate) fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true).map_err(|e| self.rocks_err(e))
+    }
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value)
+        .expect("postcard encodes every record type of this crate (no maps with non-string keys, no unsized data)")
+}
+
+/// The `versions` key of one secret version.
+pub(crate) fn version_key(path: &str, version: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(path.len() + 9);
+    key.extend_from_slice(path.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+/// The `cluster` key of one keyring key version.
+pub(crate) fn keyring_key(version: u32) -> Vec<u8> {
+    let mut key = b"keyring/".to_vec();
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+pub(crate) const KEYRING_PREFIX: &[u8] = b"keyring/";
+pub(crate) const CLUSTER_KEY: &[u8] = b"cluster";
+
+/// Runs blocking storage work (an fsync) without stalling the other tasks of a multi-threaded Tokio
+/// runtime: the worker hands its queue to another thread for the duration. On a current-thread
+/// runtime (some tests) it simply runs `f`.
+///
+/// `block_in_place` rather than `spawn_blocking`: the caller must not return before the write is
+/// durable and visible, because openraft reads back what it appended and orders truncate and purge
+/// after append.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
