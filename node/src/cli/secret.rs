@@ -1,0 +1,298 @@
+//! `coffer secret …`: the Secrets API from the shell.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine;
+use clap::{Args, Subcommand};
+use coffer_proto::v1::secrets_client::SecretsClient;
+use coffer_proto::v1::{
+    DeleteRequest, DescribeRequest, DestroyRequest, GetRequest, ListRequest, PutRequest, UndeleteRequest,
+};
+use serde_json::json;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use super::client::{connect, describe_status, DEFAULT_ADDR};
+use super::Output;
+
+/// Options shared by every secret command.
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// The server address.
+    #[arg(long, env = "COFFER_ADDR", default_value = DEFAULT_ADDR, global = true)]
+    addr: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: SecretCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Write a new version. The value comes from --file, the VALUE argument, or stdin (in that
+    /// order of preference; an argument is visible to other users in `ps`, a file or stdin is not).
+    Put {
+        /// The secret path, e.g. db/password.
+        path: String,
+        /// The value. Omit it (or give "-") to read stdin.
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
+        /// Check-and-set: write only if the current version is N (0: only if the secret is new).
+        #[arg(long)]
+        cas: Option<u64>,
+        /// Keep at most N versions of this secret from now on.
+        #[arg(long)]
+        max_versions: Option<u32>,
+        /// Idempotency key: retrying with the same id writes once.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Print a secret's value (the raw bytes, no newline added), so `$(coffer secret get p)` works.
+    Get {
+        /// The secret path.
+        path: String,
+        /// Read this version instead of the current one.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Show a secret's versions and their state, without values.
+    Describe {
+        /// The secret path.
+        path: String,
+    },
+    /// List secret paths, one per line.
+    List {
+        /// Only paths that start with this prefix.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Paths per request; all pages are fetched.
+        #[arg(long, default_value_t = 1000)]
+        page_size: u32,
+    },
+    /// Soft-delete versions (default: the current one); `undelete` restores them.
+    Delete(VersionsArgs),
+    /// Restore soft-deleted versions.
+    Undelete(VersionsArgs),
+    /// Remove versions' ciphertext and data key for good.
+    Destroy(VersionsArgs),
+}
+
+#[derive(Debug, Args)]
+struct VersionsArgs {
+    /// The secret path.
+    path: String,
+    /// Versions, comma-separated (default: the current version).
+    #[arg(long, value_delimiter = ',')]
+    versions: Vec<u64>,
+}
+
+fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    let ts = ts?;
+    let time = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(ts.seconds).ok()?)
+        + std::time::Duration::from_nanos(u64::try_from(ts.nanos).ok()?);
+    Some(humantime::format_rfc3339_millis(time).to_string())
+}
+
+fn read_value(value: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    if let Some(file) = file {
+        return Ok(Zeroizing::new(
+            std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
+        ));
+    }
+    match value {
+        Some(v) if v != "-" => Ok(Zeroizing::new(v.into_bytes())),
+        _ => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("reading the value from stdin; end with Ctrl-D");
+            }
+            let mut buf = Zeroizing::new(Vec::new());
+            std::io::stdin().read_to_end(&mut buf)?;
+            Ok(buf)
+        }
+    }
+}
+
+/// Runs a secret command; a gRPC error prints its code and message and exits 1.
+pub async fn run(args: SecretArgs) -> anyhow::Result<ExitCode> {
+    let channel = connect(&args.addr).await?;
+    match execute(SecretsClient::new(channel), args.command, args.output).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(Failure::Status(status)) => {
+            eprintln!("error: {}", describe_status(&status));
+            Ok(ExitCode::FAILURE)
+        }
+        Err(Failure::Other(e)) => Err(e),
+    }
+}
+
+/// Why a client command failed: the server said no (printed as a status), or something local.
+enum Failure {
+    Status(Box<tonic::Status>),
+    Other(anyhow::Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Status(Box::new(s))
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+async fn execute(mut client: SecretsClient<Channel>, command: SecretCommand, output: Output) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        SecretCommand::Put { path, value, file, cas, max_versions, request_id } => {
+            let value = read_value(value, file)?;
+            let reply = client
+                .put(PutRequest {
+                    path: path.clone(),
+                    value: value.to_vec(),
+                    cas,
+                    max_versions,
+                    request_id: request_id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            match output {
+                Output::Text => writeln!(out, "{path}: version {}", reply.version)?,
+                Output::Json => writeln!(
+                    out,
+                    "{}",
+                    json!({"path": path, "version": reply.version, "created_at": millis(reply.created_at.as_ref())})
+                )?,
+            }
+        }
+        SecretCommand::Get { path, version } => {
+            let reply = client.get(GetRequest { path: path.clone(), version }).await?.into_inner();
+            let value = Zeroizing::new(reply.value);
+            match output {
+                Output::Text => out.write_all(&value)?,
+                Output::Json => {
+                    let mut obj = json!({"path": path, "version": reply.version, "created_at": millis(reply.created_at.as_ref())});
+                    match std::str::from_utf8(&value) {
+                        Ok(text) => obj["value"] = json!(text),
+                        Err(_) => {
+                            obj["value_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&*value))
+                        }
+                    }
+                    writeln!(out, "{obj}")?;
+                }
+            }
+        }
+        SecretCommand::Describe { path } => {
+            let reply = client.describe(DescribeRequest { path }).await?.into_inner();
+            let versions: Vec<_> = reply
+                .versions
+                .iter()
+                .map(|v| {
+                    let state = if v.destroyed {
+                        "destroyed"
+                    } else if v.deleted_at.is_some() {
+                        "deleted"
+                    } else {
+                        "live"
+                    };
+                    (v.version, state, millis(v.created_at.as_ref()), millis(v.deleted_at.as_ref()))
+                })
+                .collect();
+            match output {
+                Output::Text => {
+                    writeln!(out, "path:            {}", reply.path)?;
+                    writeln!(out, "current version: {}", reply.current_version)?;
+                    writeln!(out, "max versions:    {}", reply.max_versions)?;
+                    writeln!(out, "created:         {}", millis(reply.created_at.as_ref()).unwrap_or_default())?;
+                    writeln!(out, "updated:         {}", millis(reply.updated_at.as_ref()).unwrap_or_default())?;
+                    writeln!(out, " VERSION  STATE      CREATED                   DELETED")?;
+                    for (version, state, created, deleted) in &versions {
+                        writeln!(
+                            out,
+                            "{version:>8}  {state:<10} {:<25} {}",
+                            created.clone().unwrap_or_default(),
+                            deleted.clone().unwrap_or_default()
+                        )?;
+                    }
+                }
+                Output::Json => {
+                    let list: Vec<_> = versions
+                        .iter()
+                        .map(|(v, s, c, d)| json!({"version": v, "state": s, "created_at": c, "deleted_at": d}))
+                        .collect();
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({
+                            "path": reply.path,
+                            "current_version": reply.current_version,
+                            "max_versions": reply.max_versions,
+                            "created_at": millis(reply.created_at.as_ref()),
+                            "updated_at": millis(reply.updated_at.as_ref()),
+                            "versions": list,
+                        })
+                    )?;
+                }
+            }
+        }
+        SecretCommand::List { prefix, page_size } => {
+            let mut token = String::new();
+            let mut all = Vec::new();
+            loop {
+                let reply = client
+                    .list(ListRequest { prefix: prefix.clone(), page_size, page_token: token.clone() })
+                    .await?
+                    .into_inner();
+                if output == Output::Text {
+                    for path in &reply.paths {
+                        writeln!(out, "{path}")?;
+                    }
+                } else {
+                    all.extend(reply.paths);
+                }
+                if reply.next_page_token.is_empty() {
+                    break;
+                }
+                token = reply.next_page_token;
+            }
+            if output == Output::Json {
+                writeln!(out, "{}", json!({"paths": all}))?;
+            }
+        }
+        SecretCommand::Delete(v) => {
+            client.delete(DeleteRequest { path: v.path.clone(), versions: v.versions.clone() }).await?;
+            report(&mut out, output, "deleted", &v)?;
+        }
+        SecretCommand::Undelete(v) => {
+            client.undelete(UndeleteRequest { path: v.path.clone(), versions: v.versions.clone() }).await?;
+            report(&mut out, output, "undeleted", &v)?;
+        }
+        SecretCommand::Destroy(v) => {
+            client.destroy(DestroyRequest { path: v.path.clone(), versions: v.versions.clone() }).await?;
+            report(&mut out, output, "destroyed", &v)?;
+        }
+    }
+    Ok(())
+}
+
+fn report(out: &mut impl Write, output: Output, verb: &str, v: &VersionsArgs) -> std::io::Result<()> {
+    match output {
+        Output::Text if v.versions.is_empty() => writeln!(out, "{}: {verb} the current version", v.path),
+        Output::Text => writeln!(out, "{}: {verb} versions {:?}", v.path, v.versions),
+        Output::Json => writeln!(out, "{}", json!({"path": v.path, verb: v.versions})),
+    }
+}

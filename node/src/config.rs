@@ -1,0 +1,358 @@
+//! The server's configuration: one TOML file (kebab-case keys, unknown keys rejected), with
+//! environment overrides, validated into typed values at load.
+//!
+//! ```toml
+//! node-id = 1
+//! listen = "127.0.0.1:8200"
+//! data-dir = "/var/lib/coffer"
+//! max-value-bytes = 65536
+//! default-max-versions = 10
+//!
+//! [hsm]
+//! token-label = "coffer"
+//! pin-file = "/etc/coffer/hsm-pin"     # or: pin-env = "COFFER_HSM_PIN"
+//! root-key-label = "coffer-root"
+//! # module = "/usr/lib/softhsm/libsofthsm2.so"   # default: searched
+//!
+//! [raft]
+//! heartbeat-interval = "100ms"
+//! election-timeout-min = "300ms"
+//! election-timeout-max = "600ms"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coffer_hsm::{HsmConfig, PinSource, DEFAULT_ROOT_KEY_LABEL};
+use serde::Deserialize;
+
+/// Environment variables that override config keys: (variable, dotted key).
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("COFFER_NODE_ID", "node-id"),
+    ("COFFER_LISTEN", "listen"),
+    ("COFFER_DATA_DIR", "data-dir"),
+    ("COFFER_MAX_VALUE_BYTES", "max-value-bytes"),
+    ("COFFER_HSM_MODULE", "hsm.module"),
+    ("COFFER_HSM_TOKEN_LABEL", "hsm.token-label"),
+    ("COFFER_HSM_PIN_FILE", "hsm.pin-file"),
+    ("COFFER_HSM_PIN_ENV", "hsm.pin-env"),
+    ("COFFER_HSM_ROOT_KEY_LABEL", "hsm.root-key-label"),
+];
+
+/// The largest value a server may be configured to accept: values travel in one Raft entry.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_node_id")]
+    node_id: u64,
+    #[serde(default = "default_listen")]
+    listen: String,
+    data_dir: PathBuf,
+    #[serde(default = "default_max_value_bytes")]
+    max_value_bytes: usize,
+    #[serde(default = "default_max_versions")]
+    default_max_versions: u32,
+    hsm: RawHsm,
+    #[serde(default)]
+    raft: RawRaft,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawHsm {
+    module: Option<PathBuf>,
+    token_label: String,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    #[serde(default = "default_root_key_label")]
+    root_key_label: String,
+    #[serde(default = "default_sessions")]
+    sessions: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawRaft {
+    #[serde(with = "humantime_serde", default = "default_heartbeat")]
+    heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde", default = "default_election_min")]
+    election_timeout_min: Duration,
+    #[serde(with = "humantime_serde", default = "default_election_max")]
+    election_timeout_max: Duration,
+    #[serde(default = "default_snapshot_logs")]
+    snapshot_after_logs: u64,
+}
+
+impl Default for RawRaft {
+    fn default() -> Self {
+        RawRaft {
+            heartbeat_interval: default_heartbeat(),
+            election_timeout_min: default_election_min(),
+            election_timeout_max: default_election_max(),
+            snapshot_after_logs: default_snapshot_logs(),
+        }
+    }
+}
+
+fn default_node_id() -> u64 {
+    1
+}
+fn default_listen() -> String {
+    "127.0.0.1:8200".into()
+}
+fn default_max_value_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_versions() -> u32 {
+    10
+}
+fn default_root_key_label() -> String {
+    DEFAULT_ROOT_KEY_LABEL.into()
+}
+fn default_sessions() -> usize {
+    2
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_election_min() -> Duration {
+    Duration::from_millis(300)
+}
+fn default_election_max() -> Duration {
+    Duration::from_millis(600)
+}
+fn default_snapshot_logs() -> u64 {
+    10_000
+}
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's Raft id.
+    pub node_id: u64,
+    /// The address the gRPC server binds.
+    pub listen: SocketAddr,
+    /// Where RocksDB and snapshots live.
+    pub data_dir: PathBuf,
+    /// The largest secret value accepted, in bytes.
+    pub max_value_bytes: usize,
+    /// `max_versions` of a new secret.
+    pub default_max_versions: u32,
+    /// How to reach the HSM.
+    pub hsm: HsmConfig,
+    /// Raft timing.
+    pub raft: RaftTiming,
+}
+
+/// Raft timing settings.
+#[derive(Debug, Clone)]
+pub struct RaftTiming {
+    /// How often the leader sends heartbeats.
+    pub heartbeat_interval: Duration,
+    /// The shortest election timeout.
+    pub election_timeout_min: Duration,
+    /// The longest election timeout.
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (and purge the log behind it) after this many new entries.
+    pub snapshot_after_logs: u64,
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (it names the key and line).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value breaks a rule.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads, overrides from the environment, and validates a config file.
+    ///
+    /// # Errors
+    /// An unreadable file, bad TOML, an unknown key, or a value that breaks a rule (named).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path, |var| std::env::var(var).ok())
+    }
+
+    /// Parses config text; `env` looks up override variables.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        for (var, key) in ENV_OVERRIDES {
+            if let Some(value) = env(var) {
+                set_dotted(&mut table, key, &value);
+            }
+        }
+        let raw: RawConfig = table.try_into().map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        raw.validate(path)
+    }
+}
+
+/// Sets `a.b` in the table to the value, typed as TOML if it parses as a number, else a string.
+fn set_dotted(table: &mut toml::Table, key: &str, value: &str) {
+    let typed =
+        value.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| toml::Value::String(value.to_owned()));
+    match key.split_once('.') {
+        Some((section, rest)) => {
+            let entry = table.entry(section.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(inner) = entry {
+                set_dotted(inner, rest, value);
+            }
+        }
+        None => {
+            table.insert(key.to_owned(), typed);
+        }
+    }
+}
+
+impl RawConfig {
+    fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let listen: SocketAddr = match self.listen.parse() {
+            Ok(addr) => addr,
+            Err(_) => return invalid(format!("listen = {:?} is not an IP:port address", self.listen)),
+        };
+        if self.node_id == 0 {
+            return invalid("node-id must be at least 1".into());
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
+            return invalid(format!("max-value-bytes must be between 1 and {MAX_VALUE_BYTES_LIMIT}"));
+        }
+        if self.default_max_versions == 0 {
+            return invalid("default-max-versions must be at least 1".into());
+        }
+        let pin = match (self.hsm.pin_file, self.hsm.pin_env) {
+            (Some(file), None) => PinSource::File(resolve(path, file)),
+            (None, Some(var)) => PinSource::Env(var),
+            (None, None) => {
+                return invalid("hsm needs pin-file or pin-env (the PIN is never taken from the command line)".into())
+            }
+            (Some(_), Some(_)) => return invalid("hsm takes pin-file or pin-env, not both".into()),
+        };
+        if self.hsm.sessions == 0 || self.hsm.sessions > 16 {
+            return invalid("hsm.sessions must be between 1 and 16".into());
+        }
+        let raft = self.raft;
+        if raft.election_timeout_min <= raft.heartbeat_interval
+            || raft.election_timeout_max <= raft.election_timeout_min
+        {
+            return invalid(
+                "raft timing must satisfy heartbeat-interval < election-timeout-min < election-timeout-max".into(),
+            );
+        }
+        if raft.election_timeout_min < raft.heartbeat_interval * 3 {
+            tracing::warn!(
+                "raft.election-timeout-min is less than three heartbeat intervals: a slow heartbeat may trigger needless elections"
+            );
+        }
+        Ok(Config {
+            node_id: self.node_id,
+            listen,
+            data_dir: resolve(path, self.data_dir),
+            max_value_bytes: self.max_value_bytes,
+            default_max_versions: self.default_max_versions,
+            hsm: HsmConfig {
+                module: self.hsm.module.map(|m| resolve(path, m)),
+                token_label: self.hsm.token_label,
+                pin,
+                root_key_label: self.hsm.root_key_label,
+                sessions: self.hsm.sessions,
+            },
+            raft: RaftTiming {
+                heartbeat_interval: raft.heartbeat_interval,
+                election_timeout_min: raft.election_timeout_min,
+                election_timeout_max: raft.election_timeout_max,
+                snapshot_after_logs: raft.snapshot_after_logs.max(1),
+            },
+        })
+    }
+}
+
+/// Relative paths in a config file are relative to the file's directory.
+fn resolve(config_path: &Path, path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        path
+    } else {
+        config_path.parent().unwrap_or(Path::new(".")).join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "data-dir = \"data\"\n[hsm]\ntoken-label = \"coffer\"\npin-file = \"pin\"\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/coffer/node.toml"), |_| None)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_relative_paths() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8200".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("/etc/coffer/data"));
+        assert_eq!(config.hsm.pin, PinSource::File("/etc/coffer/pin".into()));
+        assert_eq!(config.max_value_bytes, 65536);
+        assert_eq!(config.default_max_versions, 10);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = parse(&format!("colour = 1\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = parse(&MINIMAL.replace("[hsm]", "[hsm]\npin = \"1234\"")).unwrap_err();
+        assert!(err.to_string().contains("pin"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_win() {
+        let config = Config::parse(MINIMAL, Path::new("/c/n.toml"), |var| match var {
+            "COFFER_LISTEN" => Some("127.0.0.1:9999".into()),
+            "COFFER_HSM_TOKEN_LABEL" => Some("other".into()),
+            "COFFER_NODE_ID" => Some("7".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.hsm.token_label, "other");
+        assert_eq!(config.node_id, 7);
+    }
+
+    #[test]
+    fn rules_are_named() {
+        let err = parse(&MINIMAL.replace("pin-file = \"pin\"", "")).unwrap_err();
+        assert!(err.to_string().contains("pin-file or pin-env"), "{err}");
+        let err = parse(&format!("max-value-bytes = 0\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("max-value-bytes"), "{err}");
+        let err = parse(&format!("{MINIMAL}[raft]\nheartbeat-interval = \"1s\"\n")).unwrap_err();
+        assert!(err.to_string().contains("heartbeat-interval <"), "{err}");
+    }
+}

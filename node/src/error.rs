@@ -1,0 +1,123 @@
+//! The node's one error type and its one mapping to a gRPC status.
+
+use coffer_hsm::HsmError;
+use coffer_raft::StoreError;
+
+use crate::envelope::EnvelopeError;
+
+/// Everything a request or the start-up of a node can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request broke an input rule (named in `rule`).
+    #[error("{rule}")]
+    InvalidArgument {
+        /// The rule that was broken, in words.
+        rule: String,
+    },
+    /// No secret at the path.
+    #[error("no secret at {path}")]
+    SecretNotFound {
+        /// The path.
+        path: String,
+    },
+    /// The version was never written, or was pruned by max_versions.
+    #[error("secret {path} has no version {version} (never written, or pruned by max_versions)")]
+    VersionNotFound {
+        /// The path.
+        path: String,
+        /// The version.
+        version: u64,
+    },
+    /// The version is soft-deleted.
+    #[error("version {version} of secret {path} is deleted (Undelete restores it)")]
+    VersionDeleted {
+        /// The path.
+        path: String,
+        /// The version.
+        version: u64,
+    },
+    /// The version was destroyed.
+    #[error("version {version} of secret {path} is destroyed; its value is gone for good")]
+    VersionDestroyed {
+        /// The path.
+        path: String,
+        /// The version.
+        version: u64,
+    },
+    /// A check-and-set did not match.
+    #[error("check-and-set failed: expected version {expected}, current version is {current}")]
+    CasMismatch {
+        /// The version the client expected.
+        expected: u64,
+        /// The current version (0: no secret).
+        current: u64,
+    },
+    /// Concurrent writers kept taking the version this write was sealed for.
+    #[error("too many concurrent writes to {path}; retry")]
+    Contended {
+        /// The path.
+        path: String,
+    },
+    /// The cluster was initialised already.
+    #[error("the cluster is already initialised")]
+    AlreadyInitialized,
+    /// This node cannot serve the request now (no leader, shutting down); the client may retry.
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The HSM's root key is not the one the cluster recorded.
+    #[error(
+        "the HSM root key (KCV {token}) is not the cluster's root key (KCV {recorded}, recorded at init); refusing to start. \
+         Point hsm.token-label and hsm.root-key-label at the token that holds the cluster's root key"
+    )]
+    KcvMismatch {
+        /// The KCV recorded in the cluster state.
+        recorded: String,
+        /// The KCV of the key in the configured token.
+        token: String,
+    },
+    /// The HSM failed.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The store failed.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// Stored ciphertext failed to open.
+    #[error("{0}")]
+    Envelope(#[from] EnvelopeError),
+    /// Raft failed in a way that is not the client's to retry.
+    #[error("raft: {0}")]
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        use tonic::Status;
+        match &err {
+            Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            Error::SecretNotFound { .. }
+            | Error::VersionNotFound { .. }
+            | Error::VersionDeleted { .. }
+            | Error::VersionDestroyed { .. } => Status::not_found(err.to_string()),
+            Error::CasMismatch { .. } | Error::AlreadyInitialized => Status::failed_precondition(err.to_string()),
+            Error::Contended { .. } => Status::aborted(err.to_string()),
+            Error::Unavailable { .. } => Status::unavailable(err.to_string()),
+            Error::KcvMismatch { .. } | Error::Hsm(_) | Error::Store(_) | Error::Envelope(_) | Error::Raft(_) => {
+                // Details stay in the server log; the client gets an id to quote.
+                let id = incident_id();
+                tracing::error!(incident = %id, error = %err, "internal error");
+                Status::internal(format!("internal error (incident {id}; details are in the server log)"))
+            }
+        }
+    }
+}
+
+fn incident_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 6];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    hex::encode(bytes)
+}

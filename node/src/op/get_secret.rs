@@ -1,0 +1,46 @@
+// Hot path: secret get.
+//! Get: a linearizable read of one version, opened with the keyring.
+
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+use crate::node::Node;
+use crate::validate;
+
+/// A readable secret version.
+#[derive(Debug)]
+pub struct Secret {
+    /// The value; zeroized when dropped.
+    pub value: Zeroizing<Vec<u8>>,
+    /// The version read.
+    pub version: u64,
+    /// Its creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// Reads a version (the current one by default).
+///
+/// # Errors
+/// `InvalidArgument` for a bad path or version 0; `SecretNotFound`, `VersionNotFound`,
+/// `VersionDeleted` or `VersionDestroyed`; `Unavailable` when leadership cannot be confirmed.
+pub async fn get_secret(node: &Node, path: &str, version: Option<u64>) -> Result<Secret, Error> {
+    validate::path(path)?;
+    if version == Some(0) {
+        return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
+    }
+    node.linearizable().await?;
+    let Some((meta, version, sealed)) = node.reader.secret_version(path, version)? else {
+        return Err(Error::SecretNotFound { path: path.to_owned() });
+    };
+    let not_found = || Error::VersionNotFound { path: path.to_owned(), version };
+    let info = meta.versions.get(&version).ok_or_else(not_found)?;
+    if info.destroyed {
+        return Err(Error::VersionDestroyed { path: path.to_owned(), version });
+    }
+    if info.deleted_at_ms.is_some() {
+        return Err(Error::VersionDeleted { path: path.to_owned(), version });
+    }
+    let sealed = sealed.ok_or_else(not_found)?;
+    let value = node.keyring.open(path, version, &sealed)?;
+    Ok(Secret { value, version, created_at_ms: info.created_at_ms })
+}

@@ -1,0 +1,49 @@
+//! List: secret paths under a prefix, one page at a time. The page token is the last path of
+//! the previous page, so pages stay correct while secrets are added or removed between calls.
+
+use crate::error::Error;
+use crate::node::Node;
+use crate::validate;
+
+/// Page size when the request gives none.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// The largest page size.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// One page of paths, and the token of the next page (`None`: this was the last).
+#[derive(Debug)]
+pub struct Page {
+    /// The paths, in lexical order.
+    pub paths: Vec<String>,
+    /// Token for the next page.
+    pub next_page_token: Option<String>,
+}
+
+/// Lists paths (linearizable).
+///
+/// # Errors
+/// `InvalidArgument` for a bad prefix, page size or token; `Unavailable`.
+pub async fn list_secrets(node: &Node, prefix: &str, page_size: u32, page_token: &str) -> Result<Page, Error> {
+    validate::prefix(prefix)?;
+    if page_size > MAX_PAGE_SIZE {
+        return Err(Error::InvalidArgument { rule: format!("page_size is at most {MAX_PAGE_SIZE}") });
+    }
+    let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size } as usize;
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        validate::path(page_token)
+            .map_err(|_| Error::InvalidArgument { rule: "page_token is not a token from a previous List".into() })?;
+        Some(page_token)
+    };
+    node.linearizable().await?;
+    // One extra row tells whether another page follows.
+    let mut paths = node.reader.list(prefix, after, size + 1)?;
+    let next_page_token = if paths.len() > size {
+        paths.truncate(size);
+        paths.last().cloned()
+    } else {
+        None
+    };
+    Ok(Page { paths, next_page_token })
+}

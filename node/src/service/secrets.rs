@@ -1,0 +1,112 @@
+// Hot path: every Secrets request.
+//! The `coffer.v1.Secrets` service.
+
+use std::sync::Arc;
+
+use coffer_proto::v1::secrets_server::Secrets;
+use coffer_proto::v1::{
+    DeleteRequest, DeleteResponse, DescribeRequest, DescribeResponse, DestroyRequest, DestroyResponse, GetRequest,
+    GetResponse, ListRequest, ListResponse, PutRequest, PutResponse, UndeleteRequest, UndeleteResponse, VersionInfo,
+};
+use coffer_raft::VersionState;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::timestamp;
+use crate::node::Node;
+use crate::op::{describe_secret, get_secret, list_secrets, put_secret, set_version_state};
+
+/// The Secrets service over a started node.
+#[derive(Debug, Clone)]
+pub struct SecretsService {
+    node: Arc<Node>,
+}
+
+impl SecretsService {
+    /// A service answering from `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        SecretsService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Secrets for SecretsService {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        let put = put_secret::PutSecret {
+            path: req.path,
+            value: Zeroizing::new(req.value),
+            cas: req.cas,
+            max_versions: req.max_versions,
+            request_id: Some(req.request_id).filter(|id| !id.is_empty()),
+        };
+        let written = put_secret::put_secret(&self.node, put).await?;
+        Ok(Response::new(PutResponse { version: written.version, created_at: Some(timestamp(written.created_at_ms)) }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let secret = get_secret::get_secret(&self.node, &req.path, req.version).await?;
+        // The reply owns a copy for encoding; tonic drops it after writing, unzeroized (a limit of
+        // prost's `Vec<u8>` fields).
+        Ok(Response::new(GetResponse {
+            value: secret.value.to_vec(),
+            version: secret.version,
+            created_at: Some(timestamp(secret.created_at_ms)),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+        let req = request.into_inner();
+        let meta = describe_secret::describe_secret(&self.node, &req.path).await?;
+        let versions = meta
+            .versions
+            .iter()
+            .map(|(version, v)| VersionInfo {
+                version: *version,
+                created_at: Some(timestamp(v.created_at_ms)),
+                deleted_at: v.deleted_at_ms.map(timestamp),
+                destroyed: v.destroyed,
+            })
+            .collect();
+        Ok(Response::new(DescribeResponse {
+            path: req.path,
+            current_version: meta.current_version,
+            max_versions: meta.max_versions,
+            created_at: Some(timestamp(meta.created_at_ms)),
+            updated_at: Some(timestamp(meta.updated_at_ms)),
+            versions,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let req = request.into_inner();
+        let page = list_secrets::list_secrets(&self.node, &req.prefix, req.page_size, &req.page_token).await?;
+        Ok(Response::new(ListResponse { paths: page.paths, next_page_token: page.next_page_token.unwrap_or_default() }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let req = request.into_inner();
+        set_version_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Deleted).await?;
+        Ok(Response::new(DeleteResponse {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn undelete(&self, request: Request<UndeleteRequest>) -> Result<Response<UndeleteResponse>, Status> {
+        let req = request.into_inner();
+        set_version_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Undeleted).await?;
+        Ok(Response::new(UndeleteResponse {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn destroy(&self, request: Request<DestroyRequest>) -> Result<Response<DestroyResponse>, Status> {
+        let req = request.into_inner();
+        set_version_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed).await?;
+        Ok(Response::new(DestroyResponse {}))
+    }
+}

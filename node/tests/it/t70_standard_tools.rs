@@ -1,0 +1,32 @@
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+use crate::TestNode;
+
+/// gRPC health and server reflection answer, so grpcurl and friends work without .proto files.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection() -> anyhow::Result<()> {
+    let node = TestNode::must_start()?;
+    let channel = tonic::transport::Endpoint::from_shared(node.addr.clone())?.connect().await?;
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let reply = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?.into_inner();
+    assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await?.into_inner();
+    let reply = replies.message().await?.ok_or_else(|| anyhow::anyhow!("no reflection reply"))?;
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        anyhow::bail!("unexpected reflection reply");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"coffer.v1.Secrets".to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    Ok(())
+}
