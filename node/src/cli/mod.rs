@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Coffer: a secrets and key service whose master key never leaves an HSM.
 #[derive(Debug, Parser)]
-#[command(name = "coffer", version, about, long_about = None)]
+#[command(name = "coffer", version)]
 pub struct Cli {
     #[command(subcommand)]
     command: Commands,
