@@ -4,6 +4,8 @@
 //! ```toml
 //! node-id = 1
 //! listen = "127.0.0.1:8200"
+//! # advertise-addr = "10.0.0.5:8200"     # what other nodes dial; default: the bound address
+//! # write-timeout = "5s"                 # a write not committed by then is UNAVAILABLE
 //! data-dir = "/var/lib/coffer"
 //! max-value-bytes = 65536
 //! default-max-versions = 10
@@ -31,6 +33,7 @@ use serde::Deserialize;
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("COFFER_NODE_ID", "node-id"),
     ("COFFER_LISTEN", "listen"),
+    ("COFFER_ADVERTISE_ADDR", "advertise-addr"),
     ("COFFER_DATA_DIR", "data-dir"),
     ("COFFER_MAX_VALUE_BYTES", "max-value-bytes"),
     ("COFFER_HSM_MODULE", "hsm.module"),
@@ -50,6 +53,9 @@ struct RawConfig {
     node_id: u64,
     #[serde(default = "default_listen")]
     listen: String,
+    advertise_addr: Option<String>,
+    #[serde(with = "humantime_serde", default = "default_write_timeout")]
+    write_timeout: Duration,
     data_dir: PathBuf,
     #[serde(default = "default_max_value_bytes")]
     max_value_bytes: usize,
@@ -103,6 +109,9 @@ fn default_node_id() -> u64 {
 fn default_listen() -> String {
     "127.0.0.1:8200".into()
 }
+fn default_write_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_max_value_bytes() -> usize {
     64 * 1024
 }
@@ -135,6 +144,10 @@ pub struct Config {
     pub node_id: u64,
     /// The address the gRPC server binds.
     pub listen: SocketAddr,
+    /// The address other nodes reach this one at; `None`: the bound address.
+    pub advertise_addr: Option<String>,
+    /// How long a write may wait to be committed before it is reported `UNAVAILABLE`.
+    pub write_timeout: Duration,
     /// Where RocksDB and snapshots live.
     pub data_dir: PathBuf,
     /// The largest secret value accepted, in bytes.
@@ -239,6 +252,14 @@ impl RawConfig {
             Ok(addr) => addr,
             Err(_) => return invalid(format!("listen = {:?} is not an IP:port address", self.listen)),
         };
+        if listen.ip().is_unspecified() && self.advertise_addr.is_none() {
+            return invalid(format!(
+                "listen = {listen} binds every interface: set advertise-addr to the host:port other nodes reach this one at"
+            ));
+        }
+        if self.write_timeout.is_zero() {
+            return invalid("write-timeout must be more than zero".into());
+        }
         if self.node_id == 0 {
             return invalid("node-id must be at least 1".into());
         }
@@ -275,6 +296,8 @@ impl RawConfig {
         Ok(Config {
             node_id: self.node_id,
             listen,
+            advertise_addr: self.advertise_addr,
+            write_timeout: self.write_timeout,
             data_dir: resolve(path, self.data_dir),
             max_value_bytes: self.max_value_bytes,
             default_max_versions: self.default_max_versions,

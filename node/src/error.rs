@@ -59,9 +59,15 @@ pub enum Error {
         /// The path.
         path: String,
     },
-    /// The cluster was initialised already.
-    #[error("the cluster is already initialised")]
+    /// The node is part of a cluster already.
+    #[error("this node is already part of a cluster")]
     AlreadyInitialized,
+    /// The cluster refused to admit this node (a different root key).
+    #[error("the cluster refused this node: {reason}")]
+    JoinRefused {
+        /// The leader's reason.
+        reason: String,
+    },
     /// This node cannot serve the request now (no leader, shutting down); the client may retry.
     #[error("unavailable: {reason}")]
     Unavailable {
@@ -88,9 +94,10 @@ pub enum Error {
     /// Stored ciphertext failed to open.
     #[error("{0}")]
     Envelope(#[from] EnvelopeError),
-    /// Raft failed in a way that is not the client's to retry.
-    #[error("raft: {0}")]
-    Raft(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// Something failed that is not the client's to fix or retry (Raft, transport set-up, an
+    /// invariant); details go to the server log.
+    #[error("internal: {0}")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 impl From<Error> for tonic::Status {
@@ -102,10 +109,12 @@ impl From<Error> for tonic::Status {
             | Error::VersionNotFound { .. }
             | Error::VersionDeleted { .. }
             | Error::VersionDestroyed { .. } => Status::not_found(err.to_string()),
-            Error::CasMismatch { .. } | Error::AlreadyInitialized => Status::failed_precondition(err.to_string()),
+            Error::CasMismatch { .. } | Error::AlreadyInitialized | Error::JoinRefused { .. } => {
+                Status::failed_precondition(err.to_string())
+            }
             Error::Contended { .. } => Status::aborted(err.to_string()),
             Error::Unavailable { .. } => Status::unavailable(err.to_string()),
-            Error::KcvMismatch { .. } | Error::Hsm(_) | Error::Store(_) | Error::Envelope(_) | Error::Raft(_) => {
+            Error::KcvMismatch { .. } | Error::Hsm(_) | Error::Store(_) | Error::Envelope(_) | Error::Internal(_) => {
                 // Details stay in the server log; the client gets an id to quote.
                 let id = incident_id();
                 tracing::error!(incident = %id, error = %err, "internal error");

@@ -3,47 +3,59 @@
 //! Start-up order, each step refusing to go on when it fails:
 //! 1. open the HSM (log in, find and check the root key, compute its KCV);
 //! 2. open the store, and if it records a cluster, compare its root KCV with the token's;
-//! 3. start Raft; a node whose store is empty bootstraps a single-voter cluster;
-//! 4. once leader and caught up, initialise the cluster if needed (a random cluster id, the KCV
-//!    and a first keyring key wrapped by the root key), then check the KCV again;
-//! 5. unwrap every keyring key through the HSM into memory.
+//! 3. start Raft with the gRPC transport.
+//!
+//! A new node is empty until an operator runs `coffer operator init` on it (a single-voter cluster
+//! with a random cluster id, the KCV and a first keyring key wrapped by the root key) or
+//! `coffer operator join --peer ADDR` (the leader checks its KCV, adds it as a learner and
+//! promotes it). The node becomes *ready* the first time it sees the cluster record in its applied
+//! state: it checks the KCV again and unwraps every keyring key through the HSM into memory.
+//! Until then, secret requests are `UNAVAILABLE`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_hsm::{Hsm, Key256};
+use coffer_proto::raft::v1::{Envelope, ReadIndexRequest};
 use coffer_raft::{
-    ClusterRecord, Command, KeyringRecord, LogStore, Raft, Rejection, Response, SingleNodeNetwork, StateMachine,
-    StateReader, Store,
+    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LogStore, PeerChannels, Raft, Rejection, Response,
+    StateMachine, StateReader, Store,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::OnceCell;
 
 use crate::config::Config;
 use crate::envelope::Keyring;
 use crate::error::Error;
 
-/// How long start-up waits for this node to lead its single-node cluster.
+/// How long `init` waits for this node to lead its new single-node cluster.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
+/// How long a follower waits to apply up to a leader's read index.
+const READ_INDEX_WAIT: Duration = Duration::from_secs(5);
 
 /// A started node: what every request handler needs.
 pub struct Node {
     pub(crate) config: Config,
     pub(crate) raft: Raft,
     pub(crate) reader: StateReader,
-    pub(crate) keyring: Keyring,
     pub(crate) hsm: Hsm,
-    pub(crate) cluster: ClusterRecord,
+    pub(crate) channels: PeerChannels,
+    /// The address other nodes reach this one at.
+    pub(crate) advertise: String,
+    ready: OnceCell<Ready>,
+}
+
+/// What a node knows once it has seen its cluster's record.
+pub(crate) struct Ready {
+    pub(crate) keyring: Keyring,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node")
-            .field("node_id", &self.config.node_id)
-            .field("cluster", &self.cluster.cluster_id)
-            .finish()
+        f.debug_struct("Node").field("node_id", &self.config.node_id).field("advertise", &self.advertise).finish()
     }
 }
 
@@ -65,7 +77,7 @@ impl Node {
     ///
     /// # Errors
     /// Any failing step: HSM, store, Raft, or a root key that is not the cluster's.
-    pub async fn start(config: Config) -> Result<Arc<Node>, Error> {
+    pub async fn start(config: Config, advertise: String) -> Result<Arc<Node>, Error> {
         // Blocking PKCS#11 login, once at start-up; needs the multi-threaded runtime.
         let hsm = tokio::task::block_in_place(|| Hsm::open(&config.hsm))?;
         tracing::info!(kcv = %hsm.kcv(), "HSM root key found");
@@ -82,68 +94,137 @@ impl Node {
             election_timeout_min: duration_ms(config.raft.election_timeout_min),
             election_timeout_max: duration_ms(config.raft.election_timeout_max),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_after_logs),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: config.raft.snapshot_after_logs.min(1000),
             ..Default::default()
         }
         .validate()
-        .map_err(|e| Error::Raft(Box::new(e)))?;
+        .map_err(|e| Error::Internal(Box::new(e)))?;
+        let channels = PeerChannels::default();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            SingleNodeNetwork,
+            GrpcNetwork::new(channels.clone()),
             LogStore::new(store.clone()),
             StateMachine::new(store),
         )
         .await
-        .map_err(|e| Error::Raft(Box::new(e)))?;
-
-        if !raft.is_initialized().await.map_err(|e| Error::Raft(Box::new(e)))? {
-            let members = BTreeMap::from([(config.node_id, BasicNode { addr: config.listen.to_string() })]);
-            raft.initialize(members).await.map_err(|e| Error::Raft(Box::new(e)))?;
-            tracing::info!(node_id = config.node_id, "bootstrapped a single-node cluster");
+        .map_err(|e| Error::Internal(Box::new(e)))?;
+        let node = Arc::new(Node { config, raft, reader, hsm, channels, advertise, ready: OnceCell::new() });
+        if node.reader.cluster()?.is_some() {
+            node.ready().await?;
+        } else {
+            tracing::info!(
+                "this node is not part of a cluster yet: run `coffer operator init` or `coffer operator join`"
+            );
         }
-        raft.wait(Some(LEADER_WAIT))
-            .current_leader(config.node_id, "start-up")
+        Ok(node)
+    }
+
+    /// The cluster record and keyring, loaded once the cluster record has been applied here.
+    ///
+    /// # Errors
+    /// `Unavailable` while the node has not seen its cluster's record; `KcvMismatch`; HSM failures.
+    pub(crate) async fn ready(&self) -> Result<&Ready, Error> {
+        self.ready
+            .get_or_try_init(|| async {
+                let Some(cluster) = self.reader.cluster()? else {
+                    return Err(Error::Unavailable {
+                        reason: "this node is not part of an initialised cluster yet (run `coffer operator init` \
+                                 on the first node, `coffer operator join --peer ADDR` on the others)"
+                            .into(),
+                    });
+                };
+                check_kcv(&cluster, &self.hsm)?;
+                let mut keys = Vec::new();
+                for record in self.reader.keyrings()? {
+                    keys.push((record.version, self.hsm.unwrap(&record.wrapped).await?));
+                }
+                let keyring = Keyring::new(keys)?;
+                tracing::info!(cluster_id = %cluster.cluster_id, keyring = ?keyring, "node ready");
+                Ok(Ready { keyring })
+            })
+            .await
+    }
+
+    /// Makes this empty node the first voter of a new cluster and records the cluster.
+    ///
+    /// # Errors
+    /// `AlreadyInitialized` when the node is part of a cluster; Raft or HSM failures.
+    pub async fn init_cluster(&self) -> Result<ClusterRecord, Error> {
+        if self.raft.is_initialized().await.map_err(|e| Error::Internal(Box::new(e)))? {
+            return Err(Error::AlreadyInitialized);
+        }
+        let members = BTreeMap::from([(self.config.node_id, BasicNode { addr: self.advertise.clone() })]);
+        self.raft.initialize(members).await.map_err(|e| Error::Internal(Box::new(e)))?;
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .current_leader(self.config.node_id, "init")
             .await
             .map_err(|e| Error::Unavailable { reason: format!("this node did not become leader: {e}") })?;
-        linearizable(&raft).await?;
-
-        let cluster = match reader.cluster()? {
-            Some(cluster) => cluster,
-            None => init_cluster(&raft, &hsm).await?,
-        };
-        check_kcv(&cluster, &hsm)?;
-
-        let mut keys = Vec::new();
-        for record in reader.keyrings()? {
-            keys.push((record.version, hsm.unwrap(&record.wrapped).await?));
-        }
-        let keyring = Keyring::new(keys)?;
-        tracing::info!(cluster_id = %cluster.cluster_id, keyring_versions = ?keyring, "node ready");
-        Ok(Arc::new(Node { config, raft, reader, keyring, hsm, cluster }))
+        let cluster = init_cluster(&self.raft, &self.hsm).await?;
+        self.ready().await?;
+        Ok(cluster)
     }
 
     /// Proposes a command through Raft and returns what applying it produced.
     ///
     /// # Errors
     /// [`Error::Unavailable`] when there is no leader to take it (retryable).
+    /// A follower forwards the command to the leader. The wait is bounded by `write-timeout`: a
+    /// write that is not committed by then (no quorum) is reported `UNAVAILABLE`, and may still
+    /// be applied later, which is what request ids are for.
     pub(crate) async fn propose(&self, command: Command) -> Result<Response, Error> {
-        match self.raft.client_write(command).await {
-            Ok(written) => Ok(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Error::Unavailable {
-                reason: format!("this node is not the leader (leader: {:?}); retry", f.leader_node.map(|n| n.addr)),
+        let timeout = self.config.write_timeout;
+        match tokio::time::timeout(timeout, self.propose_unbounded(command)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable {
+                reason: format!(
+                    "the write was not committed within {} (no quorum?); it may still be applied: \
+                     retry with the same request_id",
+                    humantime::format_duration(timeout)
+                ),
             }),
-            Err(RaftError::APIError(e @ ClientWriteError::ChangeMembershipError(_))) => Err(Error::Raft(Box::new(e))),
-            Err(RaftError::Fatal(f)) => Err(Error::Unavailable { reason: format!("raft has stopped: {f}") }),
         }
+    }
+
+    async fn propose_unbounded(&self, command: Command) -> Result<Response, Error> {
+        let leader = match self.raft.client_write(command.clone()).await {
+            Ok(written) => return Ok(written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
+            Err(RaftError::APIError(e @ ClientWriteError::ChangeMembershipError(_))) => {
+                return Err(Error::Internal(Box::new(e)))
+            }
+            Err(RaftError::Fatal(f)) => return Err(Error::Unavailable { reason: format!("raft has stopped: {f}") }),
+        };
+        let leader = leader.ok_or_else(no_leader)?;
+        let mut client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
+        let payload = postcard::to_allocvec(&command).map_err(|e| Error::Internal(Box::new(e)))?;
+        let reply = client.client_write(Envelope { payload }).await.map_err(|s| forward_failed(&leader.addr, &s))?;
+        postcard::from_bytes(&reply.into_inner().payload).map_err(|e| Error::Internal(Box::new(e)))
     }
 
     /// Waits until this node may serve a linearizable read of its local state.
     ///
     /// # Errors
     /// [`Error::Unavailable`] when leadership cannot be confirmed.
+    /// On the leader, openraft confirms leadership with a quorum and waits for the read index to be
+    /// applied. A follower asks the leader for a read index, then waits to apply up to it.
     pub(crate) async fn linearizable(&self) -> Result<(), Error> {
-        linearizable(&self.raft).await
+        let leader = match linearizable(&self.raft).await {
+            Ok(()) => return Ok(()),
+            Err(NotLeader(Some(leader))) => leader,
+            Err(NotLeader(None)) => return Err(no_leader()),
+            Err(Other(e)) => return Err(e),
+        };
+        let mut client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
+        let index = client.read_index(ReadIndexRequest {}).await.map_err(|s| forward_failed(&leader.addr, &s))?;
+        let index = index.into_inner().index;
+        self.raft
+            .wait(Some(READ_INDEX_WAIT))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map_err(|e| Error::Unavailable { reason: format!("this node did not catch up to the read index: {e}") })?;
+        Ok(())
     }
 
     /// Stops Raft. Requests still in flight fail with `UNAVAILABLE`.
@@ -151,11 +232,6 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
-    }
-
-    /// The cluster this node belongs to.
-    pub fn cluster(&self) -> &ClusterRecord {
-        &self.cluster
     }
 
     /// The node's read handle on the state (tests and operator commands).
@@ -169,16 +245,36 @@ impl Node {
     }
 }
 
-async fn linearizable(raft: &Raft) -> Result<(), Error> {
+/// Why a local linearizable read could not be served.
+enum ReadRefusal {
+    /// This node is not the leader; the leader, if known.
+    NotLeader(Option<BasicNode>),
+    /// Anything else.
+    Other(Error),
+}
+use ReadRefusal::{NotLeader, Other};
+
+async fn linearizable(raft: &Raft) -> Result<(), ReadRefusal> {
     match raft.ensure_linearizable().await {
         Ok(_) => Ok(()),
-        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(Error::Unavailable {
-            reason: format!("this node is not the leader (leader: {:?}); retry", f.leader_node.map(|n| n.addr)),
-        }),
-        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
-            Err(Error::Unavailable { reason: format!("no quorum confirms the leader: {q}") })
-        }
-        Err(RaftError::Fatal(f)) => Err(Error::Unavailable { reason: format!("raft has stopped: {f}") }),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NotLeader(f.leader_node)),
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => Err(Other(Error::Unavailable {
+            reason: format!("no quorum: the leader cannot confirm its leadership ({q})"),
+        })),
+        Err(RaftError::Fatal(f)) => Err(Other(Error::Unavailable { reason: format!("raft has stopped: {f}") })),
+    }
+}
+
+fn no_leader() -> Error {
+    Error::Unavailable {
+        reason: "no leader is known: an election is under way, or the cluster has no quorum; retry".into(),
+    }
+}
+
+/// A forwarded call to the leader failed: the leader went away, or refused.
+fn forward_failed(addr: &str, status: &tonic::Status) -> Error {
+    Error::Unavailable {
+        reason: format!("the leader at {addr} did not take the request ({}); retry", status.message()),
     }
 }
 
@@ -191,13 +287,13 @@ async fn init_cluster(raft: &Raft, hsm: &Hsm) -> Result<ClusterRecord, Error> {
     let cluster = ClusterRecord { cluster_id: hex::encode(id), root_kcv: hsm.kcv().to_string(), created_at_ms: at_ms };
     let keyring = KeyringRecord { version: 1, wrapped: hsm.wrap(&key).await?, created_at_ms: at_ms };
     let command = Command::InitCluster { cluster: cluster.clone(), keyring };
-    match raft.client_write(command).await.map_err(|e| Error::Raft(Box::new(e)))?.data {
+    match raft.client_write(command).await.map_err(|e| Error::Internal(Box::new(e)))?.data {
         Response::Applied => {
             tracing::info!(cluster_id = %cluster.cluster_id, kcv = %cluster.root_kcv, "cluster initialised");
             Ok(cluster)
         }
         Response::Rejected(Rejection::AlreadyInitialized) => Err(Error::AlreadyInitialized),
-        other => Err(Error::Raft(format!("unexpected response to InitCluster: {other:?}").into())),
+        other => Err(Error::Internal(format!("unexpected response to InitCluster: {other:?}").into())),
     }
 }
 

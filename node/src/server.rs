@@ -2,36 +2,45 @@
 
 use std::future::Future;
 
+use coffer_proto::raft::v1::raft_server::RaftServer;
+use coffer_proto::v1::operator_server::OperatorServer;
 use coffer_proto::v1::secrets_server::SecretsServer;
+use coffer_raft::RaftService;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::node::Node;
+use crate::service::operator::OperatorService;
 use crate::service::secrets::SecretsService;
 
-/// Starts a node from `config` and serves the public API (Secrets, gRPC health, server
-/// reflection) on `listener` until `shutdown` completes. Tests call this with a listener bound to
+/// Starts a node from `config` and serves the public API (Secrets, Operator, gRPC health, server
+/// reflection) and the node-to-node Raft service on `listener` until `shutdown` completes. Tests call this with a listener bound to
 /// `127.0.0.1:0`.
 ///
 /// # Errors
 /// Start-up failures (HSM, store, KCV mismatch), or a failing transport.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let node = Node::start(config).await?;
+    let bound = listener.local_addr().map_err(|e| Error::Unavailable { reason: format!("listener: {e}") })?;
+    let advertise = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+    let node = Node::start(config, advertise).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(coffer_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::Raft(Box::new(e)))?;
-    let addr = listener.local_addr().map_err(|e| Error::Unavailable { reason: format!("listener: {e}") })?;
-    tracing::info!(%addr, "serving coffer.v1.Secrets");
+        .map_err(|e| Error::Internal(Box::new(e)))?;
+    tracing::info!(addr = %bound, "serving coffer.v1.Secrets, coffer.v1.Operator and coffer.raft.v1.Raft");
+    let raft_service = RaftService::new(node.raft.clone(), node.reader().clone(), node.channels.clone());
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SecretsServer::new(SecretsService::new(node.clone())))
+        .add_service(OperatorServer::new(OperatorService::new(node.clone())))
+        // Raft messages carry log entries and snapshot chunks: allow more than the 4 MiB default.
+        .add_service(RaftServer::new(raft_service).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     node.shutdown().await;

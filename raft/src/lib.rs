@@ -14,6 +14,7 @@ mod error;
 mod log_store;
 mod network;
 mod reader;
+mod service;
 mod state_machine;
 mod store;
 
@@ -25,8 +26,9 @@ pub use command::{
 };
 pub use error::StoreError;
 pub use log_store::LogStore;
-pub use network::SingleNodeNetwork;
+pub use network::{BadPeerAddr, GrpcNetwork, PeerChannels};
 pub use reader::StateReader;
+pub use service::RaftService;
 pub use state_machine::StateMachine;
 pub use store::Store;
 

@@ -1,9 +1,11 @@
-//! `coffer dev`: a working local node in one command.
+//! `coffer dev`: a working local cluster in one command.
 //!
-//! It makes a directory with a private SoftHSM config and token, random PINs in files (mode 0600),
-//! a node config, and the root key; starts `coffer server` as a child process; waits until it
-//! answers; prints how to use it; and stops it on Ctrl-C. Run again with the same `--dir`, it
-//! reuses the token and data.
+//! For each node it makes a directory with a private SoftHSM config, random PINs in files
+//! (mode 0600) and a node config. The first node's token gets a fresh root key; the others get a
+//! copy of that token directory (the same root key, as a copied HSM backup would give them). It
+//! starts every node as a `coffer server` child process, initialises the cluster on node 1, joins
+//! the others through it, prints the addresses and how to use them, and stops the nodes on Ctrl-C.
+//! Run again with the same `--dir`, it reuses the tokens and data.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -12,17 +14,22 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use coffer_proto::v1::operator_client::OperatorClient;
+use coffer_proto::v1::{InitRequest, JoinRequest, StatusRequest};
 use ring::rand::SecureRandom;
 use tokio::process::{Child, Command};
 
 /// Options of `coffer dev`.
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// Keep the token, config and data here (created if missing; reused if it holds a dev node).
+    /// Keep tokens, configs and data here (created if missing; reused if it holds a dev cluster).
     /// Default: a temporary directory removed on exit.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// The address the node listens on.
+    /// How many nodes to run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=7))]
+    nodes: u16,
+    /// The first node's address; node K listens on the next ports up.
     #[arg(long, default_value = "127.0.0.1:8200")]
     listen: SocketAddr,
 }
@@ -30,10 +37,28 @@ pub struct DevArgs {
 const TOKEN_LABEL: &str = "coffer-dev";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs the development node until Ctrl-C.
+struct DevNode {
+    id: u16,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl DevNode {
+    fn config(&self) -> PathBuf {
+        self.dir.join("node.toml")
+    }
+    fn softhsm_conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Runs the development cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     ensure_softhsm()?;
-    let (temp, dir) = match args.dir {
+    let (temp, root) = match args.dir {
         Some(dir) => {
             std::fs::create_dir_all(&dir)?;
             (None, std::fs::canonicalize(dir)?)
@@ -45,78 +70,152 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let exe = std::env::current_exe()?;
-    let config = dir.join("node.toml");
-    let softhsm_conf = dir.join("softhsm2.conf");
-    let fresh = !config.exists();
-    if fresh {
-        eprintln!("coffer dev: creating a SoftHSM token and root key in {}", dir.display());
-        std::fs::create_dir_all(dir.join("tokens"))?;
-        std::fs::write(
-            &softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )?;
-        write_secret_file(&dir.join("hsm-pin"))?;
-        write_secret_file(&dir.join("hsm-so-pin"))?;
-        std::fs::write(
-            &config,
-            format!(
-                "# Written by `coffer dev`.\nnode-id = 1\nlisten = \"{}\"\ndata-dir = \"data\"\n\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"hsm-pin\"\n",
-                args.listen
-            ),
-        )?;
-        step(
-            &exe,
-            &softhsm_conf,
-            &["hsm", "init-token", "--config"],
-            &config,
-            &["--so-pin-file", &dir.join("hsm-so-pin").display().to_string()],
-        )
-        .await?;
-        step(&exe, &softhsm_conf, &["hsm", "init-root-key", "--config"], &config, &[]).await?;
-    } else {
-        eprintln!("coffer dev: reusing the node in {}", dir.display());
+    let nodes: Vec<DevNode> = (1..=args.nodes)
+        .map(|id| {
+            let mut addr = args.listen;
+            addr.set_port(args.listen.port() + id - 1);
+            DevNode { id, dir: root.join(format!("node{id}")), addr }
+        })
+        .collect();
+
+    for node in &nodes {
+        if !node.config().exists() {
+            prepare(&exe, node, &nodes[0]).await?;
+        }
     }
+    let mut children = Vec::new();
+    for node in &nodes {
+        let child = Command::new(&exe)
+            .args(["server", "--config"])
+            .arg(node.config())
+            .env("SOFTHSM2_CONF", node.softhsm_conf())
+            .env("RUST_LOG", "warn,openraft=error")
+            .kill_on_drop(true)
+            .spawn()?;
+        children.push(child);
+    }
+    for (node, child) in nodes.iter().zip(children.iter_mut()) {
+        wait_until_up(node, child).await?;
+    }
+    form_cluster(&nodes).await?;
 
-    let mut server = Command::new(&exe)
-        .args(["server", "--config"])
-        .arg(&config)
-        .env("SOFTHSM2_CONF", &softhsm_conf)
-        .env_remove("COFFER_LISTEN")
-        .kill_on_drop(true)
-        .spawn()?;
-    let addr = format!("http://{}", args.listen);
-    wait_until_serving(&addr, &mut server).await?;
-
-    let bin_dir = exe.parent().map(Path::display).map(|d| d.to_string()).unwrap_or_default();
+    let bin_dir = exe.parent().map(|d| d.display().to_string()).unwrap_or_default();
+    let addrs: Vec<String> = nodes.iter().map(DevNode::url).collect();
     println!();
-    println!("Coffer dev node is running.");
-    println!("  address:  {addr}");
-    println!("  data:     {}{}", dir.display(), if temp.is_some() { " (temporary: removed on exit)" } else { "" });
-    println!("  config:   {}", config.display());
+    println!("Coffer dev cluster is running ({} node{}).", nodes.len(), if nodes.len() == 1 { "" } else { "s" });
+    for node in &nodes {
+        println!("  node {}:  {}", node.id, node.url());
+    }
+    println!("  data:    {}{}", root.display(), if temp.is_some() { " (temporary: removed on exit)" } else { "" });
     println!();
-    println!("In another shell:");
-    println!("  export PATH=\"{bin_dir}:$PATH\" COFFER_ADDR={addr}");
+    println!("In another shell (any node will do; writes are forwarded to the leader):");
+    println!("  export PATH=\"{bin_dir}:$PATH\" COFFER_ADDR={}", addrs[0]);
     println!("  printf hunter2 | coffer secret put db/password");
     println!("  coffer secret get db/password");
-    println!("  coffer secret describe db/password");
+    println!("  coffer operator status");
     println!();
     println!("Press Ctrl-C to stop.");
 
+    let exited = async {
+        loop {
+            for (node, child) in nodes.iter().zip(children.iter_mut()) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return (node.id, status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
     tokio::select! {
         _ = super::shutdown_signal() => {}
-        status = server.wait() => anyhow::bail!("the server exited unexpectedly ({})", status?),
+        (id, status) = exited => eprintln!("coffer dev: node {id} exited ({status}); stopping the others"),
     }
-    stop(&mut server).await;
+    for child in &mut children {
+        stop(child).await;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a node's SoftHSM config, PINs and node config. Node 1 gets a new token and root key;
+/// the others copy node 1's token directory and PINs.
+async fn prepare(exe: &Path, node: &DevNode, first: &DevNode) -> anyhow::Result<()> {
+    eprintln!("coffer dev: preparing node {} in {}", node.id, node.dir.display());
+    std::fs::create_dir_all(node.dir.join("tokens"))?;
+    std::fs::write(
+        node.softhsm_conf(),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            node.dir.join("tokens").display()
+        ),
+    )?;
+    if node.id == first.id {
+        write_secret_file(&node.dir.join("hsm-pin"))?;
+        write_secret_file(&node.dir.join("hsm-so-pin"))?;
+    } else {
+        std::fs::copy(first.dir.join("hsm-pin"), node.dir.join("hsm-pin"))?;
+        copy_dir(&first.dir.join("tokens"), &node.dir.join("tokens"))?;
+    }
+    std::fs::write(
+        node.config(),
+        format!(
+            "# Written by `coffer dev`.\nnode-id = {}\nlisten = \"{}\"\ndata-dir = \"data\"\n\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"hsm-pin\"\n",
+            node.id, node.addr
+        ),
+    )?;
+    if node.id == first.id {
+        let so_pin = node.dir.join("hsm-so-pin").display().to_string();
+        step(exe, node, &["hsm", "init-token", "--so-pin-file", &so_pin]).await?;
+        step(exe, node, &["hsm", "init-root-key"]).await?;
+    }
+    Ok(())
+}
+
+/// Initialises the cluster on node 1 and joins the others, unless they are members already.
+async fn form_cluster(nodes: &[DevNode]) -> anyhow::Result<()> {
+    let first = &nodes[0];
+    let mut client = OperatorClient::new(super::client::connect(&first.url()).await?);
+    if client.status(StatusRequest {}).await?.into_inner().cluster_id.is_empty() {
+        let init = client.init(InitRequest {}).await.map_err(|s| anyhow::anyhow!("init failed: {}", s.message()))?;
+        eprintln!("coffer dev: initialised cluster {} on node 1", init.into_inner().cluster_id);
+    }
+    for node in &nodes[1..] {
+        let mut client = OperatorClient::new(super::client::connect(&node.url()).await?);
+        let status = client.status(StatusRequest {}).await?.into_inner();
+        if status.members.is_empty() {
+            eprintln!("coffer dev: node {} joins through node 1", node.id);
+            client
+                .join(JoinRequest { peer: first.addr.to_string() })
+                .await
+                .map_err(|s| anyhow::anyhow!("node {} could not join: {}", node.id, s.message()))?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs one set-up step as a child process (so each gets its own PKCS#11 state) and fails with
 /// its output when it fails.
-async fn step(exe: &Path, softhsm_conf: &Path, args: &[&str], config: &Path, extra: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(exe).args(args).arg(config).args(extra).env("SOFTHSM2_CONF", softhsm_conf).output().await?;
+async fn step(exe: &Path, node: &DevNode, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(exe)
+        .args(args)
+        .arg("--config")
+        .arg(node.config())
+        .env("SOFTHSM2_CONF", node.softhsm_conf())
+        .output()
+        .await?;
     if !out.status.success() {
         anyhow::bail!("`coffer {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -133,40 +232,39 @@ fn write_secret_file(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_until_serving(addr: &str, server: &mut Child) -> anyhow::Result<()> {
+/// Waits until the node answers gRPC health checks.
+async fn wait_until_up(node: &DevNode, child: &mut Child) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last_note = Instant::now();
     loop {
-        if let Some(status) = server.try_wait()? {
-            anyhow::bail!("the server exited during start-up ({status}); see its log above");
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("node {} exited during start-up ({status}); see its log above", node.id);
         }
-        if let Ok(channel) = super::client::connect(addr).await {
+        if let Ok(channel) = super::client::connect(&node.url()).await {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let req = tonic_health::pb::HealthCheckRequest { service: "coffer.v1.Secrets".into() };
-            if let Ok(reply) = health.check(req).await {
-                if reply.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                    return Ok(());
-                }
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if health.check(req).await.is_ok() {
+                return Ok(());
             }
         }
         if started.elapsed() > START_TIMEOUT {
-            anyhow::bail!("the server did not answer within {START_TIMEOUT:?}");
+            anyhow::bail!("node {} did not answer within {START_TIMEOUT:?}", node.id);
         }
         if last_note.elapsed() > Duration::from_secs(5) {
-            eprintln!("coffer dev: waiting for the node to start ({}s)", started.elapsed().as_secs());
+            eprintln!("coffer dev: waiting for node {} to start ({}s)", node.id, started.elapsed().as_secs());
             last_note = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Asks the server to stop (SIGTERM), then kills it if it has not within 10 s.
-async fn stop(server: &mut Child) {
-    if let Some(pid) = server.id() {
+/// Asks a node to stop (SIGTERM), then kills it if it has not within 10 s.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
     }
-    if tokio::time::timeout(Duration::from_secs(10), server.wait()).await.is_err() {
-        let _ = server.kill().await;
+    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+        let _ = child.kill().await;
     }
 }
 

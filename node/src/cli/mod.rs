@@ -4,6 +4,7 @@
 pub mod client;
 pub mod dev;
 pub mod hsm;
+pub mod operator;
 pub mod secret;
 
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Commands {
     Hsm(hsm::HsmCommand),
     /// Read and write secrets on a running server (found through COFFER_ADDR).
     Secret(secret::SecretArgs),
+    /// Set up and inspect a cluster: init, join, remove, transfer-leader, status.
+    Operator(operator::OperatorArgs),
 }
 
 /// How client commands print their results.
@@ -59,6 +62,7 @@ impl Cli {
             Commands::Dev(args) => dev::run(args).await,
             Commands::Hsm(cmd) => hsm::run(cmd).await,
             Commands::Secret(args) => secret::run(args).await,
+            Commands::Operator(args) => operator::run(args).await,
         };
         match result {
             Ok(code) => code,
@@ -73,7 +77,7 @@ impl Cli {
 /// Logs go to stderr; `RUST_LOG` filters them (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 

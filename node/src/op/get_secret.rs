@@ -28,6 +28,7 @@ pub async fn get_secret(node: &Node, path: &str, version: Option<u64>) -> Result
     if version == Some(0) {
         return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
     }
+    let ready = node.ready().await?;
     node.linearizable().await?;
     let Some((meta, version, sealed)) = node.reader.secret_version(path, version)? else {
         return Err(Error::SecretNotFound { path: path.to_owned() });
@@ -41,6 +42,6 @@ pub async fn get_secret(node: &Node, path: &str, version: Option<u64>) -> Result
         return Err(Error::VersionDeleted { path: path.to_owned(), version });
     }
     let sealed = sealed.ok_or_else(not_found)?;
-    let value = node.keyring.open(path, version, &sealed)?;
+    let value = ready.keyring.open(path, version, &sealed)?;
     Ok(Secret { value, version, created_at_ms: info.created_at_ms })
 }

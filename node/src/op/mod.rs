@@ -5,5 +5,6 @@
 pub mod describe_secret;
 pub mod get_secret;
 pub mod list_secrets;
+pub mod operator;
 pub mod put_secret;
 pub mod set_version_state;

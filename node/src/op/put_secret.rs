@@ -50,6 +50,7 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
             return Err(Error::InvalidArgument { rule: "request_id is longer than 128 bytes".into() });
         }
     }
+    let ready = node.ready().await?;
     // Without CAS, the next version is a guess: the local current version, then whatever the state
     // machine reported as current when a concurrent write took the guessed one.
     let mut current = match req.cas {
@@ -58,7 +59,7 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
     };
     for _ in 0..MAX_ATTEMPTS {
         let version = current + 1;
-        let sealed = node.keyring.seal(&req.path, version, &req.value)?;
+        let sealed = ready.keyring.seal(&req.path, version, &req.value)?;
         let command = Command::PutSecret {
             request_id: req.request_id.clone(),
             path: req.path.clone(),
@@ -76,7 +77,7 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
             }
             // A concurrent write took the version: reseal for the one after the current.
             Response::Rejected(Rejection::VersionTaken { current: now, .. }) => current = now,
-            other => return Err(Error::Raft(format!("unexpected response to PutSecret: {other:?}").into())),
+            other => return Err(Error::Internal(format!("unexpected response to PutSecret: {other:?}").into())),
         }
     }
     Err(Error::Contended { path: req.path })

@@ -14,6 +14,7 @@ use crate::validate;
 pub async fn set_version_state(node: &Node, path: &str, versions: Vec<u64>, state: VersionState) -> Result<(), Error> {
     validate::path(path)?;
     validate::versions(&versions)?;
+    node.ready().await?;
     let command = Command::SetVersionState { path: path.to_owned(), versions, state, at_ms: now_ms() };
     match node.propose(command).await? {
         Response::Applied => Ok(()),
@@ -24,6 +25,6 @@ pub async fn set_version_state(node: &Node, path: &str, versions: Vec<u64>, stat
         Response::Rejected(Rejection::VersionDestroyed { path, version }) => {
             Err(Error::VersionDestroyed { path, version })
         }
-        other => Err(Error::Raft(format!("unexpected response to SetVersionState: {other:?}").into())),
+        other => Err(Error::Internal(format!("unexpected response to SetVersionState: {other:?}").into())),
     }
 }

@@ -1,5 +1,6 @@
 //! Thin tonic services: parse the wire request, call one use case in `op/`, build the reply.
 
+pub mod operator;
 pub mod secrets;
 
 /// A protobuf timestamp from milliseconds since the Unix epoch.

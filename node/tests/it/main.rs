@@ -38,6 +38,8 @@ impl TestNode {
         Self::must_prepare(dir.path(), "tokens")?;
         let mut node = TestNode { dir, addr: String::new(), child: None };
         node.must_restart()?;
+        let out = node.cli(&["operator", "init"], None)?;
+        anyhow::ensure!(out.status.success(), "operator init failed: {}", String::from_utf8_lossy(&out.stderr));
         Ok(node)
     }
 

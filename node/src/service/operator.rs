@@ -1,0 +1,107 @@
+//! The `coffer.v1.Operator` service.
+
+use std::sync::Arc;
+
+use coffer_proto::v1::operator_server::Operator;
+use coffer_proto::v1::{
+    InitRequest, InitResponse, JoinRequest, JoinResponse, MemberStatus, RemoveRequest, RemoveResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::node::Node;
+use crate::op::operator;
+
+/// The Operator service over a started node.
+#[derive(Debug, Clone)]
+pub struct OperatorService {
+    node: Arc<Node>,
+}
+
+impl OperatorService {
+    /// A service answering from `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        OperatorService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    async fn init(&self, _request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        let cluster = self.node.init_cluster().await?;
+        Ok(Response::new(InitResponse { cluster_id: cluster.cluster_id, kcv: cluster.root_kcv }))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let cluster_id = operator::join(&self.node, &request.into_inner().peer).await?;
+        Ok(Response::new(JoinResponse { cluster_id }))
+    }
+
+    async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+        operator::remove(&self.node, request.into_inner().node_id).await?;
+        Ok(Response::new(RemoveResponse {}))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let target = request.into_inner().node_id;
+        if target != 0 && target != self.node.config.node_id {
+            return Err(Error::InvalidArgument {
+                rule: format!("run transfer-leader against node {target} itself (COFFER_ADDR of that node)"),
+            }
+            .into());
+        }
+        let leader_id = operator::take_leadership(&self.node).await?;
+        Ok(Response::new(TransferLeaderResponse { leader_id }))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let node = &self.node;
+        let m = node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let lag = |id: u64| {
+            let matched = m.replication.as_ref()?.get(&id)?.as_ref().map_or(0, |l| l.index);
+            Some(m.last_log_index.unwrap_or(0).saturating_sub(matched))
+        };
+        let members = membership
+            .nodes()
+            .map(|(id, n)| MemberStatus {
+                node_id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                lag: lag(*id),
+            })
+            .collect();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let hsm = match node.hsm().probe().await {
+            Ok(kcv) if kcv == *node.hsm().kcv() => "ok".to_owned(),
+            Ok(kcv) => format!("root key changed: KCV now {kcv}"),
+            Err(e) => format!("failing: {e}"),
+        };
+        let cluster_id = node.reader().cluster().map_err(Error::from)?.map(|c| c.cluster_id).unwrap_or_default();
+        Ok(Response::new(StatusResponse {
+            node_id: m.id,
+            role: role.into(),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            last_log_index: m.last_log_index,
+            committed_index: None,
+            applied_index: m.last_applied.map(|l| l.index),
+            members,
+            cluster_id,
+            kcv: node.hsm().kcv().to_string(),
+            hsm,
+        }))
+    }
+}

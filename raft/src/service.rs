@@ -1,0 +1,145 @@
+//! The server side of `coffer.raft.v1`: hands openraft messages to the local Raft, takes writes
+//! forwarded by followers, answers read-index requests, and admits joining nodes.
+//!
+//! Statuses here are for other nodes, not clients: `UNAVAILABLE` means "not the leader, or no
+//! quorum: retry", `FAILED_PRECONDITION` a refused join. The node maps what reaches a client.
+
+use std::collections::BTreeSet;
+
+use coffer_proto::raft::v1::raft_server::Raft as RaftRpc;
+use coffer_proto::raft::v1::{Envelope, JoinRequest, JoinResponse, ReadIndexRequest, ReadIndexResponse};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use crate::network::PeerChannels;
+use crate::store::encode;
+use crate::{Command, NodeId, Raft, StateReader};
+
+/// The node-to-node service of one node.
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+    reader: StateReader,
+    channels: PeerChannels,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService").finish_non_exhaustive()
+    }
+}
+
+impl RaftService {
+    /// The service over the node's Raft and state.
+    pub fn new(raft: Raft, reader: StateReader, channels: PeerChannels) -> Self {
+        RaftService { raft, reader, channels }
+    }
+
+    /// The leader's address, if this node knows it and is not the leader itself.
+    async fn leader_addr(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        if leader == metrics.id {
+            return None;
+        }
+        metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+}
+
+fn decode<T: DeserializeOwned>(request: Request<Envelope>) -> Result<T, Status> {
+    postcard::from_bytes(&request.into_inner().payload)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Envelope>, Status> {
+    Ok(Response::new(Envelope { payload: encode(value) }))
+}
+
+/// Why a node cannot take a write or a read-index request: says where the leader is, if known.
+fn not_leader(leader: Option<&BasicNode>) -> Status {
+    match leader {
+        Some(node) => Status::unavailable(format!("not the leader; the leader is at {}", node.addr)),
+        None => Status::unavailable("no leader is known: an election is under way, or the cluster has no quorum"),
+    }
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let result = self.raft.append_entries(decode(request)?).await;
+        reply(&result)
+    }
+
+    async fn vote(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let result = self.raft.vote(decode(request)?).await;
+        reply(&result)
+    }
+
+    async fn install_snapshot(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let result = self.raft.install_snapshot(decode(request)?).await;
+        reply(&result)
+    }
+
+    async fn client_write(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let command: Command = decode(request)?;
+        match self.raft.client_write(command).await {
+            Ok(written) => reply(&written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
+            Err(RaftError::APIError(e @ ClientWriteError::ChangeMembershipError(_))) => {
+                Err(Status::internal(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(Status::unavailable(format!("raft has stopped: {f}"))),
+        }
+    }
+
+    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, applied)) => {
+                let index = read.map_or(0, |l| l.index).max(applied.map_or(0, |l| l.index));
+                Ok(Response::new(ReadIndexResponse { index }))
+            }
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(not_leader(f.leader_node.as_ref()))
+            }
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(Status::unavailable(format!("no quorum confirms the leader: {q}")))
+            }
+            Err(RaftError::Fatal(f)) => Err(Status::unavailable(format!("raft has stopped: {f}"))),
+        }
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let req = request.into_inner();
+        if let Some(addr) = self.leader_addr().await {
+            let mut client = self.channels.client(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            return client.join(req).await;
+        }
+        let cluster = self
+            .reader
+            .cluster()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::failed_precondition("this node's cluster is not initialised yet"))?;
+        if req.kcv != cluster.root_kcv {
+            return Err(Status::failed_precondition(format!(
+                "refusing node {}: its HSM root key has KCV {}, the cluster's root key has KCV {}; \
+                 give the node a token holding the cluster's root key",
+                req.node_id, req.kcv, cluster.root_kcv
+            )));
+        }
+        let node = BasicNode { addr: req.addr.clone() };
+        let write_err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f.leader_node.as_ref()),
+            other => Status::unavailable(other.to_string()),
+        };
+        // Blocks until the learner has caught up, so the promotion below does not stall writes.
+        self.raft.add_learner(req.node_id, node, true).await.map_err(write_err)?;
+        let mut voters: BTreeSet<NodeId> =
+            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        voters.insert(req.node_id);
+        self.raft.change_membership(voters, false).await.map_err(write_err)?;
+        tracing::info!(node_id = req.node_id, addr = %req.addr, "node joined as a voter");
+        Ok(Response::new(JoinResponse { cluster_id: cluster.cluster_id }))
+    }
+}
