@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use coffer_hsm::{Hsm, Key256};
 use coffer_proto::raft::v1::{Envelope, ReadIndexRequest};
 use coffer_raft::{
-    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LogStore, PeerChannels, Raft, Rejection, Response,
-    StateMachine, StateReader, Store,
+    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LeaderContact, LogStore, PeerChannels, Raft, Rejection,
+    Response, StateMachine, StateReader, Store,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
@@ -45,6 +45,8 @@ pub struct Node {
     pub(crate) channels: PeerChannels,
     /// The address other nodes reach this one at.
     pub(crate) advertise: String,
+    /// When a leader was last heard from (followers); bounds bounded-staleness reads.
+    pub(crate) contact: Arc<LeaderContact>,
     ready: OnceCell<Ready>,
 }
 
@@ -109,7 +111,8 @@ impl Node {
         )
         .await
         .map_err(|e| Error::Internal(Box::new(e)))?;
-        let node = Arc::new(Node { config, raft, reader, hsm, channels, advertise, ready: OnceCell::new() });
+        let contact = Arc::default();
+        let node = Arc::new(Node { config, raft, reader, hsm, channels, advertise, contact, ready: OnceCell::new() });
         if node.reader.cluster()?.is_some() {
             node.ready().await?;
         } else {
@@ -127,13 +130,7 @@ impl Node {
     pub(crate) async fn ready(&self) -> Result<&Ready, Error> {
         self.ready
             .get_or_try_init(|| async {
-                let Some(cluster) = self.reader.cluster()? else {
-                    return Err(Error::Unavailable {
-                        reason: "this node is not part of an initialised cluster yet (run `coffer operator init` \
-                                 on the first node, `coffer operator join --peer ADDR` on the others)"
-                            .into(),
-                    });
-                };
+                let Some(cluster) = self.reader.cluster()? else { return Err(not_initialised()) };
                 check_kcv(&cluster, &self.hsm)?;
                 let mut keys = Vec::new();
                 for record in self.reader.keyrings()? {
@@ -210,11 +207,32 @@ impl Node {
     /// On the leader, openraft confirms leadership with a quorum and waits for the read index to be
     /// applied. A follower asks the leader for a read index, then waits to apply up to it.
     pub(crate) async fn linearizable(&self) -> Result<(), Error> {
-        let leader = match linearizable(&self.raft).await {
-            Ok(()) => return Ok(()),
-            Err(NotLeader(Some(leader))) => leader,
-            Err(NotLeader(None)) => return Err(no_leader()),
-            Err(Other(e)) => return Err(e),
+        let deadline = tokio::time::Instant::now() + READ_INDEX_WAIT;
+        // Long enough for one election to finish.
+        let mut election_wait = self.config.raft.election_timeout_max * 2;
+        let leader = loop {
+            match linearizable(&self.raft).await {
+                Ok(()) => return Ok(()),
+                Err(NotLeader(Some(leader))) => break leader,
+                Err(NotLeader(None)) => {
+                    let metrics = self.raft.metrics().borrow().clone();
+                    // No leader address yet: an election is under way, or this node is catching up
+                    // (a restarted or wiped member learns the leader's id before the membership
+                    // entry with its address). Wait a little for either to settle.
+                    let settling = metrics.current_leader.is_some() || election_wait > Duration::ZERO;
+                    if settling && tokio::time::Instant::now() < deadline {
+                        let step = Duration::from_millis(20);
+                        election_wait = election_wait.saturating_sub(step);
+                        tokio::time::sleep(step).await;
+                        continue;
+                    }
+                    if metrics.membership_config.membership().voter_ids().next().is_none() {
+                        return Err(not_initialised());
+                    }
+                    return Err(no_leader());
+                }
+                Err(Other(e)) => return Err(e),
+            }
         };
         let mut client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
         let index = client.read_index(ReadIndexRequest {}).await.map_err(|s| forward_failed(&leader.addr, &s))?;
@@ -225,6 +243,46 @@ impl Node {
             .await
             .map_err(|e| Error::Unavailable { reason: format!("this node did not catch up to the read index: {e}") })?;
         Ok(())
+    }
+
+    /// Waits until this node may serve a read from local state that is at most `max` stale: the
+    /// leader while a quorum has acknowledged it within `max`, a follower while it has heard from
+    /// the leader within `max`.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] naming how stale the node is.
+    pub(crate) fn fresh_within(&self, max: Duration) -> Result<(), Error> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let staleness = if metrics.state == openraft::ServerState::Leader {
+            metrics.millis_since_quorum_ack.map(Duration::from_millis)
+        } else {
+            self.contact.since()
+        };
+        match staleness {
+            Some(s) if s <= max => Ok(()),
+            Some(s) => Err(Error::Unavailable {
+                reason: format!(
+                    "this node last heard from the {} {} ago, more than the {} max_staleness asked for",
+                    if metrics.state == openraft::ServerState::Leader { "quorum" } else { "leader" },
+                    humantime::format_duration(Duration::from_millis(u64::try_from(s.as_millis()).unwrap_or(u64::MAX))),
+                    humantime::format_duration(max)
+                ),
+            }),
+            None => Err(Error::Unavailable { reason: "this node has not heard from a leader since it started".into() }),
+        }
+    }
+
+    /// The barrier before a read: linearizable by default, or bounded staleness when asked; then
+    /// the keyring, which exists once the cluster record has been applied here.
+    ///
+    /// # Errors
+    /// `Unavailable` when the read cannot be served as asked.
+    pub(crate) async fn read_barrier(&self, max_staleness: Option<Duration>) -> Result<&Ready, Error> {
+        match max_staleness {
+            Some(max) => self.fresh_within(max)?,
+            None => self.linearizable().await?,
+        }
+        self.ready().await
     }
 
     /// Stops Raft. Requests still in flight fail with `UNAVAILABLE`.
@@ -262,6 +320,14 @@ async fn linearizable(raft: &Raft) -> Result<(), ReadRefusal> {
             reason: format!("no quorum: the leader cannot confirm its leadership ({q})"),
         })),
         Err(RaftError::Fatal(f)) => Err(Other(Error::Unavailable { reason: format!("raft has stopped: {f}") })),
+    }
+}
+
+fn not_initialised() -> Error {
+    Error::Unavailable {
+        reason: "this node is not part of an initialised cluster yet (run `coffer operator init` on the first node, \
+                 `coffer operator join --peer ADDR` on the others)"
+            .into(),
     }
 }
 

@@ -33,7 +33,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .build_v1()
         .map_err(|e| Error::Internal(Box::new(e)))?;
     tracing::info!(addr = %bound, "serving coffer.v1.Secrets, coffer.v1.Operator and coffer.raft.v1.Raft");
-    let raft_service = RaftService::new(node.raft.clone(), node.reader().clone(), node.channels.clone());
+    let raft_service =
+        RaftService::new(node.raft.clone(), node.reader().clone(), node.channels.clone(), node.contact.clone());
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

@@ -28,7 +28,7 @@ pub use error::StoreError;
 pub use log_store::LogStore;
 pub use network::{BadPeerAddr, GrpcNetwork, PeerChannels};
 pub use reader::StateReader;
-pub use service::RaftService;
+pub use service::{LeaderContact, RaftService};
 pub use state_machine::StateMachine;
 pub use store::Store;
 

@@ -5,10 +5,14 @@
 //! quorum: retry", `FAILED_PRECONDITION` a refused join. The node maps what reaches a client.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use coffer_proto::raft::v1::raft_server::Raft as RaftRpc;
 use coffer_proto::raft::v1::{Envelope, JoinRequest, JoinResponse, ReadIndexRequest, ReadIndexResponse};
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -17,12 +21,42 @@ use crate::network::PeerChannels;
 use crate::store::encode;
 use crate::{Command, NodeId, Raft, StateReader};
 
+/// When this node last heard from a leader it accepted: the bound on its staleness as a follower.
+#[derive(Debug)]
+pub struct LeaderContact {
+    base: Instant,
+    /// Milliseconds after `base` of the last accepted AppendEntries; 0: never.
+    last_ms: AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact { base: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+}
+
+impl LeaderContact {
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago a leader was last heard from; `None` if never.
+    pub fn since(&self) -> Option<Duration> {
+        match self.last_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.base.elapsed().saturating_sub(Duration::from_millis(ms))),
+        }
+    }
+}
+
 /// The node-to-node service of one node.
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
     reader: StateReader,
     channels: PeerChannels,
+    contact: Arc<LeaderContact>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -33,8 +67,8 @@ impl std::fmt::Debug for RaftService {
 
 impl RaftService {
     /// The service over the node's Raft and state.
-    pub fn new(raft: Raft, reader: StateReader, channels: PeerChannels) -> Self {
-        RaftService { raft, reader, channels }
+    pub fn new(raft: Raft, reader: StateReader, channels: PeerChannels, contact: Arc<LeaderContact>) -> Self {
+        RaftService { raft, reader, channels, contact }
     }
 
     /// The leader's address, if this node knows it and is not the leader itself.
@@ -69,6 +103,15 @@ fn not_leader(leader: Option<&BasicNode>) -> Status {
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let result = self.raft.append_entries(decode(request)?).await;
+        // Success or a log conflict both mean the sender is the leader this node follows.
+        if matches!(
+            result,
+            Ok(AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict)
+        ) {
+            self.contact.touch();
+        }
         reply(&result)
     }
 

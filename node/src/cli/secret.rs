@@ -59,6 +59,10 @@ enum SecretCommand {
         /// Read this version instead of the current one.
         #[arg(long)]
         version: Option<u64>,
+        /// Serve from the node's local state if it is at most this stale (e.g. 500ms, 2s), without
+        /// a round trip to the leader. Default: a linearizable read.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_staleness: Option<std::time::Duration>,
     },
     /// Show a secret's versions and their state, without values.
     Describe {
@@ -179,8 +183,12 @@ async fn execute(mut client: SecretsClient<Channel>, command: SecretCommand, out
                 )?,
             }
         }
-        SecretCommand::Get { path, version } => {
-            let reply = client.get(GetRequest { path: path.clone(), version }).await?.into_inner();
+        SecretCommand::Get { path, version, max_staleness } => {
+            let max_staleness = max_staleness.map(|d| prost_types::Duration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+            });
+            let reply = client.get(GetRequest { path: path.clone(), version, max_staleness }).await?.into_inner();
             let value = Zeroizing::new(reply.value);
             match output {
                 Output::Text => out.write_all(&value)?,

@@ -12,7 +12,6 @@ use crate::validate;
 /// `InvalidArgument` for a bad path, `SecretNotFound`, or `Unavailable`.
 pub async fn describe_secret(node: &Node, path: &str) -> Result<SecretMeta, Error> {
     validate::path(path)?;
-    node.ready().await?;
-    node.linearizable().await?;
+    node.read_barrier(None).await?;
     node.reader.secret(path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_owned() })
 }

@@ -1,5 +1,8 @@
 // Hot path: secret get.
-//! Get: a linearizable read of one version, opened with the keyring.
+//! Get: a linearizable read of one version (or a bounded-staleness one, from local state), opened
+//! with the keyring.
+
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -22,14 +25,19 @@ pub struct Secret {
 ///
 /// # Errors
 /// `InvalidArgument` for a bad path or version 0; `SecretNotFound`, `VersionNotFound`,
-/// `VersionDeleted` or `VersionDestroyed`; `Unavailable` when leadership cannot be confirmed.
-pub async fn get_secret(node: &Node, path: &str, version: Option<u64>) -> Result<Secret, Error> {
+/// `VersionDeleted` or `VersionDestroyed`; `Unavailable` when leadership cannot be confirmed or the
+/// node is staler than `max_staleness`.
+pub async fn get_secret(
+    node: &Node,
+    path: &str,
+    version: Option<u64>,
+    max_staleness: Option<Duration>,
+) -> Result<Secret, Error> {
     validate::path(path)?;
     if version == Some(0) {
         return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
     }
-    let ready = node.ready().await?;
-    node.linearizable().await?;
+    let ready = node.read_barrier(max_staleness).await?;
     let Some((meta, version, sealed)) = node.reader.secret_version(path, version)? else {
         return Err(Error::SecretNotFound { path: path.to_owned() });
     };

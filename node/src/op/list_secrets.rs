@@ -36,8 +36,7 @@ pub async fn list_secrets(node: &Node, prefix: &str, page_size: u32, page_token:
             .map_err(|_| Error::InvalidArgument { rule: "page_token is not a token from a previous List".into() })?;
         Some(page_token)
     };
-    node.ready().await?;
-    node.linearizable().await?;
+    node.read_barrier(None).await?;
     // One extra row tells whether another page follows.
     let mut paths = node.reader.list(prefix, after, size + 1)?;
     let next_page_token = if paths.len() > size {

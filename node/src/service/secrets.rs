@@ -48,7 +48,14 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let req = request.into_inner();
-        let secret = get_secret::get_secret(&self.node, &req.path, req.version).await?;
+        let max_staleness = match req.max_staleness {
+            None => None,
+            Some(d) => Some(
+                std::time::Duration::try_from(d)
+                    .map_err(|_| Status::invalid_argument("max_staleness must be a non-negative duration"))?,
+            ),
+        };
+        let secret = get_secret::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
         // The reply owns a copy for encoding; tonic drops it after writing, unzeroized (a limit of
         // prost's `Vec<u8>` fields).
         Ok(Response::new(GetResponse {

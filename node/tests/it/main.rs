@@ -3,6 +3,7 @@
 
 #![allow(missing_docs)] // test helpers are documented where it helps, not by rule
 
+mod cluster;
 mod t10_secrets_api;
 mod t20_bad_input;
 mod t30_cli;
@@ -10,6 +11,7 @@ mod t40_crash;
 mod t50_at_rest;
 mod t60_kcv;
 mod t70_standard_tools;
+mod t80_cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -211,5 +213,5 @@ pub fn put(path: &str, value: &[u8], cas: Option<u64>) -> coffer_proto::v1::PutR
 
 /// A Get request.
 pub fn get(path: &str, version: Option<u64>) -> coffer_proto::v1::GetRequest {
-    coffer_proto::v1::GetRequest { path: path.into(), version }
+    coffer_proto::v1::GetRequest { path: path.into(), version, max_staleness: None }
 }

@@ -1,0 +1,204 @@
+//! A multi-process test cluster: real `coffer` nodes on fixed 127.0.0.1 ports (so a restarted
+//! node keeps the address its peers know), one copied SoftHSM token each, all holding one root key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use coffer_proto::v1::secrets_client::SecretsClient;
+use tonic::transport::Channel;
+
+use crate::{coffer_bin, TestNode};
+
+pub struct ClusterNode {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct TestCluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()))?;
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+impl TestCluster {
+    /// Prepares `n` nodes (`extra` is appended to each config), starts them, initialises the
+    /// cluster on node 1 and joins the others.
+    pub fn must_start(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
+        let mut cluster = Self::must_prepare(n, extra)?;
+        for i in 0..n {
+            cluster.must_restart(i)?;
+        }
+        cluster.must_cli_ok(0, &["operator", "init"])?;
+        let first = format!("127.0.0.1:{}", cluster.nodes[0].port);
+        for i in 1..n {
+            cluster.must_cli_ok(i, &["operator", "join", "--peer", &first])?;
+        }
+        Ok(cluster)
+    }
+
+    /// Writes every node's directory without starting anything.
+    pub fn must_prepare(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
+        let root = tempfile::tempdir()?;
+        let mut cluster = TestCluster { root, nodes: Vec::new() };
+        for _ in 0..n {
+            cluster.must_add_node(extra)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Prepares one more node (not started, not joined); returns its index.
+    pub fn must_add_node(&mut self, extra: &str) -> anyhow::Result<usize> {
+        let id = self.nodes.len() as u64 + 1;
+        let dir = self.root.path().join(format!("node{id}"));
+        if id == 1 {
+            TestNode::must_prepare(&dir, "tokens")?;
+        } else {
+            let first = &self.nodes[0].dir;
+            std::fs::create_dir_all(&dir)?;
+            copy_dir(&first.join("tokens"), &dir.join("tokens"))?;
+            std::fs::copy(first.join("pin"), dir.join("pin"))?;
+            std::fs::write(
+                dir.join("softhsm2.conf"),
+                format!(
+                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                    dir.join("tokens").display()
+                ),
+            )?;
+        }
+        let port = free_port()?;
+        std::fs::write(
+            dir.join("node.toml"),
+            format!(
+                "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\n{extra}\n\
+                 [hsm]\ntoken-label = \"test\"\npin-file = \"pin\"\n"
+            ),
+        )?;
+        self.nodes.push(ClusterNode { id, dir, port, child: None });
+        Ok(self.nodes.len() - 1)
+    }
+
+    pub fn must_restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let (child, _) = TestNode::spawn(&self.nodes[i].dir)?;
+        self.nodes[i].child = Some(child);
+        Ok(())
+    }
+
+    pub fn must_kill9(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(coffer_bin())
+            .args(args)
+            .env("COFFER_ADDR", self.nodes[i].url())
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    pub fn must_cli_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(i, args)?;
+        if !out.status.success() {
+            bail!("node {}: coffer {args:?} failed: {}", i + 1, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The index of the leader as seen by running node `i`, waiting up to 10 s for one to exist.
+    pub fn must_leader(&self) -> anyhow::Result<usize> {
+        let started = Instant::now();
+        loop {
+            for (i, node) in self.nodes.iter().enumerate() {
+                if !node.is_running() {
+                    continue;
+                }
+                let Ok(text) = self.must_cli_ok(i, &["operator", "status", "-o", "json"]) else { continue };
+                let status: serde_json::Value = serde_json::from_str(&text)?;
+                if let Some(id) = status["leader_id"].as_u64() {
+                    if let Some(j) = self.nodes.iter().position(|n| n.id == id && n.is_running()) {
+                        return Ok(j);
+                    }
+                }
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("no leader among the running nodes after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub async fn client(&self, i: usize) -> anyhow::Result<SecretsClient<Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(self.nodes[i].url())?
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(SecretsClient::new(channel))
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data")
+    }
+
+    pub fn node_dir(&self, i: usize) -> &Path {
+        &self.nodes[i].dir
+    }
+
+    /// Waits until node `i` has been told about node membership (used after a restart).
+    pub fn must_wait_member(&self, i: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(text) = self.must_cli_ok(i, &["operator", "status", "-o", "json"]) {
+                let status: serde_json::Value = serde_json::from_str(&text).context("status json")?;
+                if status["leader_id"].is_u64() {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("node {} found no leader within 20 s", i + 1)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coffer_proto::v1::{GetRequest, PutRequest};
+use tonic::Code;
+
+use crate::cluster::TestCluster;
+use crate::{get, put};
+
+/// An acknowledged write: path, version, value.
+type Acked = (String, u64, Vec<u8>);
+
+/// Reads every acknowledged write back from node `i`, linearizably. Like any client, it retries
+/// `UNAVAILABLE` (an election under way) for a bounded time.
+async fn must_all_present(cluster: &TestCluster, i: usize, acked: &[Acked]) -> anyhow::Result<()> {
+    let mut c = cluster.client(i).await?;
+    for (path, version, value) in acked {
+        let started = Instant::now();
+        loop {
+            match c.get(get(path, Some(*version))).await {
+                Ok(reply) => {
+                    assert_eq!(&reply.into_inner().value, value, "node {} {path} v{version}", i + 1);
+                    break;
+                }
+                Err(status) if status.code() == Code::Unavailable && started.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("node {}: acknowledged write {path} v{version} missing: {status}", i + 1),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Several clients write unique values through every node until `stop`; returns what was acked.
+fn spawn_writers(
+    cluster: &TestCluster,
+    writers: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    (0..writers)
+        .map(|w| {
+            let urls = urls.clone();
+            let stop = stop.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                for i in 0..20_000usize {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                        break;
+                    }
+                    let url = &urls[(w + i) % urls.len()];
+                    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else { break };
+                    let mut c = coffer_proto::v1::secrets_client::SecretsClient::new(
+                        endpoint.timeout(Duration::from_secs(3)).connect_lazy(),
+                    );
+                    let path = format!("load/w{w}/{i}");
+                    let value = format!("w{w}-i{i}").into_bytes();
+                    let req = PutRequest { request_id: format!("w{w}-i{i}"), ..put(&path, &value, None) };
+                    match c.put(req).await {
+                        Ok(reply) => acked.lock().expect("lock").push((path, reply.into_inner().version, value)),
+                        // A dead node, or no leader for a moment: move on to the next node.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_on_a_follower_is_readable_linearizably_on_every_node() -> anyhow::Result<()> {
+    let cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    let follower = (leader + 1) % 3;
+    let mut c = cluster.client(follower).await?;
+    let v = c.put(put("app/db", b"s3cret", Some(0))).await?.into_inner().version;
+    assert_eq!(v, 1);
+    // Linearizable: every node sees it at once, no waiting.
+    for i in 0..3 {
+        let got = cluster.client(i).await?.get(get("app/db", None)).await?.into_inner();
+        assert_eq!((got.value.as_slice(), got.version), (&b"s3cret"[..], 1), "node {}", i + 1);
+    }
+    // A retried write (same request id) through another follower is applied once.
+    let other = (leader + 2) % 3;
+    let req = PutRequest { request_id: "retry-1".into(), ..put("app/db", b"two", None) };
+    let first = cluster.client(follower).await?.put(req.clone()).await?.into_inner();
+    let again = cluster.client(other).await?.put(req).await?.into_inner();
+    assert_eq!(first.version, again.version);
+    let d = cluster.client(leader).await?.describe(coffer_proto::v1::DescribeRequest { path: "app/db".into() }).await?;
+    assert_eq!(d.into_inner().current_version, 2);
+    // CAS through a follower.
+    let err = cluster.client(other).await?.put(put("app/db", b"x", Some(1))).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_leader_during_writes_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let writers = spawn_writers(&cluster, 4, stop.clone(), acked.clone());
+
+    let started = Instant::now();
+    while acked.lock().expect("lock").len() < 100 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = acked.lock().expect("lock").len();
+    cluster.must_kill9(leader)?;
+    let killed_at = Instant::now();
+    // Writes continue on the survivors.
+    while acked.lock().expect("lock").len() < before + 100 && killed_at.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    let acked = std::mem::take(&mut *acked.lock().expect("lock"));
+    assert!(
+        acked.len() >= before + 100,
+        "writes did not continue after the kill: {before} before, {} in all",
+        acked.len()
+    );
+    let new_leader = cluster.must_leader()?;
+    assert_ne!(new_leader, leader);
+
+    for i in (0..3).filter(|i| *i != leader) {
+        must_all_present(&cluster, i, &acked).await?;
+    }
+    // The killed node restarts and catches up.
+    cluster.must_restart(leader)?;
+    cluster.must_wait_member(leader)?;
+    must_all_present(&cluster, leader, &acked).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_quorum_writes_and_linearizable_reads_are_unavailable() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::must_start(3, "")?;
+    cluster.client(0).await?.put(put("q/x", b"v", None)).await?;
+    // Make every node apply the write before quorum goes away.
+    for i in 0..3 {
+        cluster.client(i).await?.get(get("q/x", None)).await?;
+    }
+    let last = 2;
+    cluster.must_kill9(0)?;
+    cluster.must_kill9(1)?;
+    // Past the election timeout (600 ms), the survivor knows there is no leader it can reach.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut c = cluster.client(last).await?;
+
+    let err = c.put(put("q/y", b"v", None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("quorum"), "{}", err.message());
+    let err = c.get(get("q/x", None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("quorum"), "{}", err.message());
+
+    // A bounded-staleness read is served from local state when the bound allows it...
+    let stale = |ms: u64| GetRequest {
+        max_staleness: Some(prost_types::Duration {
+            seconds: (ms / 1000) as i64,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        }),
+        ..get("q/x", None)
+    };
+    let got = c.get(stale(3_600_000)).await?.into_inner();
+    assert_eq!(got.value, b"v");
+    // ...and refused when the node is staler than asked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = c.get(stale(100)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("max_staleness"), "{}", err.message());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    // Snapshot (and purge the log behind it) every 20 entries.
+    let mut cluster = TestCluster::must_start(3, "[raft]\nsnapshot-after-logs = 20\n")?;
+    let leader = cluster.must_leader()?;
+    let victim = (leader + 1) % 3;
+    cluster.must_kill9(victim)?;
+    std::fs::remove_dir_all(cluster.data_dir(victim))?;
+    let mut c = cluster.client(leader).await?;
+    let mut acked = Vec::new();
+    for i in 0..120 {
+        let path = format!("snap/{i}");
+        let value = format!("value-{i}").into_bytes();
+        let version = c.put(put(&path, &value, None)).await?.into_inner().version;
+        acked.push((path, version, value));
+    }
+    // The leader's log behind its snapshot is gone, so the victim can only catch up by snapshot.
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.must_cli_ok(leader, &["operator", "status", "-o", "json"])?)?;
+    assert!(status["last_log_index"].as_u64().unwrap_or(0) > 100, "{status}");
+    assert!(cluster.node_dir(leader).join("data/snapshots/current.snap").exists(), "the leader built a snapshot");
+
+    cluster.must_restart(victim)?;
+    cluster.must_wait_member(victim)?;
+    must_all_present(&cluster, victim, &acked).await?;
+    assert!(cluster.data_dir(victim).join("snapshots/current.snap").exists(), "the victim installed a snapshot");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adding_and_removing_members_during_writes_loses_nothing() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::must_start(3, "")?;
+    let fourth = cluster.must_add_node("")?;
+    cluster.must_restart(fourth)?;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    // Writers go through every node, node 4 included: before it joins, its writes fail and move on.
+    let writers = spawn_writers(&cluster, 3, stop.clone(), acked.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader_port = cluster.nodes[cluster.must_leader()?].port;
+    cluster.must_cli_ok(fourth, &["operator", "join", "--peer", &format!("127.0.0.1:{leader_port}")])?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Remove a node that is not the leader.
+    let leader = cluster.must_leader()?;
+    let removed = (0..3).find(|i| *i != leader).unwrap_or(1);
+    let removed_id = cluster.nodes[removed].id.to_string();
+    cluster.must_cli_ok(leader, &["operator", "remove", &removed_id])?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    let acked = std::mem::take(&mut *acked.lock().expect("lock"));
+    assert!(acked.len() > 20, "too few writes to mean anything: {}", acked.len());
+
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.must_cli_ok(leader, &["operator", "status", "-o", "json"])?)?;
+    let voters: Vec<u64> = status["members"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["voter"] == true).filter_map(|m| m["node_id"].as_u64()).collect())
+        .unwrap_or_default();
+    assert!(voters.contains(&4) && !voters.contains(&cluster.nodes[removed].id), "voters {voters:?}");
+    for i in (0..4).filter(|i| *i != removed) {
+        must_all_present(&cluster, i, &acked).await?;
+    }
+    Ok(())
+}
