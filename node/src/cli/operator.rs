@@ -101,18 +101,19 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                     .collect();
                 json!({
                     "node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
-                    "last_log_index": s.last_log_index, "applied_index": s.applied_index,
+                    "last_log_index": s.last_log_index, "committed_index": s.committed_index, "applied_index": s.applied_index,
                     "cluster_id": s.cluster_id, "kcv": s.kcv, "hsm": s.hsm, "members": members,
                 })
                 .to_string()
             } else {
                 let mut text = format!(
-                    "node {} ({}), term {}, leader {}\nlast log {}, applied {}\ncluster {}\nHSM {} (KCV {})\nmembers:",
+                    "node {} ({}), term {}, leader {}\nlast log {}, committed {}, applied {}\ncluster {}\nHSM {} (KCV {})\nmembers:",
                     s.node_id,
                     s.role,
                     s.term,
                     opt(s.leader_id),
                     opt(s.last_log_index),
+                    opt(s.committed_index),
                     opt(s.applied_index),
                     if s.cluster_id.is_empty() { "(not initialised)" } else { &s.cluster_id },
                     s.hsm,

@@ -48,7 +48,7 @@ enum SecretCommand {
         /// Keep at most N versions of this secret from now on.
         #[arg(long)]
         max_versions: Option<u32>,
-        /// Idempotency key: retrying with the same id writes once.
+        /// Idempotency key: retrying with the same id writes once. Default: a random id per call.
         #[arg(long)]
         request_id: Option<String>,
     },
@@ -101,6 +101,14 @@ fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
         + std::time::Duration::from_secs(u64::try_from(ts.seconds).ok()?)
         + std::time::Duration::from_nanos(u64::try_from(ts.nanos).ok()?);
     Some(humantime::format_rfc3339_millis(time).to_string())
+}
+
+/// A random idempotency key, so a put that a proxy or the client library retries applies once.
+fn random_request_id() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    Ok(format!("cli-{}", hex::encode(bytes)))
 }
 
 fn read_value(value: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
@@ -170,7 +178,10 @@ async fn execute(mut client: SecretsClient<Channel>, command: SecretCommand, out
                     value: value.to_vec(),
                     cas,
                     max_versions,
-                    request_id: request_id.unwrap_or_default(),
+                    request_id: match request_id {
+                        Some(id) => id,
+                        None => random_request_id()?,
+                    },
                 })
                 .await?
                 .into_inner();

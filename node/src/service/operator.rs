@@ -89,6 +89,7 @@ impl Operator for OperatorService {
             Ok(kcv) => format!("root key changed: KCV now {kcv}"),
             Err(e) => format!("failing: {e}"),
         };
+        let committed_index = node.raft.with_raft_state(|st| st.committed.map(|l| l.index)).await.ok().flatten();
         let cluster_id = node.reader().cluster().map_err(Error::from)?.map(|c| c.cluster_id).unwrap_or_default();
         Ok(Response::new(StatusResponse {
             node_id: m.id,
@@ -96,7 +97,7 @@ impl Operator for OperatorService {
             term: m.current_term,
             leader_id: m.current_leader,
             last_log_index: m.last_log_index,
-            committed_index: None,
+            committed_index,
             applied_index: m.last_applied.map(|l| l.index),
             members,
             cluster_id,

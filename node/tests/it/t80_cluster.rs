@@ -247,3 +247,33 @@ async fn adding_and_removing_members_during_writes_loses_nothing() -> anyhow::Re
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_another_root_key_is_refused_and_leadership_can_move() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::must_start(3, "")?;
+    // A fourth node with its own token: same label and PIN, different root key.
+    let stranger = cluster.must_add_node("")?;
+    let dir = cluster.node_dir(stranger).to_owned();
+    std::fs::remove_dir_all(dir.join("tokens"))?;
+    let config = std::fs::read_to_string(dir.join("node.toml"))?;
+    crate::TestNode::must_prepare(&dir, "tokens")?;
+    std::fs::write(dir.join("node.toml"), config)?;
+    cluster.must_restart(stranger)?;
+    let peer = format!("127.0.0.1:{}", cluster.nodes[0].port);
+    let out = cluster.cli(stranger, &["operator", "join", "--peer", &peer])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FailedPrecondition") && stderr.contains("KCV"), "{stderr}");
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.must_cli_ok(0, &["operator", "status", "-o", "json"])?)?;
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "the stranger was not added: {status}");
+
+    // transfer-leader, run against a follower, makes it the leader.
+    let leader = cluster.must_leader()?;
+    let target = (leader + 1) % 3;
+    let said = cluster.must_cli_ok(target, &["operator", "transfer-leader"])?;
+    assert!(said.contains(&format!("node {} is the leader", cluster.nodes[target].id)), "{said}");
+    assert_eq!(cluster.must_leader()?, target);
+    cluster.client(leader).await?.put(put("after/transfer", b"v", None)).await?;
+    Ok(())
+}
