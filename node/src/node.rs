@@ -1,3 +1,4 @@
+// Hot path: every write (propose, forwarding) and read (read_barrier).
 //! A running Coffer node: the HSM, the store, Raft and the keyring, and how they start.
 //!
 //! Start-up order, each step refusing to go on when it fails:

@@ -1,3 +1,4 @@
+// Hot path: every replicated write.
 //! The Raft transport between nodes: openraft's network traits over the `coffer.raft.v1` gRPC
 //! service.
 //!
