@@ -9,6 +9,8 @@
 //! data-dir = "/var/lib/coffer"
 //! max-value-bytes = 65536
 //! default-max-versions = 10
+//! crypto-staleness = "1s"               # Keys calls stop on a node cut off from the leader this long
+//! key-cache-entries = 10000             # named keys kept unwrapped in memory
 //!
 //! [hsm]
 //! token-label = "coffer"
@@ -61,6 +63,10 @@ struct RawConfig {
     max_value_bytes: usize,
     #[serde(default = "default_max_versions")]
     default_max_versions: u32,
+    #[serde(with = "humantime_serde", default = "default_crypto_staleness")]
+    crypto_staleness: Duration,
+    #[serde(default = "default_key_cache_entries")]
+    key_cache_entries: usize,
     hsm: RawHsm,
     #[serde(default)]
     raft: RawRaft,
@@ -108,6 +114,12 @@ fn default_node_id() -> u64 {
 }
 fn default_listen() -> String {
     "127.0.0.1:8200".into()
+}
+fn default_crypto_staleness() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_key_cache_entries() -> usize {
+    10_000
 }
 fn default_write_timeout() -> Duration {
     Duration::from_secs(5)
@@ -157,6 +169,10 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// `max_versions` of a new secret.
     pub default_max_versions: u32,
+    /// A node answers Keys crypto calls only while it has heard from the leader within this.
+    pub crypto_staleness: Duration,
+    /// At most this many named keys are kept unwrapped in memory.
+    pub key_cache_entries: usize,
     /// How to reach the HSM.
     pub hsm: HsmConfig,
     /// Raft timing.
@@ -304,6 +320,8 @@ impl RawConfig {
             data_dir: resolve(path, self.data_dir),
             max_value_bytes: self.max_value_bytes,
             default_max_versions: self.default_max_versions,
+            crypto_staleness: self.crypto_staleness,
+            key_cache_entries: self.key_cache_entries.max(1),
             hsm: HsmConfig {
                 module: self.hsm.module.map(|m| resolve(path, m)),
                 token_label: self.hsm.token_label,

@@ -49,25 +49,45 @@ pub enum EnvelopeError {
     /// The system random source failed.
     #[error("the system random source failed")]
     Random,
-    /// This process has used up its nonce space for the keyring key.
-    #[error("keyring key version {0} has sealed 2^64 data keys in this process; rotate it")]
+    /// This process has used up its nonce space for a key version.
+    #[error("key version {0} has sealed 2^64 messages in this process; rotate it")]
     NonceSpaceExhausted(u32),
 }
 
 /// One keyring key in memory with its nonce counter.
 struct KeyringKey {
     key: LessSafeKey,
-    nonce_start: u128,
-    sealed: AtomicU64,
+    nonces: NonceCounter,
 }
 
-impl KeyringKey {
-    fn next_nonce(&self, version: u32) -> Result<[u8; NONCE_LEN], EnvelopeError> {
-        let n = self.sealed.fetch_add(1, Ordering::Relaxed);
+/// AES-GCM nonces for one key in one process: a random 96-bit start, then +1 per seal (see the
+/// module header for the collision bound).
+pub struct NonceCounter {
+    start: u128,
+    used: AtomicU64,
+}
+
+impl NonceCounter {
+    /// A counter from a fresh random start.
+    ///
+    /// # Errors
+    /// [`EnvelopeError::Random`] when the system random source fails.
+    pub fn random(rng: &dyn SecureRandom) -> Result<Self, EnvelopeError> {
+        let mut start = [0u8; 16];
+        rng.fill(&mut start[4..]).map_err(|_| EnvelopeError::Random)?;
+        Ok(NonceCounter { start: u128::from_be_bytes(start), used: AtomicU64::new(0) })
+    }
+
+    /// The next nonce.
+    ///
+    /// # Errors
+    /// [`EnvelopeError::NonceSpaceExhausted`] after 2^64 - 1 nonces in this process.
+    pub fn next(&self, version: u32) -> Result<[u8; NONCE_LEN], EnvelopeError> {
+        let n = self.used.fetch_add(1, Ordering::Relaxed);
         if n == u64::MAX {
             return Err(EnvelopeError::NonceSpaceExhausted(version));
         }
-        let value = self.nonce_start.wrapping_add(u128::from(n)) & ((1u128 << 96) - 1);
+        let value = self.start.wrapping_add(u128::from(n)) & ((1u128 << 96) - 1);
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&value.to_be_bytes()[4..]);
         Ok(nonce)
@@ -99,7 +119,7 @@ fn aad(path: &str, version: u64) -> Vec<u8> {
     aad
 }
 
-fn aes_key(key: &Key256) -> LessSafeKey {
+pub(crate) fn aes_key(key: &Key256) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.expose_secret()).expect("a Key256 is exactly an AES-256 key"))
 }
 
@@ -112,12 +132,7 @@ impl Keyring {
         let rng = SystemRandom::new();
         let mut map = BTreeMap::new();
         for (version, key) in keys {
-            let mut start = [0u8; 16];
-            rng.fill(&mut start[4..]).map_err(|_| EnvelopeError::Random)?;
-            map.insert(
-                version,
-                KeyringKey { key: aes_key(&key), nonce_start: u128::from_be_bytes(start), sealed: AtomicU64::new(0) },
-            );
+            map.insert(version, KeyringKey { key: aes_key(&key), nonces: NonceCounter::random(&rng)? });
         }
         let primary = *map.keys().next_back().ok_or(EnvelopeError::UnknownKeyringVersion(0))?;
         Ok(Keyring { keys: map, primary, rng })
@@ -137,19 +152,8 @@ impl Keyring {
         aes_key(&data_key)
             .seal_in_place_append_tag(Nonce::assume_unique_for_key([0u8; NONCE_LEN]), Aad::from(&aad), &mut ciphertext)
             .map_err(|_| EnvelopeError::Integrity)?;
-
-        let keyring = self.keys.get(&self.primary).ok_or(EnvelopeError::UnknownKeyringVersion(self.primary))?;
-        let nonce = keyring.next_nonce(self.primary)?;
-        let mut wrapped = Vec::with_capacity(WRAPPED_DATA_KEY_LEN);
-        wrapped.extend_from_slice(&nonce);
-        wrapped.extend_from_slice(data_key.expose_secret());
-        let (_, body) = wrapped.split_at_mut(NONCE_LEN);
-        let tag = keyring
-            .key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), body)
-            .map_err(|_| EnvelopeError::Integrity)?;
-        wrapped.extend_from_slice(tag.as_ref());
-        Ok(SealedValue { keyring_version: self.primary, wrapped_data_key: wrapped, ciphertext })
+        let (keyring_version, wrapped_data_key) = self.wrap(&aad, data_key.expose_secret())?;
+        Ok(SealedValue { keyring_version, wrapped_data_key, ciphertext })
     }
 
     /// Opens a value sealed by [`Keyring::seal`] for the same path and version.
@@ -158,21 +162,12 @@ impl Keyring {
     /// [`EnvelopeError::Integrity`] when anything was altered or moved;
     /// [`EnvelopeError::UnknownKeyringVersion`] when the keyring key is not loaded.
     pub fn open(&self, path: &str, version: u64, sealed: &SealedValue) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
-        let keyring = self
-            .keys
-            .get(&sealed.keyring_version)
-            .ok_or(EnvelopeError::UnknownKeyringVersion(sealed.keyring_version))?;
         if sealed.wrapped_data_key.len() != WRAPPED_DATA_KEY_LEN {
             return Err(EnvelopeError::Integrity);
         }
         let aad = aad(path, version);
-        let (nonce, body) = sealed.wrapped_data_key.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| EnvelopeError::Integrity)?;
-        let mut data_key = Zeroizing::new(body.to_vec());
-        let plain =
-            keyring.key.open_in_place(nonce, Aad::from(&aad), &mut data_key).map_err(|_| EnvelopeError::Integrity)?;
-        let data_key = Key256::from_slice(plain).ok_or(EnvelopeError::Integrity)?;
-
+        let data_key = self.unwrap(sealed.keyring_version, &aad, &sealed.wrapped_data_key)?;
+        let data_key = Key256::from_slice(&data_key).ok_or(EnvelopeError::Integrity)?;
         let mut value = Zeroizing::new(sealed.ciphertext.clone());
         let len = aes_key(&data_key)
             .open_in_place(Nonce::assume_unique_for_key([0u8; NONCE_LEN]), Aad::from(&aad), &mut value)
@@ -180,6 +175,45 @@ impl Keyring {
             .len();
         value.truncate(len);
         Ok(value)
+    }
+
+    /// Seals key material with the primary keyring key: returns the keyring version and
+    /// `nonce ‖ ciphertext ‖ tag`. `aad` must say where the material belongs.
+    ///
+    /// # Errors
+    /// An exhausted nonce counter.
+    pub fn wrap(&self, aad: &[u8], plaintext: &[u8]) -> Result<(u32, Vec<u8>), EnvelopeError> {
+        let keyring = self.keys.get(&self.primary).ok_or(EnvelopeError::UnknownKeyringVersion(self.primary))?;
+        let nonce = keyring.nonces.next(self.primary)?;
+        let mut wrapped = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        wrapped.extend_from_slice(&nonce);
+        wrapped.extend_from_slice(plaintext);
+        let (_, body) = wrapped.split_at_mut(NONCE_LEN);
+        let tag = keyring
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
+            .map_err(|_| EnvelopeError::Integrity)?;
+        wrapped.extend_from_slice(tag.as_ref());
+        Ok((self.primary, wrapped))
+    }
+
+    /// Opens what [`Keyring::wrap`] sealed, with the same `aad`.
+    ///
+    /// # Errors
+    /// [`EnvelopeError::Integrity`] when anything was altered or moved;
+    /// [`EnvelopeError::UnknownKeyringVersion`] when the keyring key is not loaded.
+    pub fn unwrap(&self, version: u32, aad: &[u8], wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+        let keyring = self.keys.get(&version).ok_or(EnvelopeError::UnknownKeyringVersion(version))?;
+        if wrapped.len() < NONCE_LEN + TAG_LEN {
+            return Err(EnvelopeError::Integrity);
+        }
+        let (nonce, body) = wrapped.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| EnvelopeError::Integrity)?;
+        let mut plain = Zeroizing::new(body.to_vec());
+        let len =
+            keyring.key.open_in_place(nonce, Aad::from(aad), &mut plain).map_err(|_| EnvelopeError::Integrity)?.len();
+        plain.truncate(len);
+        Ok(plain)
     }
 
     /// The version that seals new data keys.
@@ -253,29 +287,21 @@ mod tests {
         let key = &k.keys[&1];
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
-            assert!(seen.insert(key.next_nonce(1).unwrap()));
+            assert!(seen.insert(key.nonces.next(1).unwrap()));
         }
         // Wrap-around at 2^96 stays within 96 bits.
-        let edge = KeyringKey {
-            key: aes_key(&Key256::from_array(&mut [1; 32])),
-            nonce_start: (1u128 << 96) - 1,
-            sealed: AtomicU64::new(0),
-        };
-        assert_eq!(edge.next_nonce(1).unwrap(), [0xff; 12]);
-        assert_eq!(edge.next_nonce(1).unwrap(), [0; 12]);
-        let spent = KeyringKey {
-            key: aes_key(&Key256::from_array(&mut [1; 32])),
-            nonce_start: 0,
-            sealed: AtomicU64::new(u64::MAX),
-        };
-        assert!(matches!(spent.next_nonce(7), Err(EnvelopeError::NonceSpaceExhausted(7))));
+        let edge = NonceCounter { start: (1u128 << 96) - 1, used: AtomicU64::new(0) };
+        assert_eq!(edge.next(1).unwrap(), [0xff; 12]);
+        assert_eq!(edge.next(1).unwrap(), [0; 12]);
+        let spent = NonceCounter { start: 0, used: AtomicU64::new(u64::MAX) };
+        assert!(matches!(spent.next(7), Err(EnvelopeError::NonceSpaceExhausted(7))));
     }
 
     #[test]
     fn two_keyrings_from_the_same_key_start_at_different_nonces() {
         let a = Keyring::new(vec![(1, Key256::from_array(&mut [5; 32]))]).unwrap();
         let b = Keyring::new(vec![(1, Key256::from_array(&mut [5; 32]))]).unwrap();
-        assert_ne!(a.keys[&1].nonce_start, b.keys[&1].nonce_start);
+        assert_ne!(a.keys[&1].nonces.start, b.keys[&1].nonces.start);
         let sealed = a.seal("p", 1, b"v").unwrap();
         assert_eq!(b.open("p", 1, &sealed).unwrap().as_slice(), b"v", "same key, other process: opens");
     }

@@ -45,6 +45,50 @@ pub enum Error {
         /// The version.
         version: u64,
     },
+    /// No named key with this name.
+    #[error("no key named {name}")]
+    KeyNotFound {
+        /// The name.
+        name: String,
+    },
+    /// A named key with this name exists.
+    #[error("a key named {name} exists already")]
+    KeyExists {
+        /// The name.
+        name: String,
+    },
+    /// The key has no such version.
+    #[error("key {name} has no version {version}")]
+    KeyVersionNotFound {
+        /// The key name.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+    /// The version is below the key's `min_decryption_version`.
+    #[error(
+        "version {version} of key {name} is retired: min_decryption_version is {min}; rewrap old ciphertexts first"
+    )]
+    KeyVersionRetired {
+        /// The key name.
+        name: String,
+        /// The version asked for.
+        version: u32,
+        /// The key's min_decryption_version.
+        min: u32,
+    },
+    /// A ciphertext failed authentication under the key (altered, other associated data, other key).
+    #[error("the ciphertext does not decrypt under key {name} with this associated data")]
+    CiphertextInvalid {
+        /// The key name.
+        name: String,
+    },
+    /// A key config change or deletion broke a rule.
+    #[error("{rule}")]
+    KeyRefused {
+        /// The rule, in words.
+        rule: String,
+    },
     /// A check-and-set did not match.
     #[error("check-and-set failed: expected version {expected}, current version is {current}")]
     CasMismatch {
@@ -106,12 +150,18 @@ impl From<Error> for tonic::Status {
         match &err {
             Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
             Error::SecretNotFound { .. }
+            | Error::KeyNotFound { .. }
+            | Error::KeyVersionNotFound { .. }
             | Error::VersionNotFound { .. }
             | Error::VersionDeleted { .. }
             | Error::VersionDestroyed { .. } => Status::not_found(err.to_string()),
-            Error::CasMismatch { .. } | Error::AlreadyInitialized | Error::JoinRefused { .. } => {
-                Status::failed_precondition(err.to_string())
-            }
+            Error::CiphertextInvalid { .. } => Status::invalid_argument(err.to_string()),
+            Error::KeyExists { .. } => Status::already_exists(err.to_string()),
+            Error::CasMismatch { .. }
+            | Error::AlreadyInitialized
+            | Error::JoinRefused { .. }
+            | Error::KeyVersionRetired { .. }
+            | Error::KeyRefused { .. } => Status::failed_precondition(err.to_string()),
             Error::Contended { .. } => Status::aborted(err.to_string()),
             Error::Unavailable { .. } => Status::unavailable(err.to_string()),
             Error::KcvMismatch { .. } | Error::Hsm(_) | Error::Store(_) | Error::Envelope(_) | Error::Internal(_) => {

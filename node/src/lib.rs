@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod keys;
 pub mod node;
 pub mod op;
 pub mod server;

@@ -31,6 +31,7 @@ use tokio::sync::OnceCell;
 use crate::config::Config;
 use crate::envelope::Keyring;
 use crate::error::Error;
+use crate::keys::KeyCache;
 
 /// How long `init` waits for this node to lead its new single-node cluster.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -48,6 +49,8 @@ pub struct Node {
     pub(crate) advertise: String,
     /// When a leader was last heard from (followers); bounds bounded-staleness reads.
     pub(crate) contact: Arc<LeaderContact>,
+    /// Named keys (Keys service), unwrapped on first use.
+    pub(crate) keys: KeyCache,
     ready: OnceCell<Ready>,
 }
 
@@ -113,7 +116,9 @@ impl Node {
         .await
         .map_err(|e| Error::Internal(Box::new(e)))?;
         let contact = Arc::default();
-        let node = Arc::new(Node { config, raft, reader, hsm, channels, advertise, contact, ready: OnceCell::new() });
+        let keys = KeyCache::new(config.key_cache_entries);
+        let node =
+            Arc::new(Node { config, raft, reader, hsm, channels, advertise, contact, keys, ready: OnceCell::new() });
         if node.reader.cluster()?.is_some() {
             node.ready().await?;
         } else {
@@ -254,7 +259,11 @@ impl Node {
     /// [`Error::Unavailable`] naming how stale the node is.
     pub(crate) fn fresh_within(&self, max: Duration) -> Result<(), Error> {
         let metrics = self.raft.metrics().borrow().clone();
-        let staleness = if metrics.state == openraft::ServerState::Leader {
+        let sole_voter = metrics.membership_config.membership().voter_ids().eq([self.config.node_id]);
+        let staleness = if metrics.state == openraft::ServerState::Leader && sole_voter {
+            // A single-node cluster is its own quorum.
+            Some(Duration::ZERO)
+        } else if metrics.state == openraft::ServerState::Leader {
             metrics.millis_since_quorum_ack.map(Duration::from_millis)
         } else {
             self.contact.since()

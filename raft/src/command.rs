@@ -41,6 +41,40 @@ pub enum Command {
         /// Proposer's wall-clock time, milliseconds since the Unix epoch.
         at_ms: u64,
     },
+    /// Creates a named key (Keys service) with its first version.
+    CreateKey {
+        /// The key name (validated by the proposer).
+        name: String,
+        /// The key's record, its version 1 wrapped by a keyring key.
+        record: NamedKeyRecord,
+    },
+    /// Adds a version to a named key and makes it primary.
+    RotateKey {
+        /// The key name.
+        name: String,
+        /// The new version number; applies only if the key's newest version is `version - 1`.
+        version: u32,
+        /// The new version, wrapped by a keyring key.
+        material: KeyVersionRecord,
+    },
+    /// Changes a named key's config; `None` fields stay as they are.
+    UpdateKeyConfig {
+        /// The key name.
+        name: String,
+        /// New minimum version that may decrypt or verify.
+        min_decryption_version: Option<u32>,
+        /// New minimum version that may encrypt or sign.
+        min_encryption_version: Option<u32>,
+        /// Whether DeleteKey is allowed.
+        deletion_allowed: Option<bool>,
+        /// Rotation period in milliseconds (0: none).
+        auto_rotate_period_ms: Option<u64>,
+    },
+    /// Deletes a named key and all its versions (only if its config allows it).
+    DeleteKey {
+        /// The key name.
+        name: String,
+    },
     /// Changes the state of versions of a secret.
     SetVersionState {
         /// The secret path.
@@ -125,6 +159,24 @@ pub enum Rejection {
     /// The cluster was initialised already.
     #[error("the cluster is already initialised")]
     AlreadyInitialized,
+    /// A named key with this name exists.
+    #[error("a key named {name} exists already")]
+    KeyExists {
+        /// The name.
+        name: String,
+    },
+    /// No named key with this name.
+    #[error("no key named {name}")]
+    KeyNotFound {
+        /// The name.
+        name: String,
+    },
+    /// A named key's config change breaks a rule.
+    #[error("{rule}")]
+    KeyConfigRefused {
+        /// The rule, in words.
+        rule: String,
+    },
 }
 
 /// A secret value sealed by the node that received it.
@@ -193,4 +245,66 @@ pub struct VersionMeta {
     pub deleted_at_ms: Option<u64>,
     /// Whether its ciphertext was destroyed.
     pub destroyed: bool,
+}
+
+/// The kinds of named keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamedKeyType {
+    /// AES-256-GCM encryption.
+    Aes256Gcm,
+    /// Ed25519 signatures.
+    Ed25519,
+    /// ECDSA P-256 with SHA-256 signatures.
+    EcdsaP256,
+    /// HMAC-SHA-256.
+    HmacSha256,
+}
+
+/// A named key of the Keys service: its config and every version, wrapped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedKeyRecord {
+    /// The kind of key.
+    pub key_type: NamedKeyType,
+    /// Whether the key material may ever be exported; fixed at creation.
+    pub exportable: bool,
+    /// When the key was created, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Versions below this may not decrypt or verify.
+    pub min_decryption_version: u32,
+    /// Versions below this may not encrypt or sign.
+    pub min_encryption_version: u32,
+    /// Whether DeleteKey is allowed.
+    pub deletion_allowed: bool,
+    /// Rotation period in milliseconds (0: none).
+    pub auto_rotate_period_ms: u64,
+    /// Every version, oldest first; the newest is primary.
+    pub versions: BTreeMap<u32, KeyVersionRecord>,
+    /// Bumped by every change: nodes compare it to know when their in-memory copy is stale.
+    pub generation: u64,
+}
+
+/// One version of a named key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersionRecord {
+    /// When it was created, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// The keyring key version that wrapped it.
+    pub keyring_version: u32,
+    /// The key material, sealed by the keyring key (nonce, ciphertext, tag).
+    pub wrapped: Vec<u8>,
+    /// The public key of a signing key; empty otherwise.
+    pub public_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for KeyVersionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyVersionRecord").field("keyring_version", &self.keyring_version).finish_non_exhaustive()
+    }
+}
+
+impl NamedKeyRecord {
+    /// The primary (newest) version number.
+    pub fn primary(&self) -> u32 {
+        self.versions.keys().next_back().copied().unwrap_or(0)
+    }
 }

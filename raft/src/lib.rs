@@ -21,8 +21,8 @@ mod store;
 use std::io::Cursor;
 
 pub use command::{
-    ClusterRecord, Command, KeyringRecord, Rejection, RequestId, Response, SealedValue, SecretMeta, VersionMeta,
-    VersionState,
+    ClusterRecord, Command, KeyVersionRecord, KeyringRecord, NamedKeyRecord, NamedKeyType, Rejection, RequestId,
+    Response, SealedValue, SecretMeta, VersionMeta, VersionState,
 };
 pub use error::StoreError;
 pub use log_store::LogStore;

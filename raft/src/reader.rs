@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
-use crate::command::{ClusterRecord, KeyringRecord, SealedValue, SecretMeta};
+use crate::command::{ClusterRecord, KeyringRecord, NamedKeyRecord, SealedValue, SecretMeta};
 use crate::error::StoreError;
 use crate::store::{cf, decode, keyring_key, version_key, Store, CLUSTER_KEY, KEYRING_PREFIX};
 
@@ -125,6 +125,35 @@ impl StateReader {
             // Keys are paths the node validated as ASCII; anything else is skipped, not trusted.
             if let Ok(path) = std::str::from_utf8(&key) {
                 out.push(path.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// A named key's record.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn named_key(&self, name: &str) -> Result<Option<NamedKeyRecord>, StoreError> {
+        self.store.get(cf::KEYS, name.as_bytes(), "named key")
+    }
+
+    /// Up to `limit` named key names that sort after `start_after`, in order.
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn named_keys(&self, start_after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut from = Vec::new();
+        if let Some(after) = start_after {
+            from = after.as_bytes().to_vec();
+            from.push(0);
+        }
+        let iter = self.store.db.iterator_cf(self.store.cf(cf::KEYS), IteratorMode::From(&from, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
+            if let Ok(name) = std::str::from_utf8(&key) {
+                out.push(name.to_owned());
             }
         }
         Ok(out)

@@ -21,7 +21,7 @@ use openraft::{
 use rocksdb::{IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Rejection, Response, SecretMeta, VersionMeta, VersionState};
+use crate::command::{Command, NamedKeyRecord, Rejection, Response, SecretMeta, VersionMeta, VersionState};
 use crate::error::StoreError;
 use crate::store::{blocking, cf, decode, encode, keyring_key, version_key, Store, CLUSTER_KEY};
 use crate::{ClusterRecord, NodeId, TypeConfig};
@@ -156,6 +156,72 @@ impl<'a> Txn<'a> {
                     self.put(cf::REQUESTS, id.as_bytes().to_vec(), &response);
                 }
                 Ok(response)
+            }
+            Command::CreateKey { name, record } => {
+                if self.get::<NamedKeyRecord>(cf::KEYS, name.as_bytes(), "named key")?.is_some() {
+                    return Ok(Response::Rejected(Rejection::KeyExists { name: name.clone() }));
+                }
+                self.put(cf::KEYS, name.as_bytes().to_vec(), record);
+                Ok(Response::Applied)
+            }
+            Command::RotateKey { name, version, material } => {
+                let Some(mut record) = self.get::<NamedKeyRecord>(cf::KEYS, name.as_bytes(), "named key")? else {
+                    return Ok(Response::Rejected(Rejection::KeyNotFound { name: name.clone() }));
+                };
+                let current = record.primary();
+                if *version != current + 1 {
+                    return Ok(Response::Rejected(Rejection::VersionTaken {
+                        version: u64::from(*version),
+                        current: u64::from(current),
+                    }));
+                }
+                record.versions.insert(*version, material.clone());
+                record.generation += 1;
+                self.put(cf::KEYS, name.as_bytes().to_vec(), &record);
+                Ok(Response::Applied)
+            }
+            Command::UpdateKeyConfig {
+                name,
+                min_decryption_version,
+                min_encryption_version,
+                deletion_allowed,
+                auto_rotate_period_ms,
+            } => {
+                let Some(mut record) = self.get::<NamedKeyRecord>(cf::KEYS, name.as_bytes(), "named key")? else {
+                    return Ok(Response::Rejected(Rejection::KeyNotFound { name: name.clone() }));
+                };
+                let primary = record.primary();
+                let min_dec = min_decryption_version.unwrap_or(record.min_decryption_version);
+                let min_enc = min_encryption_version.unwrap_or(record.min_encryption_version);
+                if min_dec > primary || min_enc > primary {
+                    return Ok(Response::Rejected(Rejection::KeyConfigRefused {
+                        rule: format!("minimum versions cannot exceed the primary version {primary}"),
+                    }));
+                }
+                if min_enc < min_dec && min_encryption_version.is_some() {
+                    return Ok(Response::Rejected(Rejection::KeyConfigRefused {
+                        rule: "min_encryption_version cannot be below min_decryption_version".into(),
+                    }));
+                }
+                record.min_decryption_version = min_dec;
+                record.min_encryption_version = min_enc.max(min_dec);
+                record.deletion_allowed = deletion_allowed.unwrap_or(record.deletion_allowed);
+                record.auto_rotate_period_ms = auto_rotate_period_ms.unwrap_or(record.auto_rotate_period_ms);
+                record.generation += 1;
+                self.put(cf::KEYS, name.as_bytes().to_vec(), &record);
+                Ok(Response::Applied)
+            }
+            Command::DeleteKey { name } => {
+                let Some(record) = self.get::<NamedKeyRecord>(cf::KEYS, name.as_bytes(), "named key")? else {
+                    return Ok(Response::Rejected(Rejection::KeyNotFound { name: name.clone() }));
+                };
+                if !record.deletion_allowed {
+                    return Ok(Response::Rejected(Rejection::KeyConfigRefused {
+                        rule: format!("key {name} does not allow deletion (set deletion_allowed first)"),
+                    }));
+                }
+                self.delete(cf::KEYS, name.as_bytes().to_vec());
+                Ok(Response::Applied)
             }
             Command::SetVersionState { path, versions, state, at_ms } => {
                 let Some(mut meta) = self.get::<SecretMeta>(cf::SECRETS, path.as_bytes(), "secret metadata")? else {

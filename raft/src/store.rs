@@ -9,6 +9,7 @@
 //! | `versions` | path, 0x00, version u64 big-endian | postcard [`SealedValue`](crate::SealedValue) |
 //! | `cluster` | `cluster`, `keyring/` + version u32 big-endian | postcard records |
 //! | `requests` | request id | postcard [`Response`](crate::Response) of the applied write |
+//! | `keys` | named key name | postcard [`NamedKeyRecord`](crate::NamedKeyRecord) (versions wrapped) |
 //!
 //! Paths never contain 0x00 (the node validates them), so `path 0x00` prefixes one secret's versions.
 
@@ -30,9 +31,10 @@ pub(crate) mod cf {
     pub const VERSIONS: &str = "versions";
     pub const CLUSTER: &str = "cluster";
     pub const REQUESTS: &str = "requests";
+    pub const KEYS: &str = "keys";
     /// The column families that make up the state machine's data, in snapshot order.
-    pub const STATE: [&str; 4] = [SECRETS, VERSIONS, CLUSTER, REQUESTS];
-    pub const ALL: [&str; 7] = [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS];
+    pub const STATE: [&str; 5] = [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS];
+    pub const ALL: [&str; 8] = [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS];
 }
 
 /// One RocksDB database shared by a node's log store, state machine and readers.

@@ -4,7 +4,9 @@
 
 pub mod describe_secret;
 pub mod get_secret;
+pub mod key_crypto;
 pub mod list_secrets;
+pub mod manage_keys;
 pub mod operator;
 pub mod put_secret;
 pub mod set_version_state;

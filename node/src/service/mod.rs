@@ -1,5 +1,6 @@
 //! Thin tonic services: parse the wire request, call one use case in `op/`, build the reply.
 
+pub mod keys;
 pub mod operator;
 pub mod secrets;
 

@@ -12,6 +12,7 @@ mod t50_at_rest;
 mod t60_kcv;
 mod t70_standard_tools;
 mod t80_cluster;
+mod t90_keys;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,115 @@
+// Hot path: Keys crypto calls.
+//! Keys crypto calls, answered from the node's in-memory keys: no Raft round trip and no HSM call.
+//! A node answers only while it has heard from the leader (as leader: from a quorum) within
+//! `crypto-staleness`, so a retired version or a deleted key stops working everywhere within that
+//! bound.
+
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+use crate::keys::LoadedKey;
+use crate::node::Node;
+use crate::op::manage_keys::validate_name;
+
+async fn loaded(node: &Node, name: &str) -> Result<Arc<LoadedKey>, Error> {
+    validate_name(name)?;
+    let ready = node.ready().await?;
+    node.fresh_within(node.config.crypto_staleness)?;
+    let record = node.reader.named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
+    node.keys.load(&ready.keyring, name, record)
+}
+
+/// Encrypts under the key's primary version.
+///
+/// # Errors
+/// `InvalidArgument` (name, size, key type), `KeyNotFound`, `Unavailable` (stale node).
+pub async fn encrypt(
+    node: &Node,
+    name: &str,
+    plaintext: &[u8],
+    associated_data: &[u8],
+) -> Result<(String, u32), Error> {
+    crate::validate::value(plaintext, node.config.max_value_bytes)?;
+    loaded(node, name).await?.encrypt(name, plaintext, associated_data)
+}
+
+/// Decrypts.
+///
+/// # Errors
+/// `InvalidArgument` (malformed or not authentic), `KeyVersionRetired`, `KeyNotFound`, `Unavailable`.
+pub async fn decrypt(
+    node: &Node,
+    name: &str,
+    ciphertext: &str,
+    associated_data: &[u8],
+) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
+    loaded(node, name).await?.decrypt(name, ciphertext, associated_data)
+}
+
+/// Decrypts and re-encrypts under the primary version; the plaintext never leaves the node.
+///
+/// # Errors
+/// As [`decrypt`] and [`encrypt`].
+pub async fn rewrap(node: &Node, name: &str, ciphertext: &str, associated_data: &[u8]) -> Result<(String, u32), Error> {
+    let key = loaded(node, name).await?;
+    let (plain, _) = key.decrypt(name, ciphertext, associated_data)?;
+    key.encrypt(name, &plain, associated_data)
+}
+
+/// A fresh data key, encrypted under the named key (and returned in plaintext when asked).
+///
+/// # Errors
+/// `InvalidArgument` for bits other than 128 or 256; as [`encrypt`].
+pub async fn generate_data_key(
+    node: &Node,
+    name: &str,
+    bits: u32,
+    with_plaintext: bool,
+) -> Result<(String, Option<Zeroizing<Vec<u8>>>, u32), Error> {
+    let bytes = match bits {
+        0 | 256 => 32,
+        128 => 16,
+        other => return Err(Error::InvalidArgument { rule: format!("bits must be 128 or 256, not {other}") }),
+    };
+    let key = loaded(node, name).await?;
+    let data_key = node.keys.random_bytes(bytes)?;
+    let (ciphertext, version) = key.encrypt(name, &data_key, &[])?;
+    Ok((ciphertext, with_plaintext.then_some(data_key), version))
+}
+
+/// Signs with the primary version.
+///
+/// # Errors
+/// `InvalidArgument` (not a signing key), `KeyNotFound`, `Unavailable`.
+pub async fn sign(node: &Node, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+    crate::validate::value(message, node.config.max_value_bytes)?;
+    loaded(node, name).await?.sign(name, message, &SystemRandom::new())
+}
+
+/// Verifies a signature.
+///
+/// # Errors
+/// `InvalidArgument` (malformed, not a signing key), `KeyVersionRetired`, `KeyNotFound`, `Unavailable`.
+pub async fn verify(node: &Node, name: &str, message: &[u8], signature: &str) -> Result<bool, Error> {
+    loaded(node, name).await?.verify(name, message, signature)
+}
+
+/// HMAC-SHA-256 with the primary version.
+///
+/// # Errors
+/// `InvalidArgument` (not an HMAC key), `KeyNotFound`, `Unavailable`.
+pub async fn hmac(node: &Node, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+    crate::validate::value(message, node.config.max_value_bytes)?;
+    loaded(node, name).await?.hmac(name, message)
+}
+
+/// Checks an HMAC tag.
+///
+/// # Errors
+/// `InvalidArgument` (malformed, not an HMAC key), `KeyVersionRetired`, `KeyNotFound`, `Unavailable`.
+pub async fn verify_hmac(node: &Node, name: &str, message: &[u8], tag: &str) -> Result<bool, Error> {
+    loaded(node, name).await?.verify_hmac(name, message, tag)
+}

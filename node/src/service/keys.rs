@@ -1,0 +1,198 @@
+// Hot path: Keys crypto calls.
+//! The `coffer.v1.Keys` service.
+
+use std::sync::Arc;
+
+use coffer_proto::v1::keys_server::Keys;
+use coffer_proto::v1::{
+    CreateKeyRequest, DecryptRequest, DecryptResponse, DeleteKeyRequest, DeleteKeyResponse, EncryptRequest,
+    EncryptResponse, GenerateDataKeyRequest, GenerateDataKeyResponse, GetKeyRequest, HmacRequest, HmacResponse, Key,
+    KeyConfig, KeyType, KeyVersion, ListKeysRequest, ListKeysResponse, RewrapRequest, RewrapResponse, RotateKeyRequest,
+    SignRequest, SignResponse, UpdateKeyConfigRequest, VerifyHmacRequest, VerifyRequest, VerifyResponse,
+};
+use coffer_raft::{NamedKeyRecord, NamedKeyType};
+use tonic::{Request, Response, Status};
+
+use super::timestamp;
+use crate::error::Error;
+use crate::node::Node;
+use crate::op::{key_crypto, manage_keys};
+
+/// The Keys service over a started node.
+#[derive(Debug, Clone)]
+pub struct KeysService {
+    node: Arc<Node>,
+}
+
+impl KeysService {
+    /// A service answering from `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        KeysService { node }
+    }
+}
+
+fn key_type(wire: i32) -> Result<NamedKeyType, Error> {
+    match KeyType::try_from(wire) {
+        Ok(KeyType::Aes256Gcm) => Ok(NamedKeyType::Aes256Gcm),
+        Ok(KeyType::Ed25519) => Ok(NamedKeyType::Ed25519),
+        Ok(KeyType::EcdsaP256) => Ok(NamedKeyType::EcdsaP256),
+        Ok(KeyType::HmacSha256) => Ok(NamedKeyType::HmacSha256),
+        Ok(KeyType::Unspecified) | Err(_) => Err(Error::InvalidArgument {
+            rule: "type must be one of AES256_GCM, ED25519, ECDSA_P256, HMAC_SHA256".into(),
+        }),
+    }
+}
+
+fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
+    let key_type = match record.key_type {
+        NamedKeyType::Aes256Gcm => KeyType::Aes256Gcm,
+        NamedKeyType::Ed25519 => KeyType::Ed25519,
+        NamedKeyType::EcdsaP256 => KeyType::EcdsaP256,
+        NamedKeyType::HmacSha256 => KeyType::HmacSha256,
+    };
+    let period = record.auto_rotate_period_ms;
+    Key {
+        name,
+        r#type: key_type as i32,
+        exportable: record.exportable,
+        primary_version: record.primary(),
+        config: Some(KeyConfig {
+            min_decryption_version: record.min_decryption_version,
+            min_encryption_version: record.min_encryption_version,
+            deletion_allowed: record.deletion_allowed,
+            auto_rotate_period: (period > 0).then(|| prost_types::Duration {
+                seconds: (period / 1000) as i64,
+                nanos: ((period % 1000) * 1_000_000) as i32,
+            }),
+        }),
+        versions: record
+            .versions
+            .iter()
+            .map(|(v, r)| KeyVersion {
+                version: *v,
+                created_at: Some(timestamp(r.created_at_ms)),
+                public_key: r.public_key.clone(),
+            })
+            .collect(),
+        created_at: Some(timestamp(record.created_at_ms)),
+    }
+}
+
+#[tonic::async_trait]
+impl Keys for KeysService {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<Key>, Status> {
+        let req = request.into_inner();
+        let record = manage_keys::create_key(&self.node, &req.name, key_type(req.r#type)?, req.exportable).await?;
+        Ok(Response::new(wire_key(req.name, &record)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
+        let name = request.into_inner().name;
+        let record = manage_keys::get_key(&self.node, &name).await?;
+        Ok(Response::new(wire_key(name, &record)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
+        let req = request.into_inner();
+        let (names, next) = manage_keys::list_keys(&self.node, req.page_size, &req.page_token).await?;
+        Ok(Response::new(ListKeysResponse { names, next_page_token: next.unwrap_or_default() }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<Key>, Status> {
+        let name = request.into_inner().name;
+        let record = manage_keys::rotate_key(&self.node, &name).await?;
+        Ok(Response::new(wire_key(name, &record)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn update_key_config(&self, request: Request<UpdateKeyConfigRequest>) -> Result<Response<Key>, Status> {
+        let req = request.into_inner();
+        let period = match req.auto_rotate_period {
+            None => None,
+            Some(d) => Some(
+                std::time::Duration::try_from(d)
+                    .map_err(|_| Status::invalid_argument("auto_rotate_period must be a non-negative duration"))?
+                    .as_millis() as u64,
+            ),
+        };
+        let record = manage_keys::update_key_config(
+            &self.node,
+            &req.name,
+            req.min_decryption_version,
+            req.min_encryption_version,
+            req.deletion_allowed,
+            period,
+        )
+        .await?;
+        Ok(Response::new(wire_key(req.name, &record)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn delete_key(&self, request: Request<DeleteKeyRequest>) -> Result<Response<DeleteKeyResponse>, Status> {
+        manage_keys::delete_key(&self.node, &request.into_inner().name).await?;
+        Ok(Response::new(DeleteKeyResponse {}))
+    }
+
+    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        let req = request.into_inner();
+        let (ciphertext, key_version) =
+            key_crypto::encrypt(&self.node, &req.name, &req.plaintext, &req.associated_data).await?;
+        Ok(Response::new(EncryptResponse { ciphertext, key_version }))
+    }
+
+    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        let req = request.into_inner();
+        let (plaintext, key_version) =
+            key_crypto::decrypt(&self.node, &req.name, &req.ciphertext, &req.associated_data).await?;
+        Ok(Response::new(DecryptResponse { plaintext: plaintext.to_vec(), key_version }))
+    }
+
+    async fn rewrap(&self, request: Request<RewrapRequest>) -> Result<Response<RewrapResponse>, Status> {
+        let req = request.into_inner();
+        let (ciphertext, key_version) =
+            key_crypto::rewrap(&self.node, &req.name, &req.ciphertext, &req.associated_data).await?;
+        Ok(Response::new(RewrapResponse { ciphertext, key_version }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let req = request.into_inner();
+        let (ciphertext, plaintext, key_version) =
+            key_crypto::generate_data_key(&self.node, &req.name, req.bits, req.with_plaintext).await?;
+        Ok(Response::new(GenerateDataKeyResponse {
+            ciphertext,
+            plaintext: plaintext.map(|p| p.to_vec()).unwrap_or_default(),
+            key_version,
+        }))
+    }
+
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let req = request.into_inner();
+        let (signature, key_version) = key_crypto::sign(&self.node, &req.name, &req.message).await?;
+        Ok(Response::new(SignResponse { signature, key_version }))
+    }
+
+    async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        let req = request.into_inner();
+        let valid = key_crypto::verify(&self.node, &req.name, &req.message, &req.signature).await?;
+        Ok(Response::new(VerifyResponse { valid }))
+    }
+
+    async fn hmac(&self, request: Request<HmacRequest>) -> Result<Response<HmacResponse>, Status> {
+        let req = request.into_inner();
+        let (hmac, key_version) = key_crypto::hmac(&self.node, &req.name, &req.message).await?;
+        Ok(Response::new(HmacResponse { hmac, key_version }))
+    }
+
+    async fn verify_hmac(&self, request: Request<VerifyHmacRequest>) -> Result<Response<VerifyResponse>, Status> {
+        let req = request.into_inner();
+        let valid = key_crypto::verify_hmac(&self.node, &req.name, &req.message, &req.hmac).await?;
+        Ok(Response::new(VerifyResponse { valid }))
+    }
+}

@@ -1,0 +1,246 @@
+use std::time::{Duration, Instant};
+
+use coffer_proto::v1::keys_client::KeysClient;
+use coffer_proto::v1::{
+    CreateKeyRequest, DecryptRequest, DeleteKeyRequest, EncryptRequest, GenerateDataKeyRequest, GetKeyRequest,
+    HmacRequest, KeyType, ListKeysRequest, RewrapRequest, RotateKeyRequest, SignRequest, UpdateKeyConfigRequest,
+    VerifyHmacRequest, VerifyRequest,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::cluster::TestCluster;
+use crate::TestNode;
+
+async fn keys(addr: &str) -> anyhow::Result<KeysClient<Channel>> {
+    Ok(KeysClient::connect(addr.to_owned()).await?)
+}
+
+fn create(name: &str, t: KeyType) -> CreateKeyRequest {
+    CreateKeyRequest { name: name.into(), r#type: t as i32, exportable: false }
+}
+
+fn enc(name: &str, plaintext: &[u8], ad: &[u8]) -> EncryptRequest {
+    EncryptRequest { name: name.into(), plaintext: plaintext.to_vec(), associated_data: ad.to_vec() }
+}
+
+fn dec(name: &str, ciphertext: &str, ad: &[u8]) -> DecryptRequest {
+    DecryptRequest { name: name.into(), ciphertext: ciphertext.into(), associated_data: ad.to_vec() }
+}
+
+/// Flips one bit inside the base64 body of a `coffer:v<N>:<base64>` text.
+fn tamper(text: &str) -> String {
+    use base64::Engine;
+    let (head, body) = text.rsplit_once(':').expect("coffer text");
+    let mut bytes = base64::engine::general_purpose::STANDARD.decode(body).expect("base64");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    format!("{head}:{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_key_type_round_trips_and_rejects_tampering() -> anyhow::Result<()> {
+    let node = TestNode::must_start()?;
+    let mut k = keys(&node.addr).await?;
+    for (name, t) in [
+        ("aes", KeyType::Aes256Gcm),
+        ("ed", KeyType::Ed25519),
+        ("ec", KeyType::EcdsaP256),
+        ("mac", KeyType::HmacSha256),
+    ] {
+        let key = k.create_key(create(name, t)).await?.into_inner();
+        assert_eq!((key.primary_version, key.versions.len()), (1, 1));
+    }
+    let err = k.create_key(create("aes", KeyType::Aes256Gcm)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = k.create_key(create("bad name", KeyType::Aes256Gcm)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = k.create_key(create("untyped", KeyType::Unspecified)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // AES-256-GCM.
+    let ct = k.encrypt(enc("aes", b"attack at dawn", b"ctx")).await?.into_inner();
+    assert!(ct.ciphertext.starts_with("coffer:v1:"), "{}", ct.ciphertext);
+    let pt = k.decrypt(dec("aes", &ct.ciphertext, b"ctx")).await?.into_inner();
+    assert_eq!((pt.plaintext.as_slice(), pt.key_version), (&b"attack at dawn"[..], 1));
+    assert_eq!(k.decrypt(dec("aes", &ct.ciphertext, b"other")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(k.decrypt(dec("aes", &tamper(&ct.ciphertext), b"ctx")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(k.decrypt(dec("aes", "not-a-ciphertext", b"")).await.unwrap_err().code(), Code::InvalidArgument);
+    let again = k.encrypt(enc("aes", b"attack at dawn", b"ctx")).await?.into_inner();
+    assert_ne!(again.ciphertext, ct.ciphertext, "nonces differ");
+
+    // Data keys.
+    let dk = k
+        .generate_data_key(GenerateDataKeyRequest { name: "aes".into(), bits: 256, with_plaintext: true })
+        .await?
+        .into_inner();
+    assert_eq!(dk.plaintext.len(), 32);
+    assert_eq!(k.decrypt(dec("aes", &dk.ciphertext, b"")).await?.into_inner().plaintext, dk.plaintext);
+    let dk =
+        k.generate_data_key(GenerateDataKeyRequest { name: "aes".into(), bits: 128, with_plaintext: false }).await?;
+    assert!(dk.into_inner().plaintext.is_empty());
+
+    // Signatures.
+    for name in ["ed", "ec"] {
+        let sig = k.sign(SignRequest { name: name.into(), message: b"msg".to_vec() }).await?.into_inner();
+        let ok = |m: &[u8], s: &str| VerifyRequest { name: name.into(), message: m.to_vec(), signature: s.into() };
+        assert!(k.verify(ok(b"msg", &sig.signature)).await?.into_inner().valid, "{name}");
+        assert!(!k.verify(ok(b"msh", &sig.signature)).await?.into_inner().valid, "{name}");
+        assert!(!k.verify(ok(b"msg", &tamper(&sig.signature))).await?.into_inner().valid, "{name}");
+        let key = k.get_key(GetKeyRequest { name: name.into() }).await?.into_inner();
+        assert!(!key.versions[0].public_key.is_empty(), "{name} publishes its public key");
+    }
+
+    // HMAC.
+    let tag = k.hmac(HmacRequest { name: "mac".into(), message: b"m".to_vec() }).await?.into_inner();
+    let check = |m: &[u8], t: &str| VerifyHmacRequest { name: "mac".into(), message: m.to_vec(), hmac: t.into() };
+    assert!(k.verify_hmac(check(b"m", &tag.hmac)).await?.into_inner().valid);
+    assert!(!k.verify_hmac(check(b"n", &tag.hmac)).await?.into_inner().valid);
+
+    // The wrong key type for the call.
+    assert_eq!(k.encrypt(enc("ed", b"x", b"")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        k.sign(SignRequest { name: "aes".into(), message: vec![] }).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(k.encrypt(enc("nope", b"x", b"")).await.unwrap_err().code(), Code::NotFound);
+
+    let names = k.list_keys(ListKeysRequest { page_size: 3, page_token: String::new() }).await?.into_inner();
+    assert_eq!(names.names, vec!["aes", "ec", "ed"]);
+    let rest = k.list_keys(ListKeysRequest { page_size: 3, page_token: names.next_page_token }).await?.into_inner();
+    assert_eq!(rest.names, vec!["mac"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result<()> {
+    let mut node = TestNode::must_start()?;
+    let mut k = keys(&node.addr).await?;
+    k.create_key(create("app", KeyType::Aes256Gcm)).await?;
+    let old = k.encrypt(enc("app", b"v1 data", b"")).await?.into_inner();
+    let key = k.rotate_key(RotateKeyRequest { name: "app".into() }).await?.into_inner();
+    assert_eq!(key.primary_version, 2);
+    let new = k.encrypt(enc("app", b"v2 data", b"")).await?.into_inner();
+    assert!(new.ciphertext.starts_with("coffer:v2:"));
+    assert_eq!(k.decrypt(dec("app", &old.ciphertext, b"")).await?.into_inner().plaintext, b"v1 data");
+
+    let moved = k
+        .rewrap(RewrapRequest { name: "app".into(), ciphertext: old.ciphertext.clone(), associated_data: vec![] })
+        .await?
+        .into_inner();
+    assert_eq!(moved.key_version, 2);
+
+    let update = |min: u32| UpdateKeyConfigRequest {
+        name: "app".into(),
+        min_decryption_version: Some(min),
+        min_encryption_version: None,
+        deletion_allowed: None,
+        auto_rotate_period: None,
+    };
+    assert_eq!(k.update_key_config(update(3)).await.unwrap_err().code(), Code::FailedPrecondition);
+    k.update_key_config(update(2)).await?;
+    let err = k.decrypt(dec("app", &old.ciphertext, b"")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("version 1") && err.message().contains("min_decryption_version"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(k.decrypt(dec("app", &moved.ciphertext, b"")).await?.into_inner().plaintext, b"v1 data");
+
+    // A restarted node unwraps its keys through the HSM again and answers.
+    node.must_stop()?;
+    node.must_restart()?;
+    let mut k = keys(&node.addr).await?;
+    assert_eq!(k.decrypt(dec("app", &new.ciphertext, b"")).await?.into_inner().plaintext, b"v2 data");
+
+    // Deletion only when allowed.
+    let err = k.delete_key(DeleteKeyRequest { name: "app".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    k.update_key_config(UpdateKeyConfigRequest { deletion_allowed: Some(true), ..update(2) }).await?;
+    k.delete_key(DeleteKeyRequest { name: "app".into() }).await?;
+    assert_eq!(k.decrypt(dec("app", &new.ciphertext, b"")).await.unwrap_err().code(), Code::NotFound);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    let mut on_leader = keys(&cluster.nodes[leader].url()).await?;
+    on_leader.create_key(create("shared", KeyType::Aes256Gcm)).await?;
+    let ct = on_leader.encrypt(enc("shared", b"hello", b"")).await?.into_inner();
+    on_leader.rotate_key(RotateKeyRequest { name: "shared".into() }).await?;
+    let ct2 = on_leader.encrypt(enc("shared", b"hello2", b"")).await?.into_inner();
+    for i in 0..3 {
+        let mut k = keys(&cluster.nodes[i].url()).await?;
+        // A follower may apply the key a moment after the leader acknowledged it.
+        let started = Instant::now();
+        let plain = loop {
+            match k.decrypt(dec("shared", &ct.ciphertext, b"")).await {
+                Ok(reply) => break reply.into_inner().plaintext,
+                Err(s) if s.code() == Code::NotFound && started.elapsed() < Duration::from_secs(2) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(s) => anyhow::bail!("node {}: {s}", i + 1),
+            }
+        };
+        assert_eq!(plain, b"hello");
+        let own = k.encrypt(enc("shared", b"from follower", b"")).await?.into_inner();
+        assert_eq!(
+            on_leader.decrypt(dec("shared", &own.ciphertext, b"")).await?.into_inner().plaintext,
+            b"from follower"
+        );
+    }
+
+    // Retire version 1 on the leader: every node refuses it within the staleness bound.
+    on_leader
+        .update_key_config(UpdateKeyConfigRequest {
+            name: "shared".into(),
+            min_decryption_version: Some(2),
+            min_encryption_version: None,
+            deletion_allowed: None,
+            auto_rotate_period: None,
+        })
+        .await?;
+    for i in 0..3 {
+        let mut k = keys(&cluster.nodes[i].url()).await?;
+        let started = Instant::now();
+        loop {
+            match k.decrypt(dec("shared", &ct.ciphertext, b"")).await {
+                Err(s) if s.code() == Code::FailedPrecondition => break,
+                _ if started.elapsed() < Duration::from_secs(2) => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => anyhow::bail!("node {} still decrypts a retired version: {other:?}", i + 1),
+            }
+        }
+    }
+
+    // Cut a follower off (both other nodes killed: its connections break): after the bound it stops.
+    let follower = (leader + 1) % 3;
+    let others: Vec<usize> = (0..3).filter(|i| *i != follower).collect();
+    for i in &others {
+        cluster.must_kill9(*i)?;
+    }
+    let mut k = keys(&cluster.nodes[follower].url()).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = k.decrypt(dec("shared", &ct2.ciphertext, b"")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("heard from the leader"), "{}", err.message());
+    for i in &others {
+        cluster.must_restart(*i)?;
+    }
+    let started = Instant::now();
+    loop {
+        match k.decrypt(dec("shared", &ct2.ciphertext, b"")).await {
+            Ok(reply) => {
+                assert_eq!(reply.into_inner().plaintext, b"hello2");
+                break;
+            }
+            Err(s) if s.code() == Code::Unavailable && started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => anyhow::bail!("the follower did not answer again after the link came back: {s}"),
+        }
+    }
+    Ok(())
+}
