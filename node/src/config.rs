@@ -11,6 +11,7 @@
 //! default-max-versions = 10
 //! crypto-staleness = "1s"               # Keys calls stop on a node cut off from the leader this long
 //! key-cache-entries = 10000             # named keys kept unwrapped in memory
+//! max-batch-items = 1000                # items in one Keys Batch call
 //!
 //! [hsm]
 //! token-label = "coffer"
@@ -67,6 +68,8 @@ struct RawConfig {
     crypto_staleness: Duration,
     #[serde(default = "default_key_cache_entries")]
     key_cache_entries: usize,
+    #[serde(default = "default_max_batch_items")]
+    max_batch_items: usize,
     hsm: RawHsm,
     #[serde(default)]
     raft: RawRaft,
@@ -121,6 +124,9 @@ fn default_crypto_staleness() -> Duration {
 fn default_key_cache_entries() -> usize {
     10_000
 }
+fn default_max_batch_items() -> usize {
+    1000
+}
 fn default_write_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -173,6 +179,8 @@ pub struct Config {
     pub crypto_staleness: Duration,
     /// At most this many named keys are kept unwrapped in memory.
     pub key_cache_entries: usize,
+    /// The most items a Keys `Batch` call may carry.
+    pub max_batch_items: usize,
     /// How to reach the HSM.
     pub hsm: HsmConfig,
     /// Raft timing.
@@ -322,6 +330,7 @@ impl RawConfig {
             default_max_versions: self.default_max_versions,
             crypto_staleness: self.crypto_staleness,
             key_cache_entries: self.key_cache_entries.max(1),
+            max_batch_items: self.max_batch_items.max(1),
             hsm: HsmConfig {
                 module: self.hsm.module.map(|m| resolve(path, m)),
                 token_label: self.hsm.token_label,

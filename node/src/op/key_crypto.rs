@@ -22,6 +22,20 @@ async fn loaded(node: &Node, name: &str) -> Result<Arc<LoadedKey>, Error> {
     node.keys.load(&ready.keyring, name, record)
 }
 
+/// Runs `f` on the loaded key. A ciphertext or signature from a version newer than this node has
+/// applied (made on another node just after a rotation) is not an error: the node catches up to
+/// the leader's read index and tries once more, so no decrypt fails during a rotation.
+async fn with_key<T>(node: &Node, name: &str, f: impl Fn(&LoadedKey) -> Result<T, Error>) -> Result<T, Error> {
+    let key = loaded(node, name).await?;
+    match f(&key) {
+        Err(Error::KeyVersionNotFound { version, .. }) if version > key.record.primary() => {
+            node.linearizable().await?;
+            f(&*loaded(node, name).await?)
+        }
+        other => other,
+    }
+}
+
 /// Encrypts under the key's primary version.
 ///
 /// # Errors
@@ -46,7 +60,7 @@ pub async fn decrypt(
     ciphertext: &str,
     associated_data: &[u8],
 ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
-    loaded(node, name).await?.decrypt(name, ciphertext, associated_data)
+    with_key(node, name, |key| key.decrypt(name, ciphertext, associated_data)).await
 }
 
 /// Decrypts and re-encrypts under the primary version; the plaintext never leaves the node.
@@ -54,9 +68,11 @@ pub async fn decrypt(
 /// # Errors
 /// As [`decrypt`] and [`encrypt`].
 pub async fn rewrap(node: &Node, name: &str, ciphertext: &str, associated_data: &[u8]) -> Result<(String, u32), Error> {
-    let key = loaded(node, name).await?;
-    let (plain, _) = key.decrypt(name, ciphertext, associated_data)?;
-    key.encrypt(name, &plain, associated_data)
+    with_key(node, name, |key| {
+        let (plain, _) = key.decrypt(name, ciphertext, associated_data)?;
+        key.encrypt(name, &plain, associated_data)
+    })
+    .await
 }
 
 /// A fresh data key, encrypted under the named key (and returned in plaintext when asked).
@@ -94,7 +110,7 @@ pub async fn sign(node: &Node, name: &str, message: &[u8]) -> Result<(String, u3
 /// # Errors
 /// `InvalidArgument` (malformed, not a signing key), `KeyVersionRetired`, `KeyNotFound`, `Unavailable`.
 pub async fn verify(node: &Node, name: &str, message: &[u8], signature: &str) -> Result<bool, Error> {
-    loaded(node, name).await?.verify(name, message, signature)
+    with_key(node, name, |key| key.verify(name, message, signature)).await
 }
 
 /// HMAC-SHA-256 with the primary version.
@@ -111,5 +127,5 @@ pub async fn hmac(node: &Node, name: &str, message: &[u8]) -> Result<(String, u3
 /// # Errors
 /// `InvalidArgument` (malformed, not an HMAC key), `KeyVersionRetired`, `KeyNotFound`, `Unavailable`.
 pub async fn verify_hmac(node: &Node, name: &str, message: &[u8], tag: &str) -> Result<bool, Error> {
-    loaded(node, name).await?.verify_hmac(name, message, tag)
+    with_key(node, name, |key| key.verify_hmac(name, message, tag)).await
 }

@@ -3,12 +3,15 @@
 
 use std::sync::Arc;
 
+use coffer_proto::v1::crypto_request::Call;
+use coffer_proto::v1::crypto_result::Result as CryptoOutcome;
 use coffer_proto::v1::keys_server::Keys;
 use coffer_proto::v1::{
-    CreateKeyRequest, DecryptRequest, DecryptResponse, DeleteKeyRequest, DeleteKeyResponse, EncryptRequest,
-    EncryptResponse, GenerateDataKeyRequest, GenerateDataKeyResponse, GetKeyRequest, HmacRequest, HmacResponse, Key,
-    KeyConfig, KeyType, KeyVersion, ListKeysRequest, ListKeysResponse, RewrapRequest, RewrapResponse, RotateKeyRequest,
-    SignRequest, SignResponse, UpdateKeyConfigRequest, VerifyHmacRequest, VerifyRequest, VerifyResponse,
+    BatchRequest, BatchResponse, CreateKeyRequest, CryptoRequest, CryptoResult, DecryptRequest, DecryptResponse,
+    DeleteKeyRequest, DeleteKeyResponse, EncryptRequest, EncryptResponse, GenerateDataKeyRequest,
+    GenerateDataKeyResponse, GetKeyRequest, HmacRequest, HmacResponse, ItemError, Key, KeyConfig, KeyType, KeyVersion,
+    ListKeysRequest, ListKeysResponse, RewrapRequest, RewrapResponse, RotateKeyRequest, SignRequest, SignResponse,
+    StreamRequest, StreamResponse, UpdateKeyConfigRequest, VerifyHmacRequest, VerifyRequest, VerifyResponse,
 };
 use coffer_raft::{NamedKeyRecord, NamedKeyType};
 use tonic::{Request, Response, Status};
@@ -78,8 +81,116 @@ fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
     }
 }
 
+/// Runs one crypto call; `Err` is what the unary RPC would have returned.
+async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Status> {
+    Ok(match call {
+        Call::Encrypt(req) => {
+            let (ciphertext, key_version) =
+                key_crypto::encrypt(node, &req.name, &req.plaintext, &req.associated_data).await?;
+            CryptoOutcome::Encrypt(EncryptResponse { ciphertext, key_version })
+        }
+        Call::Decrypt(req) => {
+            let (plaintext, key_version) =
+                key_crypto::decrypt(node, &req.name, &req.ciphertext, &req.associated_data).await?;
+            CryptoOutcome::Decrypt(DecryptResponse { plaintext: plaintext.to_vec(), key_version })
+        }
+        Call::Rewrap(req) => {
+            let (ciphertext, key_version) =
+                key_crypto::rewrap(node, &req.name, &req.ciphertext, &req.associated_data).await?;
+            CryptoOutcome::Rewrap(RewrapResponse { ciphertext, key_version })
+        }
+        Call::GenerateDataKey(req) => {
+            let (ciphertext, plaintext, key_version) =
+                key_crypto::generate_data_key(node, &req.name, req.bits, req.with_plaintext).await?;
+            CryptoOutcome::GenerateDataKey(GenerateDataKeyResponse {
+                ciphertext,
+                plaintext: plaintext.map(|p| p.to_vec()).unwrap_or_default(),
+                key_version,
+            })
+        }
+        Call::Sign(req) => {
+            let (signature, key_version) = key_crypto::sign(node, &req.name, &req.message).await?;
+            CryptoOutcome::Sign(SignResponse { signature, key_version })
+        }
+        Call::Verify(req) => {
+            let valid = key_crypto::verify(node, &req.name, &req.message, &req.signature).await?;
+            CryptoOutcome::Verify(VerifyResponse { valid })
+        }
+        Call::Hmac(req) => {
+            let (hmac, key_version) = key_crypto::hmac(node, &req.name, &req.message).await?;
+            CryptoOutcome::Hmac(HmacResponse { hmac, key_version })
+        }
+        Call::VerifyHmac(req) => {
+            let valid = key_crypto::verify_hmac(node, &req.name, &req.message, &req.hmac).await?;
+            CryptoOutcome::VerifyHmac(VerifyResponse { valid })
+        }
+    })
+}
+
+/// One item of a batch or stream, as a per-item result.
+async fn execute_item(node: &Node, request: Option<CryptoRequest>) -> CryptoResult {
+    let result = match request.and_then(|r| r.call) {
+        None => Err(Status::invalid_argument("the item names no call")),
+        Some(call) => execute(node, call).await,
+    };
+    CryptoResult {
+        result: Some(result.unwrap_or_else(|s| {
+            CryptoOutcome::Error(ItemError { code: s.code() as i32, message: s.message().to_owned() })
+        })),
+    }
+}
+
+type ResultStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<StreamResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Keys for KeysService {
+    type StreamStream = ResultStream;
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn batch(&self, request: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+        let items = request.into_inner().items;
+        let max = self.node.config.max_batch_items;
+        if items.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "a batch carries at most {max} items (max-batch-items); this one has {}",
+                items.len()
+            )));
+        }
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(execute_item(&self.node, Some(item)).await);
+        }
+        Ok(Response::new(BatchResponse { results }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn stream(
+        &self,
+        request: Request<tonic::Streaming<StreamRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let node = self.node.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        // Ends when the client closes its side or goes away, or when the client stops reading.
+        tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(next)) => next,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let result = execute_item(&node, next.request).await;
+                if tx.send(Ok(StreamResponse { id: next.id, result: Some(result) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<Key>, Status> {
         let req = request.into_inner();
@@ -138,61 +249,61 @@ impl Keys for KeysService {
     }
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
-        let req = request.into_inner();
-        let (ciphertext, key_version) =
-            key_crypto::encrypt(&self.node, &req.name, &req.plaintext, &req.associated_data).await?;
-        Ok(Response::new(EncryptResponse { ciphertext, key_version }))
+        match execute(&self.node, Call::Encrypt(request.into_inner())).await? {
+            CryptoOutcome::Encrypt(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
-        let req = request.into_inner();
-        let (plaintext, key_version) =
-            key_crypto::decrypt(&self.node, &req.name, &req.ciphertext, &req.associated_data).await?;
-        Ok(Response::new(DecryptResponse { plaintext: plaintext.to_vec(), key_version }))
+        match execute(&self.node, Call::Decrypt(request.into_inner())).await? {
+            CryptoOutcome::Decrypt(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn rewrap(&self, request: Request<RewrapRequest>) -> Result<Response<RewrapResponse>, Status> {
-        let req = request.into_inner();
-        let (ciphertext, key_version) =
-            key_crypto::rewrap(&self.node, &req.name, &req.ciphertext, &req.associated_data).await?;
-        Ok(Response::new(RewrapResponse { ciphertext, key_version }))
+        match execute(&self.node, Call::Rewrap(request.into_inner())).await? {
+            CryptoOutcome::Rewrap(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn generate_data_key(
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        let req = request.into_inner();
-        let (ciphertext, plaintext, key_version) =
-            key_crypto::generate_data_key(&self.node, &req.name, req.bits, req.with_plaintext).await?;
-        Ok(Response::new(GenerateDataKeyResponse {
-            ciphertext,
-            plaintext: plaintext.map(|p| p.to_vec()).unwrap_or_default(),
-            key_version,
-        }))
+        match execute(&self.node, Call::GenerateDataKey(request.into_inner())).await? {
+            CryptoOutcome::GenerateDataKey(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let req = request.into_inner();
-        let (signature, key_version) = key_crypto::sign(&self.node, &req.name, &req.message).await?;
-        Ok(Response::new(SignResponse { signature, key_version }))
+        match execute(&self.node, Call::Sign(request.into_inner())).await? {
+            CryptoOutcome::Sign(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
-        let req = request.into_inner();
-        let valid = key_crypto::verify(&self.node, &req.name, &req.message, &req.signature).await?;
-        Ok(Response::new(VerifyResponse { valid }))
+        match execute(&self.node, Call::Verify(request.into_inner())).await? {
+            CryptoOutcome::Verify(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn hmac(&self, request: Request<HmacRequest>) -> Result<Response<HmacResponse>, Status> {
-        let req = request.into_inner();
-        let (hmac, key_version) = key_crypto::hmac(&self.node, &req.name, &req.message).await?;
-        Ok(Response::new(HmacResponse { hmac, key_version }))
+        match execute(&self.node, Call::Hmac(request.into_inner())).await? {
+            CryptoOutcome::Hmac(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 
     async fn verify_hmac(&self, request: Request<VerifyHmacRequest>) -> Result<Response<VerifyResponse>, Status> {
-        let req = request.into_inner();
-        let valid = key_crypto::verify_hmac(&self.node, &req.name, &req.message, &req.hmac).await?;
-        Ok(Response::new(VerifyResponse { valid }))
+        match execute(&self.node, Call::VerifyHmac(request.into_inner())).await? {
+            CryptoOutcome::VerifyHmac(reply) => Ok(Response::new(reply)),
+            _ => Err(Status::internal("a call answered with another call's result")),
+        }
     }
 }

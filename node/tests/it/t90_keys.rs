@@ -244,3 +244,135 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_and_stream_give_per_item_results() -> anyhow::Result<()> {
+    use coffer_proto::v1::crypto_request::Call;
+    use coffer_proto::v1::crypto_result::Result as Outcome;
+    use coffer_proto::v1::{BatchRequest, CryptoRequest, StreamRequest};
+
+    let node = TestNode::must_start()?;
+    let mut k = keys(&node.addr).await?;
+    k.create_key(create("b", KeyType::Aes256Gcm)).await?;
+    k.create_key(create("s", KeyType::Ed25519)).await?;
+    let item = |call: Call| CryptoRequest { call: Some(call) };
+
+    let good = k.encrypt(enc("b", b"one", b"")).await?.into_inner().ciphertext;
+    let batch = BatchRequest {
+        items: vec![
+            item(Call::Encrypt(enc("b", b"two", b"ad"))),
+            item(Call::Decrypt(dec("b", &good, b""))),
+            item(Call::Decrypt(dec("b", &tamper(&good), b""))),
+            item(Call::Encrypt(enc("missing", b"x", b""))),
+            CryptoRequest { call: None },
+            item(Call::Sign(SignRequest { name: "s".into(), message: b"m".to_vec() })),
+        ],
+    };
+    let results = k.batch(batch).await?.into_inner().results;
+    let outcomes: Vec<Outcome> = results.into_iter().map(|r| r.result.expect("a result per item")).collect();
+    assert_eq!(outcomes.len(), 6);
+    let Outcome::Encrypt(two) = &outcomes[0] else { panic!("{:?}", outcomes[0]) };
+    assert!(matches!(&outcomes[1], Outcome::Decrypt(d) if d.plaintext == b"one"));
+    assert!(matches!(&outcomes[2], Outcome::Error(e) if e.code == Code::InvalidArgument as i32));
+    assert!(matches!(&outcomes[3], Outcome::Error(e) if e.code == Code::NotFound as i32));
+    assert!(matches!(&outcomes[4], Outcome::Error(e) if e.code == Code::InvalidArgument as i32));
+    assert!(matches!(&outcomes[5], Outcome::Sign(_)));
+    assert_eq!(k.decrypt(dec("b", &two.ciphertext, b"ad")).await?.into_inner().plaintext, b"two");
+
+    let too_many = BatchRequest { items: vec![item(Call::Encrypt(enc("b", b"x", b""))); 1001] };
+    assert_eq!(k.batch(too_many).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Stream: 200 encrypts, then their decrypts; ids come back in order.
+    let requests: Vec<StreamRequest> = (0..200u64)
+        .map(|id| StreamRequest { id, request: Some(item(Call::Encrypt(enc("b", format!("m{id}").as_bytes(), b"")))) })
+        .collect();
+    let mut replies = k.stream(tokio_stream::iter(requests)).await?.into_inner();
+    let mut ciphertexts = Vec::new();
+    while let Some(reply) = replies.message().await? {
+        assert_eq!(reply.id, ciphertexts.len() as u64);
+        let Some(Outcome::Encrypt(e)) = reply.result.and_then(|r| r.result) else { panic!("encrypt result") };
+        ciphertexts.push(e.ciphertext);
+    }
+    assert_eq!(ciphertexts.len(), 200);
+    let requests: Vec<StreamRequest> = ciphertexts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| StreamRequest { id: i as u64, request: Some(item(Call::Decrypt(dec("b", c, b"")))) })
+        .collect();
+    let mut replies = k.stream(tokio_stream::iter(requests)).await?.into_inner();
+    let mut n = 0u64;
+    while let Some(reply) = replies.message().await? {
+        let Some(Outcome::Decrypt(d)) = reply.result.and_then(|r| r.result) else { panic!("decrypt result") };
+        assert_eq!(d.plaintext, format!("m{}", reply.id).into_bytes());
+        n += 1;
+    }
+    assert_eq!(n, 200);
+    Ok(())
+}
+
+/// Rotations while several clients encrypt and decrypt through every node: no decrypt fails, and
+/// ciphertexts from before each rotation still decrypt.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
+    let cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    keys(&cluster.nodes[leader].url()).await?.create_key(create("hot", KeyType::Aes256Gcm)).await?;
+    // Let every node see the key.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4usize {
+        let urls = urls.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut clients = Vec::new();
+            for u in &urls {
+                clients.push(keys(u).await?);
+            }
+            let mut made: Vec<(String, Vec<u8>)> = Vec::new();
+            let mut decrypts = 0usize;
+            for i in 0..5000usize {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let plain = format!("w{w}-{i}").into_bytes();
+                let c = &mut clients[(w + i) % 3];
+                let ct = c.encrypt(enc("hot", &plain, b"")).await?.into_inner().ciphertext;
+                made.push((ct, plain));
+                // Decrypt an older ciphertext on another node.
+                let (old_ct, old_plain) = &made[i / 2];
+                let other = &mut clients[(w + i + 1) % 3];
+                let got = other.decrypt(dec("hot", old_ct, b"")).await?.into_inner().plaintext;
+                anyhow::ensure!(&got == old_plain, "wrong plaintext");
+                decrypts += 1;
+            }
+            anyhow::Ok((made, decrypts))
+        }));
+    }
+    let mut on_leader = keys(&urls[leader]).await?;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        on_leader.rotate_key(RotateKeyRequest { name: "hot".into() }).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut decrypts = 0;
+    for w in workers {
+        let (made, d) = w.await??;
+        all.extend(made);
+        decrypts += d;
+    }
+    assert!(decrypts > 100, "too few decrypts to mean anything: {decrypts}");
+    let versions: std::collections::BTreeSet<&str> = all.iter().filter_map(|(c, _)| c.split(':').nth(1)).collect();
+    assert!(versions.len() >= 3, "ciphertexts span several versions: {versions:?}");
+    // Every ciphertext made during the run still decrypts, on every node.
+    for (i, url) in urls.iter().enumerate() {
+        let mut k = keys(url).await?;
+        for (ct, plain) in all.iter().step_by(7) {
+            assert_eq!(&k.decrypt(dec("hot", ct, b"")).await?.into_inner().plaintext, plain, "node {}", i + 1);
+        }
+    }
+    Ok(())
+}
