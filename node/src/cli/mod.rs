@@ -4,6 +4,7 @@
 pub mod client;
 pub mod dev;
 pub mod hsm;
+pub mod key;
 pub mod operator;
 pub mod secret;
 
@@ -42,6 +43,8 @@ enum Commands {
     Secret(secret::SecretArgs),
     /// Set up and inspect a cluster: init, join, remove, transfer-leader, status.
     Operator(operator::OperatorArgs),
+    /// Encryption as a service: named keys, encrypt, decrypt, sign, HMAC, data keys.
+    Key(key::KeyArgs),
 }
 
 /// How client commands print their results.
@@ -63,6 +66,7 @@ impl Cli {
             Commands::Hsm(cmd) => hsm::run(cmd).await,
             Commands::Secret(args) => secret::run(args).await,
             Commands::Operator(args) => operator::run(args).await,
+            Commands::Key(args) => key::run(args).await,
         };
         match result {
             Ok(code) => code,

@@ -95,7 +95,7 @@ struct VersionsArgs {
     versions: Vec<u64>,
 }
 
-fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+pub(crate) fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
     let ts = ts?;
     let time = std::time::UNIX_EPOCH
         + std::time::Duration::from_secs(u64::try_from(ts.seconds).ok()?)
@@ -104,14 +104,14 @@ fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
 }
 
 /// A random idempotency key, so a put that a proxy or the client library retries applies once.
-fn random_request_id() -> anyhow::Result<String> {
+pub(crate) fn random_request_id() -> anyhow::Result<String> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| anyhow::anyhow!("the system random source failed"))?;
     Ok(format!("cli-{}", hex::encode(bytes)))
 }
 
-fn read_value(value: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+pub(crate) fn read_value(value: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     if let Some(file) = file {
         return Ok(Zeroizing::new(
             std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,

@@ -376,3 +376,42 @@ async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_cli_round_trips() -> anyhow::Result<()> {
+    let node = TestNode::must_start()?;
+    let ok = |args: &[&str], stdin: Option<&[u8]>| -> anyhow::Result<String> {
+        let out = node.cli(args, stdin)?;
+        anyhow::ensure!(out.status.success(), "coffer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    ok(&["key", "create", "cli-aes"], None)?;
+    ok(&["key", "create", "cli-ed", "--type", "ed25519"], None)?;
+    ok(&["key", "create", "cli-mac", "--type", "hmac-sha256"], None)?;
+    let ct = ok(&["key", "encrypt", "cli-aes", "--associated-data", "ctx"], Some(b"secret text"))?;
+    let ct = ct.trim();
+    assert!(ct.starts_with("coffer:v1:"), "{ct}");
+    assert_eq!(ok(&["key", "decrypt", "cli-aes", ct, "--associated-data", "ctx"], None)?, "secret text");
+    let out = node.cli(&["key", "decrypt", "cli-aes", ct], None)?;
+    assert_eq!(out.status.code(), Some(1), "wrong associated data fails");
+    assert!(ok(&["key", "rotate", "cli-aes"], None)?.contains("version 2 is primary"));
+    let moved = ok(&["key", "rewrap", "cli-aes", ct, "--associated-data", "ctx"], None)?;
+    assert!(moved.starts_with("coffer:v2:"), "{moved}");
+    let dk: serde_json::Value =
+        serde_json::from_str(&ok(&["key", "datakey", "cli-aes", "--with-plaintext", "-o", "json"], None)?)?;
+    assert!(dk["plaintext_base64"].is_string() && dk["ciphertext"].is_string(), "{dk}");
+
+    let sig = ok(&["key", "sign", "cli-ed", "hello"], None)?;
+    assert_eq!(node.cli(&["key", "verify", "cli-ed", sig.trim(), "hello"], None)?.status.code(), Some(0));
+    assert_eq!(node.cli(&["key", "verify", "cli-ed", sig.trim(), "hellO"], None)?.status.code(), Some(1));
+    assert!(ok(&["key", "hmac", "cli-mac", "m"], None)?.starts_with("coffer:v1:"));
+
+    assert_eq!(ok(&["key", "list"], None)?.trim(), "cli-aes\ncli-ed\ncli-mac");
+    let key: serde_json::Value = serde_json::from_str(&ok(&["key", "get", "cli-ed", "-o", "json"], None)?)?;
+    assert!(key["versions"][0]["public_key_base64"].is_string(), "{key}");
+    ok(&["key", "config", "cli-aes", "--min-decryption-version", "2", "--deletion-allowed", "true"], None)?;
+    assert_eq!(node.cli(&["key", "decrypt", "cli-aes", ct, "--associated-data", "ctx"], None)?.status.code(), Some(1));
+    ok(&["key", "delete", "cli-aes"], None)?;
+    assert_eq!(ok(&["key", "list"], None)?.trim(), "cli-ed\ncli-mac");
+    Ok(())
+}
