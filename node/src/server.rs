@@ -37,6 +37,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     tracing::info!(addr = %bound, "serving coffer.v1.Secrets, coffer.v1.Operator and coffer.raft.v1.Raft");
     let raft_service =
         RaftService::new(node.raft.clone(), node.reader().clone(), node.channels.clone(), node.contact.clone());
+    let rotator = tokio::spawn(crate::op::auto_rotate::run(node.clone()));
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -47,6 +48,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(RaftServer::new(raft_service).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
+    rotator.abort();
+    let _ = rotator.await;
     node.shutdown().await;
     served.map_err(|e| Error::Unavailable { reason: format!("gRPC server failed: {e}") })
 }

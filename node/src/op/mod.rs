@@ -2,6 +2,7 @@
 //! turn the result into the wire response; errors become a gRPC status in exactly one place
 //! (`impl From<Error> for tonic::Status`).
 
+pub mod auto_rotate;
 pub mod describe_secret;
 pub mod get_secret;
 pub mod key_crypto;

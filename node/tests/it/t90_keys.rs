@@ -415,3 +415,28 @@ async fn key_cli_round_trips() -> anyhow::Result<()> {
     assert_eq!(ok(&["key", "list"], None)?.trim(), "cli-ed\ncli-mac");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
+    let node = TestNode::must_start()?;
+    let mut k = keys(&node.addr).await?;
+    k.create_key(create("auto", KeyType::HmacSha256)).await?;
+    k.create_key(create("manual", KeyType::HmacSha256)).await?;
+    k.update_key_config(UpdateKeyConfigRequest {
+        name: "auto".into(),
+        min_decryption_version: None,
+        min_encryption_version: None,
+        deletion_allowed: None,
+        auto_rotate_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+    })
+    .await?;
+    let started = Instant::now();
+    let mut primary = 1;
+    while primary < 3 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        primary = k.get_key(GetKeyRequest { name: "auto".into() }).await?.into_inner().primary_version;
+    }
+    assert!(primary >= 3, "two rotations within 10 s of a 1 s period; primary is {primary}");
+    assert_eq!(k.get_key(GetKeyRequest { name: "manual".into() }).await?.into_inner().primary_version, 1);
+    Ok(())
+}

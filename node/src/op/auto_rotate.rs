@@ -1,0 +1,47 @@
+//! Automatic rotation: the leader rotates every named key whose primary version is older than its
+//! `auto_rotate_period`, through the log like any rotation, so every node agrees on the result.
+//! Followers do nothing; after a failover the new leader picks up where the old one stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+
+use crate::node::{now_ms, Node};
+use crate::op::manage_keys;
+
+/// How often the leader looks for keys that are due.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until the task is aborted (on shutdown).
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if node.raft.metrics().borrow().state != ServerState::Leader {
+            continue;
+        }
+        if let Err(e) = rotate_due(&node).await {
+            tracing::warn!(error = %e, "automatic key rotation pass failed; retrying next tick");
+        }
+    }
+}
+
+async fn rotate_due(node: &Node) -> Result<(), crate::error::Error> {
+    let mut after: Option<String> = None;
+    loop {
+        let names = node.reader.named_keys(after.as_deref(), 1000)?;
+        let Some(last) = names.last().cloned() else { return Ok(()) };
+        for name in names {
+            let Some(record) = node.reader.named_key(&name)? else { continue };
+            let period = record.auto_rotate_period_ms;
+            let primary_at = record.versions.values().next_back().map_or(0, |v| v.created_at_ms);
+            if period > 0 && now_ms().saturating_sub(primary_at) >= period {
+                let rotated = manage_keys::rotate_key(node, &name).await?;
+                tracing::info!(key = %name, version = rotated.primary(), "rotated key automatically");
+            }
+        }
+        after = Some(last);
+    }
+}
