@@ -11,6 +11,7 @@
 //! - AES-GCM nonces per key version: [`NonceCounter`] (random start, +1 per seal).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use base64::Engine;
@@ -43,11 +44,31 @@ enum Material {
     Ecdsa(EcdsaKeyPair),
 }
 
+/// How much one key version has been used on this node since it started.
+#[derive(Debug, Default)]
+pub struct VersionUsage {
+    /// Encrypts, signatures and HMACs made.
+    pub encrypts: AtomicU64,
+    /// Decrypts, verifications and HMAC checks made.
+    pub decrypts: AtomicU64,
+    /// Last use, milliseconds since the Unix epoch; 0: never.
+    pub last_used_ms: AtomicU64,
+}
+
+impl VersionUsage {
+    fn count(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.last_used_ms.fetch_max(crate::node::now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// A named key with every version this node may use, unwrapped.
 pub struct LoadedKey {
     /// The record the versions were unwrapped from.
     pub record: NamedKeyRecord,
     versions: BTreeMap<u32, Material>,
+    /// Per-version usage; carried over when the key is reloaded after a change.
+    usage: BTreeMap<u32, Arc<VersionUsage>>,
 }
 
 /// The node's cache of unwrapped named keys.
@@ -174,17 +195,21 @@ impl KeyCache {
     /// A wrapped version that fails to unwrap.
     pub fn load(&self, keyring: &Keyring, name: &str, record: NamedKeyRecord) -> Result<Arc<LoadedKey>, Error> {
         let cached = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned();
-        if let Some(loaded) = cached {
-            if loaded.record.generation == record.generation && loaded.record.created_at_ms == record.created_at_ms {
-                return Ok(loaded);
+        let same_key = cached.filter(|c| c.record.created_at_ms == record.created_at_ms);
+        if let Some(loaded) = &same_key {
+            if loaded.record.generation == record.generation {
+                return Ok(loaded.clone());
             }
         }
         let mut versions = BTreeMap::new();
+        let mut usage = BTreeMap::new();
         for (version, v) in record.versions.range(record.min_decryption_version..) {
             let secret = keyring.unwrap(v.keyring_version, &wrap_aad(name, *version), &v.wrapped)?;
             versions.insert(*version, load_material(record.key_type, &secret, &self.rng)?);
+            let counters = same_key.as_ref().and_then(|c| c.usage.get(version).cloned()).unwrap_or_default();
+            usage.insert(*version, counters);
         }
-        let loaded = Arc::new(LoadedKey { record, versions });
+        let loaded = Arc::new(LoadedKey { record, versions, usage });
         let mut entries = self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() >= self.max_entries && !entries.contains_key(name) {
             // Bounded: start over rather than track recency; reloading costs one unwrap per version.
@@ -192,6 +217,24 @@ impl KeyCache {
         }
         entries.insert(name.to_owned(), loaded.clone());
         Ok(loaded)
+    }
+
+    /// This node's usage of a key's versions: (version, encrypts, decrypts, last used ms).
+    pub fn usage(&self, name: &str) -> Vec<(u32, u64, u64, u64)> {
+        let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(loaded) = entries.get(name) else { return Vec::new() };
+        loaded
+            .usage
+            .iter()
+            .map(|(v, u)| {
+                (
+                    *v,
+                    u.encrypts.load(Ordering::Relaxed),
+                    u.decrypts.load(Ordering::Relaxed),
+                    u.last_used_ms.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// Drops a key from the cache (it was deleted).
@@ -213,6 +256,12 @@ impl KeyCache {
 impl LoadedKey {
     fn wrong_type(&self, name: &str, operation: &str) -> Error {
         Error::InvalidArgument { rule: format!("key {name} is {:?}; it cannot {operation}", self.record.key_type) }
+    }
+
+    fn used(&self, version: u32, encrypt: bool) {
+        if let Some(u) = self.usage.get(&version) {
+            u.count(if encrypt { &u.encrypts } else { &u.decrypts });
+        }
     }
 
     fn version_for_use(&self, name: &str, version: u32) -> Result<&Material, Error> {
@@ -245,6 +294,7 @@ impl LoadedKey {
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut out[1 + NONCE_LEN..])
             .map_err(|_| Error::Envelope(EnvelopeError::Integrity))?;
         out.extend_from_slice(tag.as_ref());
+        self.used(version, true);
         Ok((text(version, &out), version))
     }
 
@@ -272,6 +322,7 @@ impl LoadedKey {
         let aad = encrypt_aad(name, version, associated_data);
         let len = key.open_in_place(nonce, Aad::from(&aad), &mut plain).map_err(|_| invalid())?.len();
         plain.truncate(len);
+        self.used(version, false);
         Ok((plain, version))
     }
 
@@ -286,6 +337,7 @@ impl LoadedKey {
             Some(Material::Ecdsa(pair)) => pair.sign(rng, message).map_err(random_error)?.as_ref().to_vec(),
             _ => return Err(self.wrong_type(name, "sign")),
         };
+        self.used(version, true);
         Ok((text(version, &signature), version))
     }
 
@@ -310,6 +362,7 @@ impl LoadedKey {
             }
             _ => return Err(self.wrong_type(name, "verify")),
         };
+        self.used(version, false);
         Ok(ok)
     }
 
@@ -322,6 +375,7 @@ impl LoadedKey {
         let Some(Material::Hmac(key)) = self.versions.get(&version) else {
             return Err(self.wrong_type(name, "compute an HMAC"));
         };
+        self.used(version, true);
         Ok((text(version, hmac::sign(key, message).as_ref()), version))
     }
 
@@ -334,6 +388,7 @@ impl LoadedKey {
         let Material::Hmac(key) = self.version_for_use(name, version)? else {
             return Err(self.wrong_type(name, "verify an HMAC"));
         };
+        self.used(version, false);
         Ok(hmac::verify(key, message, &bytes).is_ok())
     }
 }

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use coffer_proto::raft::v1::node_stats_server::NodeStatsServer;
 use coffer_proto::raft::v1::raft_server::RaftServer;
 use coffer_proto::v1::keys_server::KeysServer;
 use coffer_proto::v1::operator_server::OperatorServer;
@@ -16,6 +17,7 @@ use crate::node::Node;
 use crate::service::keys::KeysService;
 use crate::service::operator::OperatorService;
 use crate::service::secrets::SecretsService;
+use crate::service::stats::StatsService;
 
 /// Starts a node from `config` and serves the public API (Secrets, Keys, Operator, gRPC health, server
 /// reflection) and the node-to-node Raft service on `listener` until `shutdown` completes. Tests call this with a listener bound to
@@ -44,6 +46,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(SecretsServer::new(SecretsService::new(node.clone())))
         .add_service(OperatorServer::new(OperatorService::new(node.clone())))
         .add_service(KeysServer::new(KeysService::new(node.clone())))
+        .add_service(NodeStatsServer::new(StatsService::new(node.clone())))
         // Raft messages carry log entries and snapshot chunks: allow more than the 4 MiB default.
         .add_service(RaftServer::new(raft_service).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

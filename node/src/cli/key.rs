@@ -185,14 +185,21 @@ fn describe(key: &Key) -> serde_json::Value {
             "version": v.version,
             "created_at": millis(v.created_at.as_ref()),
             "public_key_base64": (!v.public_key.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(&v.public_key)),
+            "encrypts": v.encrypts,
+            "decrypts": v.decrypts,
+            "last_used": millis(v.last_used.as_ref()),
         })).collect::<Vec<_>>(),
+        "usage_nodes_answered": key.usage_nodes_answered,
+        "usage_nodes_total": key.usage_nodes_total,
     })
 }
 
 fn key_text(key: &Key) -> String {
     let j = describe(key);
     let mut out = format!(
-        "name:            {}\ntype:            {}\nprimary version: {}\nmin decryption:  {}\nmin encryption:  {}\ndeletion allowed: {}\nexportable:      {}\nversions:",
+        "usage from {} of {} nodes\nname:            {}\ntype:            {}\nprimary version: {}\nmin decryption:  {}\nmin encryption:  {}\ndeletion allowed: {}\nexportable:      {}\nversions:",
+        key.usage_nodes_answered,
+        key.usage_nodes_total,
         j["name"].as_str().unwrap_or_default(),
         j["type"].as_str().unwrap_or_default(),
         key.primary_version,
@@ -202,7 +209,14 @@ fn key_text(key: &Key) -> String {
         key.exportable
     );
     for v in j["versions"].as_array().into_iter().flatten() {
-        out.push_str(&format!("\n  v{}  {}", v["version"], v["created_at"].as_str().unwrap_or_default()));
+        out.push_str(&format!(
+            "\n  v{}  created {}  encrypts {}  decrypts {}  last used {}",
+            v["version"],
+            v["created_at"].as_str().unwrap_or_default(),
+            v["encrypts"],
+            v["decrypts"],
+            v["last_used"].as_str().unwrap_or("never")
+        ));
         if let Some(pk) = v["public_key_base64"].as_str() {
             out.push_str(&format!("  public key {pk}"));
         }

@@ -173,3 +173,69 @@ pub async fn delete_key(node: &Node, name: &str) -> Result<(), Error> {
         other => Err(Error::Internal(format!("unexpected response to DeleteKey: {other:?}").into())),
     }
 }
+
+/// Usage of one key version summed over the cluster.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Usage {
+    /// Encrypts, signatures and HMACs.
+    pub encrypts: u64,
+    /// Decrypts, verifications and HMAC checks.
+    pub decrypts: u64,
+    /// Latest use on any node, milliseconds since the Unix epoch; 0: never.
+    pub last_used_ms: u64,
+}
+
+/// How long a node may take to report its usage counters.
+const USAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Sums every member's usage counters of a key (each since it started). Returns the per-version
+/// sums, how many members answered, and how many there are.
+pub async fn cluster_usage(node: &Node, name: &str) -> (std::collections::BTreeMap<u32, Usage>, u32, u32) {
+    use coffer_proto::raft::v1::node_stats_client::NodeStatsClient;
+    use coffer_proto::raft::v1::KeyUsageRequest;
+
+    let mut sums: std::collections::BTreeMap<u32, Usage> = Default::default();
+    let mut add = |version: u32, encrypts: u64, decrypts: u64, last: u64| {
+        let u = sums.entry(version).or_default();
+        u.encrypts += encrypts;
+        u.decrypts += decrypts;
+        u.last_used_ms = u.last_used_ms.max(last);
+    };
+    let members: Vec<(u64, String)> = node
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect();
+    let total = members.len().max(1) as u32;
+    let mut answered = 0;
+    for (id, addr) in members {
+        if id == node.config.node_id {
+            for (v, e, d, l) in node.keys.usage(name) {
+                add(v, e, d, l);
+            }
+            answered += 1;
+            continue;
+        }
+        let Ok(channel) = node.channels.channel(&addr) else { continue };
+        let mut request = tonic::Request::new(KeyUsageRequest { name: name.to_owned() });
+        request.set_timeout(USAGE_TIMEOUT);
+        if let Ok(reply) = NodeStatsClient::new(channel).key_usage(request).await {
+            for v in reply.into_inner().versions {
+                add(v.version, v.encrypts, v.decrypts, v.last_used_ms);
+            }
+            answered += 1;
+        }
+    }
+    if answered == 0 {
+        // Not in a membership yet (a single node that was never initialised): report itself.
+        for (v, e, d, l) in node.keys.usage(name) {
+            add(v, e, d, l);
+        }
+        answered = 1;
+    }
+    (sums, answered, total)
+}

@@ -75,9 +75,14 @@ fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
                 version: *v,
                 created_at: Some(timestamp(r.created_at_ms)),
                 public_key: r.public_key.clone(),
+                encrypts: 0,
+                decrypts: 0,
+                last_used: None,
             })
             .collect(),
         created_at: Some(timestamp(record.created_at_ms)),
+        usage_nodes_answered: 0,
+        usage_nodes_total: 0,
     }
 }
 
@@ -202,7 +207,18 @@ impl Keys for KeysService {
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
         let name = request.into_inner().name;
         let record = manage_keys::get_key(&self.node, &name).await?;
-        Ok(Response::new(wire_key(name, &record)))
+        let (usage, answered, total) = manage_keys::cluster_usage(&self.node, &name).await;
+        let mut key = wire_key(name, &record);
+        for v in &mut key.versions {
+            if let Some(u) = usage.get(&v.version) {
+                v.encrypts = u.encrypts;
+                v.decrypts = u.decrypts;
+                v.last_used = (u.last_used_ms > 0).then(|| timestamp(u.last_used_ms));
+            }
+        }
+        key.usage_nodes_answered = answered;
+        key.usage_nodes_total = total;
+        Ok(Response::new(key))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

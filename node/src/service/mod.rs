@@ -3,6 +3,7 @@
 pub mod keys;
 pub mod operator;
 pub mod secrets;
+pub mod stats;
 
 /// A protobuf timestamp from milliseconds since the Unix epoch.
 pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {

@@ -440,3 +440,28 @@ async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
     assert_eq!(k.get_key(GetKeyRequest { name: "manual".into() }).await?.into_inner().primary_version, 1);
     Ok(())
 }
+
+/// Usage per version is summed over every node, so an operator sees when a version is unused.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_per_version_is_aggregated_from_all_nodes() -> anyhow::Result<()> {
+    let cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    keys(&cluster.nodes[leader].url()).await?.create_key(create("used", KeyType::Aes256Gcm)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut a = keys(&cluster.nodes[0].url()).await?;
+    let mut b = keys(&cluster.nodes[1].url()).await?;
+    let mut cts = Vec::new();
+    for i in 0..3 {
+        cts.push(a.encrypt(enc("used", format!("{i}").as_bytes(), b"")).await?.into_inner().ciphertext);
+    }
+    for ct in &cts[..2] {
+        b.decrypt(dec("used", ct, b"")).await?;
+    }
+    b.encrypt(enc("used", b"x", b"")).await?;
+    let key = keys(&cluster.nodes[2].url()).await?.get_key(GetKeyRequest { name: "used".into() }).await?.into_inner();
+    assert_eq!((key.usage_nodes_answered, key.usage_nodes_total), (3, 3));
+    let v1 = &key.versions[0];
+    assert_eq!((v1.encrypts, v1.decrypts), (4, 2));
+    assert!(v1.last_used.is_some());
+    Ok(())
+}
