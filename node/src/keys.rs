@@ -148,6 +148,19 @@ pub fn new_version(
     Ok(KeyVersionRecord { created_at_ms: at_ms, keyring_version, wrapped, public_key })
 }
 
+/// Unwraps one stored version's material (operators' tools and tests; requests use [`KeyCache`]).
+///
+/// # Errors
+/// The wrapped material fails to open (altered, moved, or another keyring).
+pub fn unwrap_version(
+    keyring: &Keyring,
+    name: &str,
+    version: u32,
+    record: &KeyVersionRecord,
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    Ok(keyring.unwrap(record.keyring_version, &wrap_aad(name, version), &record.wrapped)?)
+}
+
 fn load_material(key_type: NamedKeyType, bytes: &[u8], rng: &SystemRandom) -> Result<Material, Error> {
     let bad = || Error::Envelope(EnvelopeError::Integrity);
     Ok(match key_type {

@@ -465,3 +465,91 @@ async fn usage_per_version_is_aggregated_from_all_nodes() -> anyhow::Result<()> 
     assert!(v1.last_used.is_some());
     Ok(())
 }
+
+/// Named-key material never reaches a node's data directory in plaintext: the stored versions are
+/// unwrapped (through the real HSM, in a child process that owns the PKCS#11 state) and no
+/// 16-byte window of any of them appears in any file, after a flush and compaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_material_never_at_rest_in_plaintext() -> anyhow::Result<()> {
+    let mut node = TestNode::must_start()?;
+    let mut k = keys(&node.addr).await?;
+    for (name, t) in [
+        ("m-aes", KeyType::Aes256Gcm),
+        ("m-ed", KeyType::Ed25519),
+        ("m-ec", KeyType::EcdsaP256),
+        ("m-mac", KeyType::HmacSha256),
+    ] {
+        k.create_key(create(name, t)).await?;
+        k.rotate_key(RotateKeyRequest { name: name.into() }).await?;
+    }
+    drop(k);
+    node.must_stop()?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "t90_keys::helper_scan_data_dir_for_key_material",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("COFFER_TEST_NODE_DIR", node.path())
+        .env("SOFTHSM2_CONF", node.path().join("softhsm2.conf"))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "scan failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("scanned 8 key versions"), "{stdout}");
+    Ok(())
+}
+
+/// The child half of `key_material_never_at_rest_in_plaintext`; does nothing unless that test
+/// starts it with COFFER_TEST_NODE_DIR set.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run as a child process by key_material_never_at_rest_in_plaintext"]
+async fn helper_scan_data_dir_for_key_material() -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os("COFFER_TEST_NODE_DIR").map(std::path::PathBuf::from) else { return Ok(()) };
+    let config = coffer_node::Config::load(&dir.join("node.toml"))?;
+    let hsm = coffer_hsm::Hsm::open(&config.hsm)?;
+    let store = coffer_raft::Store::open(&config.data_dir)?;
+    let reader = coffer_raft::StateReader::new(store.clone());
+    reader.flush_and_compact()?;
+    let mut keyring_keys = Vec::new();
+    for record in reader.keyrings()? {
+        keyring_keys.push((record.version, hsm.unwrap(&record.wrapped).await?));
+    }
+    let keyring = coffer_node::envelope::Keyring::new(keyring_keys)?;
+    let mut materials = Vec::new();
+    for name in reader.named_keys(None, 100)? {
+        let record = reader.named_key(&name)?.expect("listed key exists");
+        for (version, v) in &record.versions {
+            materials.push((coffer_node::keys::unwrap_version(&keyring, &name, *version, v)?, v.public_key.clone()));
+        }
+    }
+    drop(reader);
+    drop(store);
+    let mut files = Vec::new();
+    let mut stack = vec![config.data_dir.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                files.push((entry.path(), std::fs::read(entry.path())?));
+            }
+        }
+    }
+    for (material, public_key) in &materials {
+        // A signing key's PKCS#8 document embeds its public key, which is public and stored as such.
+        for window in material.windows(16).filter(|w| !public_key.windows(16).any(|p| p == *w)) {
+            for (path, bytes) in &files {
+                assert!(!bytes.windows(16).any(|w| w == window), "key material found in {}", path.display());
+            }
+        }
+    }
+    // The parent reads this line from the child's stdout.
+    #[allow(clippy::print_stdout)]
+    {
+        println!("scanned {} key versions in {} files", materials.len(), files.len());
+    }
+    Ok(())
+}
