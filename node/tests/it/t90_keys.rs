@@ -279,6 +279,32 @@ async fn batch_and_stream_give_per_item_results() -> anyhow::Result<()> {
     assert!(matches!(&outcomes[5], Outcome::Sign(_)));
     assert_eq!(k.decrypt(dec("b", &two.ciphertext, b"ad")).await?.into_inner().plaintext, b"two");
 
+    // Every kind of call in one batch, each checked against its own result.
+    k.create_key(create("bm", KeyType::HmacSha256)).await?;
+    let sig = k.sign(SignRequest { name: "s".into(), message: b"m".to_vec() }).await?.into_inner().signature;
+    let tag = k.hmac(HmacRequest { name: "bm".into(), message: b"m".to_vec() }).await?.into_inner().hmac;
+    let every = BatchRequest {
+        items: vec![
+            item(Call::Rewrap(RewrapRequest { name: "b".into(), ciphertext: good.clone(), associated_data: vec![] })),
+            item(Call::GenerateDataKey(GenerateDataKeyRequest { name: "b".into(), bits: 128, with_plaintext: true })),
+            item(Call::Verify(VerifyRequest { name: "s".into(), message: b"m".to_vec(), signature: sig.clone() })),
+            item(Call::Verify(VerifyRequest { name: "s".into(), message: b"x".to_vec(), signature: sig })),
+            item(Call::Hmac(HmacRequest { name: "bm".into(), message: b"m".to_vec() })),
+            item(Call::VerifyHmac(VerifyHmacRequest { name: "bm".into(), message: b"m".to_vec(), hmac: tag })),
+        ],
+    };
+    let outcomes: Vec<Outcome> =
+        k.batch(every).await?.into_inner().results.into_iter().map(|r| r.result.expect("a result per item")).collect();
+    let Outcome::Rewrap(rewrapped) = &outcomes[0] else { panic!("{:?}", outcomes[0]) };
+    assert_eq!(k.decrypt(dec("b", &rewrapped.ciphertext, b"")).await?.into_inner().plaintext, b"one");
+    let Outcome::GenerateDataKey(dk) = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
+    assert_eq!(k.decrypt(dec("b", &dk.ciphertext, b"")).await?.into_inner().plaintext, dk.plaintext);
+    assert!(matches!(&outcomes[2], Outcome::Verify(v) if v.valid));
+    assert!(matches!(&outcomes[3], Outcome::Verify(v) if !v.valid));
+    let Outcome::Hmac(h) = &outcomes[4] else { panic!("{:?}", outcomes[4]) };
+    assert!(h.hmac.starts_with("coffer:v1:"));
+    assert!(matches!(&outcomes[5], Outcome::VerifyHmac(v) if v.valid));
+
     let too_many = BatchRequest { items: vec![item(Call::Encrypt(enc("b", b"x", b""))); 1001] };
     assert_eq!(k.batch(too_many).await.unwrap_err().code(), Code::InvalidArgument);
 
