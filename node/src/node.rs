@@ -251,9 +251,10 @@ impl Node {
         Ok(())
     }
 
-    /// Waits until this node may serve a read from local state that is at most `max` stale: the
-    /// leader while a quorum has acknowledged it within `max`, a follower while it has heard from
-    /// the leader within `max`.
+    /// Whether this node may serve a read from local state that is at most `max` stale: the leader
+    /// while a quorum has acknowledged it within `max`; a follower while it has applied the commit
+    /// index of an AppendEntries received within `max` (hearing from the leader is not enough: a
+    /// restarted follower hears heartbeats before it has caught up).
     ///
     /// # Errors
     /// [`Error::Unavailable`] naming how stale the node is.
@@ -266,7 +267,7 @@ impl Node {
         } else if metrics.state == openraft::ServerState::Leader {
             metrics.millis_since_quorum_ack.map(Duration::from_millis)
         } else {
-            self.contact.since()
+            self.contact.since(metrics.last_applied.map(|l| l.index))
         };
         match staleness {
             Some(s) if s <= max => Ok(()),

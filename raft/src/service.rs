@@ -4,9 +4,9 @@
 //! Statuses here are for other nodes, not clients: `UNAVAILABLE` means "not the leader, or no
 //! quorum: retry", `FAILED_PRECONDITION` a refused join. The node maps what reaches a client.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coffer_proto::raft::v1::raft_server::Raft as RaftRpc;
@@ -21,29 +21,60 @@ use crate::network::PeerChannels;
 use crate::store::encode;
 use crate::{Command, NodeId, Raft, StateReader};
 
-/// When this node last heard from a leader it accepted: the bound on its staleness as a follower.
+/// How fresh this node's applied state is, as a follower: the time of the latest AppendEntries
+/// whose `leader_commit` the node has since applied. Hearing from the leader is not enough: a
+/// restarted or lagging follower hears heartbeats long before it has caught up.
 #[derive(Debug)]
 pub struct LeaderContact {
     base: Instant,
-    /// Milliseconds after `base` of the last accepted AppendEntries; 0: never.
-    last_ms: AtomicU64,
+    /// Milliseconds after `base` of the newest AppendEntries whose commit index is applied; 0: never.
+    fresh_ms: AtomicU64,
+    /// (milliseconds after `base`, leader commit index) of accepted AppendEntries not yet applied,
+    /// oldest first. A std `Mutex`: held for a few pushes and pops, never across an `.await`.
+    pending: Mutex<VecDeque<(u64, u64)>>,
 }
+
+/// At most this many unapplied AppendEntries are remembered; older ones are dropped (the node is
+/// then simply considered staler than it is).
+const MAX_PENDING: usize = 256;
 
 impl Default for LeaderContact {
     fn default() -> Self {
-        LeaderContact { base: Instant::now(), last_ms: AtomicU64::new(0) }
+        LeaderContact { base: Instant::now(), fresh_ms: AtomicU64::new(0), pending: Mutex::new(VecDeque::new()) }
     }
 }
 
 impl LeaderContact {
-    fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// How long ago a leader was last heard from; `None` if never.
-    pub fn since(&self) -> Option<Duration> {
-        match self.last_ms.load(Ordering::Relaxed) {
+    /// Records an accepted AppendEntries carrying `leader_commit`, then settles against `applied`.
+    fn heard(&self, leader_commit: Option<u64>, applied: Option<u64>) {
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.push_back((self.now_ms(), leader_commit.unwrap_or(0)));
+        if pending.len() > MAX_PENDING {
+            pending.pop_front();
+        }
+        self.settle(&mut pending, applied);
+    }
+
+    fn settle(&self, pending: &mut VecDeque<(u64, u64)>, applied: Option<u64>) {
+        let applied = applied.unwrap_or(0);
+        while let Some(&(at, commit)) = pending.front() {
+            if commit > applied {
+                break;
+            }
+            self.fresh_ms.fetch_max(at, Ordering::Relaxed);
+            pending.pop_front();
+        }
+    }
+
+    /// How stale this node's state may be, given what it has applied now: the age of the newest
+    /// leader contact whose commit index is applied. `None` if there is none.
+    pub fn since(&self, applied: Option<u64>) -> Option<Duration> {
+        self.settle(&mut self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner), applied);
+        match self.fresh_ms.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(self.base.elapsed().saturating_sub(Duration::from_millis(ms))),
         }
@@ -102,15 +133,18 @@ fn not_leader(leader: Option<&BasicNode>) -> Status {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
-        let result = self.raft.append_entries(decode(request)?).await;
-        // Success or a log conflict both mean the sender is the leader this node follows.
+        let req: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(request)?;
+        let leader_commit = req.leader_commit.map(|l| l.index);
+        let result = self.raft.append_entries(req).await;
+        // The sender is the leader this node follows; the contact counts once its commit is applied.
         if matches!(
             result,
             Ok(AppendEntriesResponse::Success
                 | AppendEntriesResponse::PartialSuccess(_)
                 | AppendEntriesResponse::Conflict)
         ) {
-            self.contact.touch();
+            let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+            self.contact.heard(leader_commit, applied);
         }
         reply(&result)
     }
@@ -184,5 +218,32 @@ impl RaftRpc for RaftService {
         self.raft.change_membership(voters, false).await.map_err(write_err)?;
         tracing::info!(node_id = req.node_id, addr = %req.addr, "node joined as a voter");
         Ok(Response::new(JoinResponse { cluster_id: cluster.cluster_id }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the kill-leader drill: a restarted node heard heartbeats before it had caught up,
+    /// and served bounded-staleness reads from old state. Contact now counts only once the
+    /// leader's commit index it carried has been applied.
+    #[test]
+    fn drill_kill_leader_contact_counts_only_once_caught_up() {
+        let contact = LeaderContact::default();
+        assert_eq!(contact.since(Some(0)), None, "never heard from a leader");
+        contact.heard(Some(10), Some(3));
+        assert_eq!(contact.since(Some(3)), None, "heard, but commit 10 is not applied yet");
+        assert_eq!(contact.since(Some(9)), None);
+        let fresh = contact.since(Some(10)).expect("caught up to the contact's commit");
+        assert!(fresh < Duration::from_secs(1));
+        // A newer contact with a higher commit does not count until applied; the older one still does.
+        contact.heard(Some(20), Some(10));
+        assert!(contact.since(Some(10)).is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        let older = contact.since(Some(10)).expect("still the first contact");
+        assert!(older >= Duration::from_millis(25), "{older:?}"); // millisecond clock
+        let newer = contact.since(Some(20)).expect("the second contact");
+        assert!(newer < older);
     }
 }

@@ -45,6 +45,13 @@ enum Commands {
     Operator(operator::OperatorArgs),
     /// Encryption as a service: named keys, encrypt, decrypt, sign, HMAC, data keys.
     Key(key::KeyArgs),
+    /// Failover drills (runs `coffer-chaos`, installed next to `coffer`); see `coffer drill run --help`.
+    #[command(disable_help_flag = true)]
+    Drill {
+        /// Arguments for coffer-chaos.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// How client commands print their results.
@@ -67,6 +74,7 @@ impl Cli {
             Commands::Secret(args) => secret::run(args).await,
             Commands::Operator(args) => operator::run(args).await,
             Commands::Key(args) => key::run(args).await,
+            Commands::Drill { args } => run_drill(args).await,
         };
         match result {
             Ok(code) => code,
@@ -76,6 +84,20 @@ impl Cli {
             }
         }
     }
+}
+
+/// Runs `coffer-chaos` from the directory `coffer` itself is in, with the given arguments.
+async fn run_drill(args: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    let chaos = exe.with_file_name("coffer-chaos");
+    if !chaos.exists() {
+        anyhow::bail!(
+            "coffer-chaos is not installed next to {} (build it with `cargo build --bin coffer-chaos`)",
+            exe.display()
+        );
+    }
+    let status = tokio::process::Command::new(&chaos).args(args).status().await?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Logs go to stderr; `RUST_LOG` filters them (default `info`).

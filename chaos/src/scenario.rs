@@ -1,0 +1,374 @@
+//! Drill scenarios: each starts a fresh local cluster, runs the workload, injects a real fault
+//! (signals to real processes), heals it, checks the history and the state, and reports.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffer_proto::v1::keys_client::KeysClient;
+use coffer_proto::v1::secrets_client::SecretsClient;
+use coffer_proto::v1::{DecryptRequest, DescribeRequest, GetRequest};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::checker;
+use crate::cluster::Cluster;
+use crate::history::{Call, Op, Outcome};
+use crate::report::{Latency, Report};
+use crate::workload::{self, Recorder, KEY_NAME};
+
+/// The drills that run against a local cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// kill -9 the leader, restart it later.
+    KillLeader,
+    /// kill -9 a follower, restart it later.
+    KillFollower,
+    /// kill -9 whoever leads, every few seconds, restarting the previous victim each time.
+    KillLeaderRepeatedly,
+    /// SIGTERM and restart every node, one at a time.
+    RollingRestart,
+}
+
+impl Scenario {
+    /// Every scenario, in the order the suite runs them.
+    pub const ALL: [Scenario; 4] =
+        [Scenario::KillLeader, Scenario::KillFollower, Scenario::KillLeaderRepeatedly, Scenario::RollingRestart];
+
+    /// The scenario's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::KillLeader => "kill-leader",
+            Scenario::KillFollower => "kill-follower",
+            Scenario::KillLeaderRepeatedly => "kill-leader-repeatedly",
+            Scenario::RollingRestart => "rolling-restart",
+        }
+    }
+}
+
+/// How to run a drill.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The `coffer` binary.
+    pub coffer: PathBuf,
+    /// How long the fault phase lasts.
+    pub fault_duration: Duration,
+    /// Concurrent workload clients.
+    pub clients: usize,
+}
+
+const WARM_UP: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(2);
+const VERIFY_RETRY: Duration = Duration::from_secs(10);
+
+/// Runs one scenario end to end.
+pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Report> {
+    let coffer = settings.coffer.clone();
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3))?;
+    tokio::task::block_in_place(|| cluster.cli_ok(0, &["key", "create", KEY_NAME]))?;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    drive(scenario.name(), &urls, settings, || inject(scenario, &mut cluster, settings.fault_duration)).await
+}
+
+/// Runs the workload and checks against a cluster the operator runs, with the fault injected and
+/// healed by the operator's own commands (`sh -c`). Secrets are written under `drill/`, and a Keys
+/// key named `drill` is created if missing.
+pub async fn run_against(
+    targets: &[String],
+    fault_cmd: &str,
+    heal_cmd: &str,
+    settings: &Settings,
+) -> anyhow::Result<Report> {
+    let urls: Vec<String> =
+        targets.iter().map(|t| if t.contains("://") { t.clone() } else { format!("http://{t}") }).collect();
+    let channel = Endpoint::from_shared(urls[0].clone())?.timeout(Duration::from_secs(5)).connect_lazy();
+    let create = coffer_proto::v1::CreateKeyRequest {
+        name: KEY_NAME.into(),
+        r#type: coffer_proto::v1::KeyType::Aes256Gcm as i32,
+        exportable: false,
+    };
+    match KeysClient::new(channel).create_key(create).await {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => anyhow::bail!("cannot create the drill key on {}: {}", urls[0], s.message()),
+    }
+    let duration = settings.fault_duration;
+    drive("target", &urls, settings, || {
+        shell(fault_cmd)?;
+        std::thread::sleep(duration);
+        shell(heal_cmd)
+    })
+    .await
+}
+
+fn shell(cmd: &str) -> anyhow::Result<()> {
+    eprintln!("coffer-chaos: running `{cmd}`");
+    let status = std::process::Command::new("sh").args(["-c", cmd]).status()?;
+    anyhow::ensure!(status.success(), "`{cmd}` failed with {status}");
+    Ok(())
+}
+
+/// Warm-up, fault and heal (`inject`), settle, then every check.
+async fn drive(
+    name: &str,
+    urls: &[String],
+    settings: &Settings,
+    inject: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Report> {
+    let recorder = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = workload::start(urls, settings.clients, 8, &recorder, &stop)?;
+    tokio::time::sleep(WARM_UP).await;
+
+    let fault_us = recorder.now_us();
+    let injected = tokio::task::block_in_place(inject);
+    let heal_us = recorder.now_us();
+    tokio::time::sleep(SETTLE).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await?;
+    }
+    injected?;
+    let history = recorder.history();
+
+    let mut violations = checker::linearizable(&history);
+    violations.extend(check_stale_reads(&history));
+    violations.extend(verify_state(urls, &history).await?);
+    Ok(Report::new(name, &history, fault_us, heal_us, violations))
+}
+
+/// Injects the fault and heals it; returns when the cluster is whole again.
+fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::KillLeader | Scenario::KillFollower => {
+            let leader = cluster.leader()?;
+            let victim = if scenario == Scenario::KillLeader { leader } else { (leader + 1) % cluster.nodes.len() };
+            cluster.kill(victim)?;
+            std::thread::sleep(duration);
+            cluster.start_node(victim)?;
+        }
+        Scenario::KillLeaderRepeatedly => {
+            let started = Instant::now();
+            let mut down: Option<usize> = None;
+            while started.elapsed() < duration {
+                let leader = cluster.leader()?;
+                cluster.kill(leader)?;
+                if let Some(previous) = down.replace(leader) {
+                    cluster.start_node(previous)?;
+                }
+                std::thread::sleep(Duration::from_secs(3).min(duration));
+            }
+            if let Some(previous) = down {
+                cluster.start_node(previous)?;
+            }
+        }
+        Scenario::RollingRestart => {
+            let pause = duration / cluster.nodes.len() as u32;
+            for i in 0..cluster.nodes.len() {
+                cluster.stop(i)?;
+                cluster.start_node(i)?;
+                std::thread::sleep(pause);
+            }
+        }
+    }
+    cluster.leader().map(|_| ())
+}
+
+/// A bounded-staleness read must reflect every write acknowledged more than the bound (plus one
+/// bound of slack for heartbeat and apply delays) before it began.
+fn check_stale_reads(history: &[Op]) -> Vec<String> {
+    let mut out = Vec::new();
+    for read in history {
+        let Call::Read { key, max_staleness_ms: Some(bound) } = &read.call else { continue };
+        let seen = match &read.outcome {
+            Outcome::Value { version, .. } => *version,
+            Outcome::Missing => 0,
+            _ => continue,
+        };
+        let horizon = read.invoke_us.saturating_sub(2 * bound * 1000);
+        let required = history
+            .iter()
+            .filter(|w| w.complete_us < horizon)
+            .filter_map(|w| match (&w.call, &w.outcome) {
+                (Call::Write { key: k, .. }, Outcome::Written { version }) if k == key => Some(*version),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if seen < required {
+            out.push(format!(
+                "{key}: a read bounded to {bound} ms at {}us saw version {seen}, older than version {required} acknowledged before {}us",
+                read.invoke_us, horizon
+            ));
+        }
+    }
+    out
+}
+
+async fn retrying<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = Instant::now();
+    loop {
+        match f().await {
+            Err(s) if s.code() == tonic::Code::Unavailable && started.elapsed() < VERIFY_RETRY => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+/// After recovery: every acknowledged write reads back on every node, every acknowledged ciphertext
+/// decrypts on every node, and no value was applied twice.
+async fn verify_state(urls: &[String], history: &[Op]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let channels: Vec<Channel> = urls
+        .iter()
+        .map(|u| Ok(Endpoint::from_shared(u.clone())?.timeout(Duration::from_secs(5)).connect_lazy()))
+        .collect::<anyhow::Result<_>>()?;
+    // The workload keeps 1000 versions a secret: in a long drill the oldest are pruned by design.
+    // A version below the oldest kept one counts as pruned only if the secret keeps a full set.
+    let mut oldest_kept: HashMap<String, u64> = HashMap::new();
+    {
+        let secrets = SecretsClient::new(channels[0].clone());
+        let keys: std::collections::BTreeSet<&str> = history
+            .iter()
+            .filter_map(|op| match &op.call {
+                Call::Write { key, .. } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        for key in keys {
+            let described = retrying(|| {
+                let (mut c, path) = (secrets.clone(), key.to_owned());
+                async move { c.describe(DescribeRequest { path }).await }
+            })
+            .await;
+            if let Ok(d) = described {
+                let d = d.into_inner();
+                if d.versions.len() as u32 >= d.max_versions {
+                    if let Some(first) = d.versions.first() {
+                        oldest_kept.insert(key.to_owned(), first.version);
+                    }
+                }
+            }
+        }
+    }
+    for (i, channel) in channels.iter().enumerate() {
+        let secrets = SecretsClient::new(channel.clone());
+        for op in history {
+            if let (Call::Write { key, value }, Outcome::Written { version }) = (&op.call, &op.outcome) {
+                if oldest_kept.get(key).is_some_and(|oldest| version < oldest) {
+                    continue;
+                }
+                let req = GetRequest { path: key.clone(), version: Some(*version), max_staleness: None };
+                match retrying(|| {
+                    let (mut c, req) = (secrets.clone(), req.clone());
+                    async move { c.get(req).await }
+                })
+                .await
+                {
+                    Ok(r) if r.get_ref().value == value.as_bytes() => {}
+                    Ok(r) => out.push(format!(
+                        "node {}: {key} v{version} reads {:?}, acknowledged as {value:?}",
+                        i + 1,
+                        String::from_utf8_lossy(&r.get_ref().value)
+                    )),
+                    Err(s) => out.push(format!(
+                        "node {}: acknowledged write {key} v{version} is lost: {}",
+                        i + 1,
+                        s.message()
+                    )),
+                }
+            }
+        }
+        let keys = KeysClient::new(channel.clone());
+        for op in history {
+            if let (Call::Encrypt { plaintext }, Outcome::Encrypted { ciphertext }) = (&op.call, &op.outcome) {
+                let req =
+                    DecryptRequest { name: KEY_NAME.into(), ciphertext: ciphertext.clone(), associated_data: vec![] };
+                match retrying(|| {
+                    let (mut c, req) = (keys.clone(), req.clone());
+                    async move { c.decrypt(req).await }
+                })
+                .await
+                {
+                    Ok(r) if r.get_ref().plaintext == plaintext.as_bytes() => {}
+                    Ok(_) => out.push(format!("node {}: a ciphertext decrypts to the wrong plaintext", i + 1)),
+                    Err(s) => out.push(format!(
+                        "node {}: an acknowledged ciphertext no longer decrypts: {}",
+                        i + 1,
+                        s.message()
+                    )),
+                }
+            }
+        }
+    }
+    // Every value at most once across a key's versions: a retried or forwarded write was not applied twice.
+    let secrets = SecretsClient::new(channels[0].clone());
+    let keys: std::collections::BTreeSet<&str> = history
+        .iter()
+        .filter_map(|op| match &op.call {
+            Call::Write { key, .. } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
+    for key in keys {
+        let Ok(described) = retrying(|| {
+            let (mut c, path) = (secrets.clone(), key.to_owned());
+            async move { c.describe(DescribeRequest { path }).await }
+        })
+        .await
+        else {
+            continue;
+        };
+        let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
+        for v in &described.get_ref().versions {
+            let req = GetRequest { path: key.to_owned(), version: Some(v.version), max_staleness: None };
+            let fetched = retrying(|| {
+                let (mut c, req) = (secrets.clone(), req.clone());
+                async move { c.get(req).await }
+            })
+            .await;
+            if let Ok(r) = fetched {
+                if let Some(first) = seen.insert(r.into_inner().value, v.version) {
+                    out.push(format!("{key}: one write was applied twice (versions {first} and {})", v.version));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// p50 and p99 of successful operations' latency in a window.
+pub fn latency(history: &[Op], from_us: u64, to_us: u64) -> Latency {
+    let mut lat: Vec<u64> = history
+        .iter()
+        .filter(|o| o.ok() && o.invoke_us >= from_us && o.invoke_us < to_us)
+        .map(Op::latency_us)
+        .collect();
+    lat.sort_unstable();
+    let pick = |q: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+        }
+    };
+    Latency { count: lat.len(), p50_ms: pick(0.5), p99_ms: pick(0.99) }
+}
+
+/// Errors by gRPC status name.
+pub fn errors(history: &[Op]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for op in history {
+        if let Outcome::Failed { code } = &op.outcome {
+            *out.entry(code.clone()).or_insert(0) += 1;
+        }
+    }
+    out
+}
