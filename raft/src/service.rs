@@ -238,9 +238,8 @@ mod tests {
         let fresh = contact.since(Some(10)).expect("caught up to the contact's commit");
         assert!(fresh < Duration::from_secs(1));
         // A newer contact with a higher commit does not count until applied; the older one still does.
-        contact.heard(Some(20), Some(10));
-        assert!(contact.since(Some(10)).is_some());
         std::thread::sleep(Duration::from_millis(30));
+        contact.heard(Some(20), Some(10));
         let older = contact.since(Some(10)).expect("still the first contact");
         assert!(older >= Duration::from_millis(25), "{older:?}"); // millisecond clock
         let newer = contact.since(Some(20)).expect("the second contact");
