@@ -107,6 +107,11 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The `coffer` binary the cluster runs.
+    pub fn coffer(&self) -> &Path {
+        &self.coffer
+    }
+
     /// Starts node `i` and waits until it answers.
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];

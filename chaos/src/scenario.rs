@@ -29,12 +29,19 @@ pub enum Scenario {
     KillLeaderRepeatedly,
     /// SIGTERM and restart every node, one at a time.
     RollingRestart,
+    /// kill -9 the leader while the Keys key is being rotated again and again.
+    KillLeaderDuringRotation,
 }
 
 impl Scenario {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Scenario; 4] =
-        [Scenario::KillLeader, Scenario::KillFollower, Scenario::KillLeaderRepeatedly, Scenario::RollingRestart];
+    pub const ALL: [Scenario; 5] = [
+        Scenario::KillLeader,
+        Scenario::KillFollower,
+        Scenario::KillLeaderRepeatedly,
+        Scenario::RollingRestart,
+        Scenario::KillLeaderDuringRotation,
+    ];
 
     /// The scenario's name in reports.
     pub fn name(self) -> &'static str {
@@ -43,6 +50,7 @@ impl Scenario {
             Scenario::KillFollower => "kill-follower",
             Scenario::KillLeaderRepeatedly => "kill-leader-repeatedly",
             Scenario::RollingRestart => "rolling-restart",
+            Scenario::KillLeaderDuringRotation => "kill-leader-during-rotation",
         }
     }
 }
@@ -68,7 +76,10 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3))?;
     tokio::task::block_in_place(|| cluster.cli_ok(0, &["key", "create", KEY_NAME]))?;
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
-    drive(scenario.name(), &urls, settings, || inject(scenario, &mut cluster, settings.fault_duration)).await
+    // The rotation drill must actually rotate: at least a few versions by the end.
+    let min_versions = if scenario == Scenario::KillLeaderDuringRotation { 3 } else { 1 };
+    drive(scenario.name(), &urls, settings, min_versions, || inject(scenario, &mut cluster, settings.fault_duration))
+        .await
 }
 
 /// Runs the workload and checks against a cluster the operator runs, with the fault injected and
@@ -94,7 +105,7 @@ pub async fn run_against(
         Err(s) => anyhow::bail!("cannot create the drill key on {}: {}", urls[0], s.message()),
     }
     let duration = settings.fault_duration;
-    drive("target", &urls, settings, || {
+    drive("target", &urls, settings, 1, || {
         shell(fault_cmd)?;
         std::thread::sleep(duration);
         shell(heal_cmd)
@@ -114,6 +125,7 @@ async fn drive(
     name: &str,
     urls: &[String],
     settings: &Settings,
+    min_key_versions: u32,
     inject: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<Report> {
     let recorder = Recorder::new();
@@ -134,7 +146,7 @@ async fn drive(
 
     let mut violations = checker::linearizable(&history);
     violations.extend(check_stale_reads(&history));
-    violations.extend(verify_state(urls, &history).await?);
+    violations.extend(verify_state(urls, &history, min_key_versions).await?);
     Ok(Report::new(name, &history, fault_us, heal_us, violations))
 }
 
@@ -162,6 +174,34 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             if let Some(previous) = down {
                 cluster.start_node(previous)?;
             }
+        }
+        Scenario::KillLeaderDuringRotation => {
+            // Rotations through every node, several a second, while the leader dies and returns.
+            let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+            let coffer = cluster.coffer().to_owned();
+            let rotating = Arc::new(AtomicBool::new(true));
+            let flag = rotating.clone();
+            let rotator = std::thread::spawn(move || {
+                let mut i = 0usize;
+                while flag.load(Ordering::Relaxed) && i < 10_000 {
+                    let _ = std::process::Command::new(&coffer)
+                        .args(["key", "rotate", KEY_NAME])
+                        .env("COFFER_ADDR", &urls[i % urls.len()])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            std::thread::sleep(Duration::from_millis(500));
+            let leader = cluster.leader()?;
+            cluster.kill(leader)?;
+            std::thread::sleep(duration);
+            cluster.start_node(leader)?;
+            std::thread::sleep(Duration::from_millis(500));
+            rotating.store(false, Ordering::Relaxed);
+            let _ = rotator.join();
         }
         Scenario::RollingRestart => {
             let pause = duration / cluster.nodes.len() as u32;
@@ -224,7 +264,7 @@ where
 
 /// After recovery: every acknowledged write reads back on every node, every acknowledged ciphertext
 /// decrypts on every node, and no value was applied twice.
-async fn verify_state(urls: &[String], history: &[Op]) -> anyhow::Result<Vec<String>> {
+async fn verify_state(urls: &[String], history: &[Op], min_key_versions: u32) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     let channels: Vec<Channel> = urls
         .iter()
@@ -307,6 +347,36 @@ async fn verify_state(urls: &[String], history: &[Op]) -> anyhow::Result<Vec<Str
                 }
             }
         }
+    }
+    // Every node agrees on the Keys key's versions (rotations went through the log).
+    let mut views = Vec::new();
+    for channel in &channels {
+        let key = retrying(|| {
+            let mut c = KeysClient::new(channel.clone());
+            async move { c.get_key(coffer_proto::v1::GetKeyRequest { name: KEY_NAME.into() }).await }
+        })
+        .await;
+        match key {
+            Ok(k) => {
+                let k = k.into_inner();
+                views.push((
+                    k.primary_version,
+                    k.versions.iter().map(|v| (v.version, v.public_key.clone())).collect::<Vec<_>>(),
+                ));
+            }
+            Err(s) => out.push(format!("the drill key cannot be read: {}", s.message())),
+        }
+    }
+    if let Some((primary, _)) = views.first() {
+        if *primary < min_key_versions {
+            out.push(format!("the drill key reached only version {primary}; expected at least {min_key_versions}"));
+        }
+    }
+    if views.windows(2).any(|w| w[0] != w[1]) {
+        out.push(format!(
+            "nodes disagree on the drill key's versions: primaries {:?}",
+            views.iter().map(|v| v.0).collect::<Vec<_>>()
+        ));
     }
     // Every value at most once across a key's versions: a retried or forwarded write was not applied twice.
     let secrets = SecretsClient::new(channels[0].clone());
