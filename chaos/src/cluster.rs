@@ -59,43 +59,10 @@ impl Cluster {
     /// Prepares, starts and forms a cluster of `n` nodes.
     pub fn start(coffer: &Path, n: usize) -> anyhow::Result<Cluster> {
         let root = tempfile::Builder::new().prefix("coffer-drill-").tempdir()?;
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            let id = i as u64 + 1;
-            let dir = root.path().join(format!("node{id}"));
-            std::fs::create_dir_all(dir.join("tokens"))?;
-            std::fs::write(
-                dir.join("softhsm2.conf"),
-                format!(
-                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                    dir.join("tokens").display()
-                ),
-            )?;
-            let port = free_port()?;
-            std::fs::write(
-                dir.join("node.toml"),
-                format!(
-                    "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\n\
-                     [hsm]\ntoken-label = \"drill\"\npin-file = \"pin\"\n"
-                ),
-            )?;
-            if id == 1 {
-                std::fs::write(dir.join("pin"), "4321")?;
-                std::fs::write(dir.join("so-pin"), "87654321")?;
-            } else {
-                let first: &Node = &nodes[0];
-                std::fs::copy(first.dir.join("pin"), dir.join("pin"))?;
-                copy_dir(&first.dir.join("tokens"), &dir.join("tokens"))?;
-            }
-            let node = Node { id, dir, port, child: None };
-            if id == 1 {
-                let so_pin = node.dir.join("so-pin").display().to_string();
-                run_ok(coffer, &node, &["hsm", "init-token", "--so-pin-file", &so_pin, "--config"])?;
-                run_ok(coffer, &node, &["hsm", "init-root-key", "--config"])?;
-            }
-            nodes.push(node);
+        let mut cluster = Cluster { coffer: coffer.to_owned(), _root: root, nodes: Vec::new() };
+        for _ in 0..n {
+            cluster.add_node()?;
         }
-        let mut cluster = Cluster { coffer: coffer.to_owned(), _root: root, nodes };
         for i in 0..n {
             cluster.start_node(i)?;
         }
@@ -105,6 +72,41 @@ impl Cluster {
             cluster.cli_ok(i, &["operator", "join", "--peer", &first])?;
         }
         Ok(cluster)
+    }
+
+    /// Prepares one more node (token copied from node 1, not started, not joined); returns its index.
+    pub fn add_node(&mut self) -> anyhow::Result<usize> {
+        let id = self.nodes.len() as u64 + 1;
+        let dir = self._root.path().join(format!("node{id}"));
+        std::fs::create_dir_all(dir.join("tokens"))?;
+        std::fs::write(
+            dir.join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )?;
+        let port = free_port()?;
+        std::fs::write(
+            dir.join("node.toml"),
+            format!(
+                "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\n\
+                 [hsm]\ntoken-label = \"drill\"\npin-file = \"pin\"\n"
+            ),
+        )?;
+        let node = Node { id, dir, port, child: None };
+        if let Some(first) = self.nodes.first() {
+            std::fs::copy(first.dir.join("pin"), node.dir.join("pin"))?;
+            copy_dir(&first.dir.join("tokens"), &node.dir.join("tokens"))?;
+        } else {
+            std::fs::write(node.dir.join("pin"), "4321")?;
+            std::fs::write(node.dir.join("so-pin"), "87654321")?;
+            let so_pin = node.dir.join("so-pin").display().to_string();
+            run_ok(&self.coffer, &node, &["hsm", "init-token", "--so-pin-file", &so_pin, "--config"])?;
+            run_ok(&self.coffer, &node, &["hsm", "init-root-key", "--config"])?;
+        }
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
     }
 
     /// The `coffer` binary the cluster runs.

@@ -31,16 +31,19 @@ pub enum Scenario {
     RollingRestart,
     /// kill -9 the leader while the Keys key is being rotated again and again.
     KillLeaderDuringRotation,
+    /// kill -9 the leader while a fourth node is joining.
+    KillLeaderDuringJoin,
 }
 
 impl Scenario {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::KillLeader,
         Scenario::KillFollower,
         Scenario::KillLeaderRepeatedly,
         Scenario::RollingRestart,
         Scenario::KillLeaderDuringRotation,
+        Scenario::KillLeaderDuringJoin,
     ];
 
     /// The scenario's name in reports.
@@ -51,6 +54,7 @@ impl Scenario {
             Scenario::KillLeaderRepeatedly => "kill-leader-repeatedly",
             Scenario::RollingRestart => "rolling-restart",
             Scenario::KillLeaderDuringRotation => "kill-leader-during-rotation",
+            Scenario::KillLeaderDuringJoin => "kill-leader-during-join",
         }
     }
 }
@@ -75,6 +79,13 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     let coffer = settings.coffer.clone();
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3))?;
     tokio::task::block_in_place(|| cluster.cli_ok(0, &["key", "create", KEY_NAME]))?;
+    if scenario == Scenario::KillLeaderDuringJoin {
+        // A fourth node, running but not a member: the drill joins it while killing the leader.
+        tokio::task::block_in_place(|| {
+            let i = cluster.add_node()?;
+            cluster.start_node(i)
+        })?;
+    }
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
     // The rotation drill must actually rotate: at least a few versions by the end.
     let min_versions = if scenario == Scenario::KillLeaderDuringRotation { 3 } else { 1 };
@@ -203,6 +214,40 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             rotating.store(false, Ordering::Relaxed);
             let _ = rotator.join();
         }
+        Scenario::KillLeaderDuringJoin => {
+            let joiner = cluster.nodes.len() - 1;
+            let leader = cluster.leader()?;
+            let peer = format!("127.0.0.1:{}", cluster.nodes[leader].port);
+            let (coffer, url) = (cluster.coffer().to_owned(), cluster.nodes[joiner].url());
+            let join = std::thread::spawn(move || {
+                std::process::Command::new(coffer)
+                    .args(["operator", "join", "--peer", &peer])
+                    .env("COFFER_ADDR", url)
+                    .output()
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            cluster.kill(leader)?;
+            std::thread::sleep(duration);
+            cluster.start_node(leader)?;
+            let first_try = join.join().map_err(|_| anyhow::anyhow!("the join thread panicked"))??;
+            // As an operator would: if the join was cut short, run it again until the node is a voter.
+            let started = Instant::now();
+            let mut joined = first_try.status.success();
+            while !joined && started.elapsed() < Duration::from_secs(30) {
+                let leader = cluster.leader()?;
+                let peer = format!("127.0.0.1:{}", cluster.nodes[leader].port);
+                let out = cluster.cli(joiner, &["operator", "join", "--peer", &peer])?;
+                let text = String::from_utf8_lossy(&out.stderr);
+                // A join that did land leaves the node a voter; asking again says so. A join cut
+                // short leaves a learner, and asking again promotes it.
+                joined = out.status.success() || text.contains("already part of a cluster");
+                if !joined {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            anyhow::ensure!(joined, "node {} could not join after the leader came back", joiner + 1);
+            wait_for_voter(cluster, cluster.nodes[joiner].id)?;
+        }
         Scenario::RollingRestart => {
             let pause = duration / cluster.nodes.len() as u32;
             for i in 0..cluster.nodes.len() {
@@ -213,6 +258,24 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
         }
     }
     cluster.leader().map(|_| ())
+}
+
+/// Waits until the leader lists `id` as a voter.
+fn wait_for_voter(cluster: &Cluster, id: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let leader = cluster.leader()?;
+        let status: serde_json::Value =
+            serde_json::from_str(&cluster.cli_ok(leader, &["operator", "status", "-o", "json"])?)?;
+        let voter = status["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["node_id"].as_u64() == Some(id) && m["voter"] == true));
+        if voter {
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "node {id} did not become a voter within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A bounded-staleness read must reflect every write acknowledged more than the bound (plus one

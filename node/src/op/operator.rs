@@ -16,7 +16,11 @@ use crate::node::Node;
 /// `AlreadyInitialized` when this node is in a cluster; `JoinRefused` (the leader's reason, such as
 /// a different root key); `Unavailable` when the peer or leader cannot be reached.
 pub async fn join(node: &Node, peer: &str) -> Result<String, Error> {
-    if node.raft.is_initialized().await.map_err(|e| Error::Internal(Box::new(e)))? {
+    // A node that is already a voter is done. A learner (a join that was cut short, say by a
+    // leader failover before the promotion) may ask again: the leader promotes it.
+    let is_voter =
+        node.raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == node.config.node_id);
+    if is_voter {
         return Err(Error::AlreadyInitialized);
     }
     let mut client = node.channels.client(peer).map_err(|e| Error::InvalidArgument { rule: e.to_string() })?;
