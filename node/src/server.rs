@@ -36,7 +36,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(Box::new(e)))?;
-    tracing::info!(addr = %bound, "serving coffer.v1.Secrets, coffer.v1.Operator and coffer.raft.v1.Raft");
+    tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats)");
     let raft_service =
         RaftService::new(node.raft.clone(), node.reader().clone(), node.channels.clone(), node.contact.clone());
     let rotator = tokio::spawn(crate::op::auto_rotate::run(node.clone()));
