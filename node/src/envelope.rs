@@ -215,11 +215,6 @@ impl Keyring {
         plain.truncate(len);
         Ok(plain)
     }
-
-    /// The version that seals new data keys.
-    pub fn primary(&self) -> u32 {
-        self.primary
-    }
 }
 
 #[cfg(test)]

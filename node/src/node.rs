@@ -259,22 +259,32 @@ impl Node {
     /// # Errors
     /// [`Error::Unavailable`] naming how stale the node is.
     pub(crate) fn fresh_within(&self, max: Duration) -> Result<(), Error> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let sole_voter = metrics.membership_config.membership().voter_ids().eq([self.config.node_id]);
-        let staleness = if metrics.state == openraft::ServerState::Leader && sole_voter {
+        // On every Keys call: read the few fields needed under the watch's read guard instead of
+        // cloning the whole metrics (its replication map allocates), and drop the guard at once.
+        let (is_leader, sole_voter, quorum_ack_ms, applied) = {
+            let receiver = self.raft.metrics();
+            let m = receiver.borrow();
+            (
+                m.state == openraft::ServerState::Leader,
+                m.membership_config.membership().voter_ids().eq([self.config.node_id]),
+                m.millis_since_quorum_ack,
+                m.last_applied.map(|l| l.index),
+            )
+        };
+        let staleness = if is_leader && sole_voter {
             // A single-node cluster is its own quorum.
             Some(Duration::ZERO)
-        } else if metrics.state == openraft::ServerState::Leader {
-            metrics.millis_since_quorum_ack.map(Duration::from_millis)
+        } else if is_leader {
+            quorum_ack_ms.map(Duration::from_millis)
         } else {
-            self.contact.since(metrics.last_applied.map(|l| l.index))
+            self.contact.since(applied)
         };
         match staleness {
             Some(s) if s <= max => Ok(()),
             Some(s) => Err(Error::Unavailable {
                 reason: format!(
                     "this node last heard from the {} {} ago, more than the {} max_staleness asked for",
-                    if metrics.state == openraft::ServerState::Leader { "quorum" } else { "leader" },
+                    if is_leader { "quorum" } else { "leader" },
                     humantime::format_duration(Duration::from_millis(u64::try_from(s.as_millis()).unwrap_or(u64::MAX))),
                     humantime::format_duration(max)
                 ),

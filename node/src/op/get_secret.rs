@@ -10,8 +10,7 @@ use crate::error::Error;
 use crate::node::Node;
 use crate::validate;
 
-/// A readable secret version.
-#[derive(Debug)]
+/// A readable secret version. Its `Debug` never shows the value.
 pub struct Secret {
     /// The value; zeroized when dropped.
     pub value: Zeroizing<Vec<u8>>,
@@ -19,6 +18,16 @@ pub struct Secret {
     pub version: u64,
     /// Its creation time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("value", &"[redacted]")
+            .field("version", &self.version)
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
 }
 
 /// Reads a version (the current one by default).

@@ -12,8 +12,7 @@ use crate::validate;
 /// How many times a put without CAS reseals after losing its version to a concurrent write.
 const MAX_ATTEMPTS: usize = 32;
 
-/// A put request, validated by [`put_secret`].
-#[derive(Debug)]
+/// A put request, validated by [`put_secret`]. Its `Debug` never shows the value.
 pub struct PutSecret {
     /// The secret path.
     pub path: String,
@@ -25,6 +24,18 @@ pub struct PutSecret {
     pub max_versions: Option<u32>,
     /// The client's idempotency key, if any.
     pub request_id: Option<String>,
+}
+
+impl std::fmt::Debug for PutSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PutSecret")
+            .field("path", &self.path)
+            .field("value", &"[redacted]")
+            .field("cas", &self.cas)
+            .field("max_versions", &self.max_versions)
+            .field("request_id", &self.request_id)
+            .finish()
+    }
 }
 
 /// What a successful put returns.
