@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use coffer_hsm::{Hsm, Key256};
 use coffer_proto::raft::v1::{Envelope, ReadIndexRequest};
 use coffer_raft::{
-    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LeaderContact, LogStore, PeerChannels, Raft, Rejection,
+    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LeaderContact, LogStore, PeerChannels, Quiet, Raft, Rejection,
     Response, StateMachine, StateReader, Store,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -51,6 +51,8 @@ pub struct Node {
     pub(crate) contact: Arc<LeaderContact>,
     /// Named keys (Keys service), unwrapped on first use.
     pub(crate) keys: KeyCache,
+    /// Set while this node, as leader, hands leadership off: writes and reads wait it out.
+    pub(crate) quiet: Arc<Quiet>,
     ready: OnceCell<Ready>,
 }
 
@@ -117,8 +119,19 @@ impl Node {
         .map_err(|e| Error::Internal(Box::new(e)))?;
         let contact = Arc::default();
         let keys = KeyCache::new(config.key_cache_entries);
-        let node =
-            Arc::new(Node { config, raft, reader, hsm, channels, advertise, contact, keys, ready: OnceCell::new() });
+        let quiet = Arc::default();
+        let node = Arc::new(Node {
+            config,
+            raft,
+            reader,
+            hsm,
+            channels,
+            advertise,
+            contact,
+            keys,
+            quiet,
+            ready: OnceCell::new(),
+        });
         if node.reader.cluster()?.is_some() {
             node.ready().await?;
         } else {
@@ -191,6 +204,7 @@ impl Node {
     }
 
     async fn propose_unbounded(&self, command: Command) -> Result<Response, Error> {
+        self.quiet.wait().await;
         let leader = match self.raft.client_write(command.clone()).await {
             Ok(written) => return Ok(written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
@@ -216,6 +230,7 @@ impl Node {
         let deadline = tokio::time::Instant::now() + READ_INDEX_WAIT;
         // Long enough for one election to finish.
         let mut election_wait = self.config.raft.election_timeout_max * 2;
+        self.quiet.wait().await;
         let leader = loop {
             match linearizable(&self.raft).await {
                 Ok(()) => return Ok(()),

@@ -37,8 +37,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .build_v1()
         .map_err(|e| Error::Internal(Box::new(e)))?;
     tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats)");
-    let raft_service =
-        RaftService::new(node.raft.clone(), node.reader().clone(), node.channels.clone(), node.contact.clone());
+    let raft_service = RaftService::new(
+        node.raft.clone(),
+        node.reader().clone(),
+        node.channels.clone(),
+        node.contact.clone(),
+        node.quiet.clone(),
+    );
     let rotator = tokio::spawn(crate::op::auto_rotate::run(node.clone()));
     let served = tonic::transport::Server::builder()
         .add_service(health_service)

@@ -11,6 +11,7 @@
 
 mod command;
 mod error;
+mod handoff;
 mod log_store;
 mod network;
 mod reader;
@@ -25,6 +26,7 @@ pub use command::{
     Response, SealedValue, SecretMeta, VersionMeta, VersionState,
 };
 pub use error::StoreError;
+pub use handoff::{HandoffError, Quiet};
 pub use log_store::LogStore;
 pub use network::{BadPeerAddr, GrpcNetwork, PeerChannels};
 pub use reader::StateReader;

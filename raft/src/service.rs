@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coffer_proto::raft::v1::raft_server::Raft as RaftRpc;
-use coffer_proto::raft::v1::{Envelope, JoinRequest, JoinResponse, ReadIndexRequest, ReadIndexResponse};
+use coffer_proto::raft::v1::{
+    Envelope, HandoffRequest, HandoffResponse, JoinRequest, JoinResponse, ReadIndexRequest, ReadIndexResponse,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::AppendEntriesResponse;
 use openraft::BasicNode;
@@ -19,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::network::PeerChannels;
 use crate::store::encode;
-use crate::{Command, NodeId, Raft, StateReader};
+use crate::{Command, HandoffError, NodeId, Quiet, Raft, StateReader};
 
 /// How fresh this node's applied state is, as a follower: the time of the latest AppendEntries
 /// whose `leader_commit` the node has since applied. Hearing from the leader is not enough: a
@@ -88,6 +90,7 @@ pub struct RaftService {
     reader: StateReader,
     channels: PeerChannels,
     contact: Arc<LeaderContact>,
+    quiet: Arc<Quiet>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -98,8 +101,14 @@ impl std::fmt::Debug for RaftService {
 
 impl RaftService {
     /// The service over the node's Raft and state.
-    pub fn new(raft: Raft, reader: StateReader, channels: PeerChannels, contact: Arc<LeaderContact>) -> Self {
-        RaftService { raft, reader, channels, contact }
+    pub fn new(
+        raft: Raft,
+        reader: StateReader,
+        channels: PeerChannels,
+        contact: Arc<LeaderContact>,
+        quiet: Arc<Quiet>,
+    ) -> Self {
+        RaftService { raft, reader, channels, contact, quiet }
     }
 
     /// The leader's address, if this node knows it and is not the leader itself.
@@ -161,6 +170,7 @@ impl RaftRpc for RaftService {
 
     async fn client_write(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let command: Command = decode(request)?;
+        self.quiet.wait().await;
         match self.raft.client_write(command).await {
             Ok(written) => reply(&written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
@@ -172,6 +182,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        self.quiet.wait().await;
         match self.raft.get_read_log_id().await {
             Ok((read, applied)) => {
                 let index = read.map_or(0, |l| l.index).max(applied.map_or(0, |l| l.index));
@@ -218,6 +229,28 @@ impl RaftRpc for RaftService {
         self.raft.change_membership(voters, false).await.map_err(write_err)?;
         tracing::info!(node_id = req.node_id, addr = %req.addr, "node joined as a voter");
         Ok(Response::new(JoinResponse { cluster_id: cluster.cluster_id }))
+    }
+
+    async fn handoff(&self, request: Request<HandoffRequest>) -> Result<Response<HandoffResponse>, Status> {
+        let target = request.into_inner().node_id;
+        let config = self.raft.config();
+        // One lease for the voters' leases to lapse, then the target's election tries; writes held
+        // meanwhile still finish inside the default write-timeout (5 s).
+        let quiet_for = Duration::from_millis(config.election_timeout_max * 8);
+        let catch_up = Duration::from_secs(2);
+        match self.quiet.hand_off(&self.raft, target, catch_up, quiet_for).await {
+            Ok(()) => Ok(Response::new(HandoffResponse {
+                quiet_ms: u64::try_from(quiet_for.as_millis()).unwrap_or(u64::MAX),
+            })),
+            Err(HandoffError::NotLeader) => {
+                let metrics = self.raft.metrics().borrow().clone();
+                let leader =
+                    metrics.current_leader.and_then(|l| metrics.membership_config.membership().get_node(&l).cloned());
+                Err(not_leader(leader.as_ref()))
+            }
+            Err(e @ HandoffError::NotVoter(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ (HandoffError::Busy | HandoffError::Lagging(..))) => Err(Status::unavailable(e.to_string())),
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! Operator use cases: init, join, remove, transfer leadership, status.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
-use coffer_proto::raft::v1::JoinRequest;
+use coffer_proto::raft::v1::{HandoffRequest, JoinRequest};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ServerState;
 
@@ -56,25 +57,55 @@ pub async fn remove(node: &Node, node_id: u64) -> Result<(), Error> {
     }
 }
 
-/// Makes this node stand for election now. A node whose log is up to date wins, and the old
-/// leader steps down when it sees the higher term. openraft 0.9 has no leader-transfer message;
-/// an election triggered on the target node is its equivalent.
+/// Makes this node the leader. It asks the leader to hand off (see `coffer_raft::Quiet`: the
+/// leader waits for this node to hold its whole log, then goes quiet so the voters' leases lapse),
+/// then stands for election, again and again, until it wins or the leader's quiet period is over. openraft 0.9 has no TimeoutNow message; this is its equivalent.
 ///
 /// # Errors
-/// `InvalidArgument` when the node is not a voter; `Unavailable` when it did not win in time.
+/// `InvalidArgument` when the node is not a voter; `Unavailable` when there is no leader to hand
+/// off, or this node did not win in time.
 pub async fn take_leadership(node: &Node) -> Result<u64, Error> {
+    let me = node.config.node_id;
     let metrics = node.raft.metrics().borrow().clone();
     if metrics.state == ServerState::Leader {
-        return Ok(node.config.node_id);
+        return Ok(me);
     }
-    if !metrics.membership_config.membership().voter_ids().any(|id| id == node.config.node_id) {
+    let membership = metrics.membership_config.membership();
+    if !membership.voter_ids().any(|id| id == me) {
         return Err(Error::InvalidArgument { rule: "only a voter can become leader".into() });
     }
-    node.raft.trigger().elect().await.map_err(|e| Error::Internal(Box::new(e)))?;
-    node.raft
-        .wait(Some(std::time::Duration::from_secs(10)))
-        .current_leader(node.config.node_id, "transfer-leader")
-        .await
-        .map_err(|e| Error::Unavailable { reason: format!("this node did not become leader: {e}") })?;
-    Ok(node.config.node_id)
+    let leader = metrics.current_leader.and_then(|id| membership.get_node(&id)).ok_or_else(|| Error::Unavailable {
+        reason: "no leader is known to hand leadership over; retry once the cluster has one".into(),
+    })?;
+    let mut client = node.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
+    let quiet = client.handoff(HandoffRequest { node_id: me }).await.map_err(|s| match s.code() {
+        tonic::Code::FailedPrecondition => Error::InvalidArgument { rule: s.message().to_owned() },
+        _ => {
+            Error::Unavailable { reason: format!("the leader at {} would not hand off: {}", leader.addr, s.message()) }
+        }
+    })?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(quiet.into_inner().quiet_ms);
+    // Voters refuse while their lease from the old leader lasts (election-timeout-max since its
+    // last message; the leader's last commit notice can follow the hand-off by a heartbeat or
+    // so): stand once it has surely lapsed. A try that has not won is repeated at a higher term
+    // every two heartbeats, well before the other voters' own election timers (a lease plus an
+    // election timeout) make them candidates too.
+    let (lease, heartbeat) = (node.config.raft.election_timeout_max, node.config.raft.heartbeat_interval);
+    tokio::time::sleep(lease + heartbeat * 2).await;
+    loop {
+        node.raft.trigger().elect().await.map_err(|e| Error::Internal(Box::new(e)))?;
+        let won = node.raft.wait(Some(heartbeat * 2)).current_leader(me, "transfer-leader").await.is_ok();
+        if won {
+            return Ok(me);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let leader = node.raft.metrics().borrow().current_leader;
+            return Err(Error::Unavailable {
+                reason: format!(
+                    "this node did not win an election while the leader was quiet; the leader is now {}",
+                    leader.map_or("unknown".to_owned(), |l| format!("node {l}"))
+                ),
+            });
+        }
+    }
 }

@@ -67,9 +67,14 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    /// Writes every node's directory without starting anything.
+    /// Writes every node's directory without starting anything. With `COFFER_KEEP_TEST_DIRS` set,
+    /// the directory (node logs included) is kept after the test and its path printed.
     pub fn must_prepare(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
-        let root = tempfile::tempdir()?;
+        let mut root = tempfile::tempdir()?;
+        if std::env::var_os("COFFER_KEEP_TEST_DIRS").is_some() {
+            root.disable_cleanup(true);
+            eprintln!("cluster directory kept: {}", root.path().display());
+        }
         let mut cluster = TestCluster { root, nodes: Vec::new() };
         for _ in 0..n {
             cluster.must_add_node(extra)?;
