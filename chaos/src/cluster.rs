@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::links::Links;
+
+/// The node's HSM fault-injection file (`hsm.fault-file`), relative to its directory.
+const HSM_FAULT_FILE: &str = "hsm-fault";
+
 /// One node of the drill cluster.
 pub struct Node {
     /// Raft node id (1-based).
@@ -36,6 +41,7 @@ pub struct Cluster {
     _root: tempfile::TempDir,
     /// The nodes.
     pub nodes: Vec<Node>,
+    links: Option<Links>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -56,12 +62,29 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 impl Cluster {
-    /// Prepares, starts and forms a cluster of `n` nodes.
-    pub fn start(coffer: &Path, n: usize) -> anyhow::Result<Cluster> {
+    /// Prepares, starts and forms a cluster of `n` nodes. With `cuttable_links`, every
+    /// node-to-node link goes through its own proxy (see [`Links`]); call it within the Tokio
+    /// runtime then.
+    pub fn start(coffer: &Path, n: usize, cuttable_links: bool) -> anyhow::Result<Cluster> {
         let root = tempfile::Builder::new().prefix("coffer-drill-").tempdir()?;
-        let mut cluster = Cluster { coffer: coffer.to_owned(), _root: root, nodes: Vec::new() };
+        let mut cluster = Cluster { coffer: coffer.to_owned(), _root: root, nodes: Vec::new(), links: None };
         for _ in 0..n {
             cluster.add_node()?;
+        }
+        if cuttable_links {
+            let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+            let links = Links::start(&ports)?;
+            for (from, node) in cluster.nodes.iter().enumerate() {
+                let via: Vec<String> = (0..n)
+                    .filter_map(|to| links.port(from, to).map(|p| (ports[to], p)))
+                    .map(|(peer, proxy)| format!("\"127.0.0.1:{peer}\" = \"127.0.0.1:{proxy}\""))
+                    .collect();
+                let config = node.dir.join("node.toml");
+                let text =
+                    std::fs::read_to_string(&config)? + &format!("\n[raft]\ndial-via = {{ {} }}\n", via.join(", "));
+                std::fs::write(config, text)?;
+            }
+            cluster.links = Some(links);
         }
         for i in 0..n {
             cluster.start_node(i)?;
@@ -91,7 +114,7 @@ impl Cluster {
             dir.join("node.toml"),
             format!(
                 "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\n\
-                 [hsm]\ntoken-label = \"drill\"\npin-file = \"pin\"\n"
+                 [hsm]\ntoken-label = \"drill\"\npin-file = \"pin\"\nfault-file = \"{HSM_FAULT_FILE}\"\n"
             ),
         )?;
         let node = Node { id, dir, port, child: None };
@@ -107,6 +130,23 @@ impl Cluster {
         }
         self.nodes.push(node);
         Ok(self.nodes.len() - 1)
+    }
+
+    /// The cuttable node-to-node links, if the cluster was started with them.
+    pub fn links(&self) -> Option<&Links> {
+        self.links.as_ref()
+    }
+
+    /// Starts (`true`) or ends an HSM outage on node `i`: while its fault file exists, every
+    /// PKCS#11 call of the node fails as if the token were gone.
+    pub fn hsm_fault(&self, i: usize, on: bool) -> anyhow::Result<()> {
+        let file = self.nodes[i].dir.join(HSM_FAULT_FILE);
+        if on {
+            std::fs::write(file, "drill")?;
+        } else if file.exists() {
+            std::fs::remove_file(file)?;
+        }
+        Ok(())
     }
 
     /// The `coffer` binary the cluster runs.
@@ -147,6 +187,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// The exit status of node `i` if its process has exited by itself; `None` while it runs.
+    pub fn exited(&mut self, i: usize) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.nodes[i].child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
     /// SIGTERM node `i` and wait for it to exit.
     pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(mut child) = self.nodes[i].child.take() {
@@ -161,6 +209,8 @@ impl Cluster {
         Ok(Command::new(&self.coffer)
             .args(args)
             .env("COFFER_ADDR", self.nodes[i].url())
+            // A node waiting for its HSM accepts connections but does not answer yet.
+            .env("COFFER_TIMEOUT", "5s")
             .stdin(Stdio::null())
             .output()?)
     }

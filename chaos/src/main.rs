@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run drills, each on a fresh 3-node cluster; exits 1 if any finds a violation.
+    /// Run drills, each on a fresh local cluster (3 nodes, 5 for partition-minority); exits 1 if any finds a violation.
     Run {
         /// The scenarios to run (default: all).
         #[arg(long, value_enum, value_delimiter = ',')]
@@ -29,7 +29,7 @@ enum Command {
         /// Concurrent workload clients.
         #[arg(long, default_value_t = 4)]
         clients: usize,
-        /// Where to write report.md and one JSON report per scenario.
+        /// Where to write report.md, and per scenario a JSON report and its history (JSON lines).
         #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
         /// The coffer binary (default: the one next to this binary).
@@ -100,6 +100,12 @@ async fn run_all(
     let mut all_passed = true;
     for report in &reports {
         std::fs::write(out.join(format!("{}.json", report.scenario)), serde_json::to_string_pretty(report)?)?;
+        let mut lines = String::new();
+        for op in &report.history {
+            lines.push_str(&serde_json::to_string(op)?);
+            lines.push('\n');
+        }
+        std::fs::write(out.join(format!("{}.history.jsonl", report.scenario)), lines)?;
         markdown.push_str(&report.markdown());
         markdown.push('\n');
         all_passed &= report.passed();

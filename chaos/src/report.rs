@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::checker::SearchSummary;
 use crate::history::{Call, Op, Outcome};
 use crate::scenario::{errors, latency};
 
@@ -39,6 +40,15 @@ pub struct Report {
     pub errors_by_status: BTreeMap<String, usize>,
     /// Latency before the fault, while it lasted, and after it was healed.
     pub latency: BTreeMap<String, Latency>,
+    /// How the Wing–Gong search over values and times went.
+    pub search: SearchSummary,
+    /// When the fault was injected and healed, microseconds on the history's clock.
+    pub fault_at_us: u64,
+    /// See `fault_at_us`.
+    pub healed_at_us: u64,
+    /// Every operation, written beside the report as JSON lines.
+    #[serde(skip)]
+    pub history: Vec<Op>,
 }
 
 fn first_after(history: &[Op], fault_us: u64, pick: impl Fn(&Op) -> bool) -> Option<f64> {
@@ -51,7 +61,13 @@ fn first_after(history: &[Op], fault_us: u64, pick: impl Fn(&Op) -> bool) -> Opt
 
 impl Report {
     /// Builds the report of a history.
-    pub fn new(scenario: &str, history: &[Op], fault_us: u64, heal_us: u64, violations: Vec<String>) -> Report {
+    pub fn new(
+        scenario: &str,
+        history: &[Op],
+        (fault_us, heal_us): (u64, u64),
+        violations: Vec<String>,
+        search: SearchSummary,
+    ) -> Report {
         let acknowledged_writes = history
             .iter()
             .filter(|o| matches!((&o.call, &o.outcome), (Call::Write { .. }, Outcome::Written { .. })))
@@ -73,6 +89,10 @@ impl Report {
             errors_by_status: errors(history),
             latency,
             violations,
+            search,
+            fault_at_us: fault_us,
+            healed_at_us: heal_us,
+            history: history.to_vec(),
         }
     }
 
@@ -86,7 +106,8 @@ impl Report {
         let ms = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0} ms"));
         let mut md = format!(
             "## {} — {}\n\n| measure | value |\n|---|---|\n| operations | {} |\n| acknowledged writes | {} |\n\
-             | fault → first write | {} |\n| fault → first decrypt | {} |\n| errors | {} |\n",
+             | fault → first write | {} |\n| fault → first decrypt | {} |\n| errors | {} |\n\
+             | linearizability search | {} |\n",
             self.scenario,
             self.verdict,
             self.operations,
@@ -97,6 +118,15 @@ impl Report {
                 "none".to_owned()
             } else {
                 self.errors_by_status.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+            },
+            match self.search.inconclusive.len() {
+                0 => format!("{} operations on {} secrets, all searched", self.search.operations, self.search.keys),
+                n => format!(
+                    "{} operations on {} secrets; {n} ran out of budget ({})",
+                    self.search.operations,
+                    self.search.keys,
+                    self.search.inconclusive.join(", ")
+                ),
             }
         );
         md.push_str("\n| phase | ops | p50 | p99 |\n|---|---|---|---|\n");

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use coffer_proto::v1::keys_client::KeysClient;
 use coffer_proto::v1::secrets_client::SecretsClient;
 use coffer_proto::v1::{DecryptRequest, DescribeRequest, GetRequest};
@@ -33,17 +34,29 @@ pub enum Scenario {
     KillLeaderDuringRotation,
     /// kill -9 the leader while a fourth node is joining.
     KillLeaderDuringJoin,
+    /// cut every link between the leader and the other nodes, then heal them.
+    PartitionLeader,
+    /// five nodes: cut the leader and one follower off from the other three, then heal.
+    PartitionMinority,
+    /// cut and heal the link between the leader and one follower, again and again.
+    FlappingLink,
+    /// one follower's HSM fails (and the node restarts during it), then every node's, then all recover.
+    HsmOutage,
 }
 
 impl Scenario {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::KillLeader,
         Scenario::KillFollower,
         Scenario::KillLeaderRepeatedly,
         Scenario::RollingRestart,
         Scenario::KillLeaderDuringRotation,
         Scenario::KillLeaderDuringJoin,
+        Scenario::PartitionLeader,
+        Scenario::PartitionMinority,
+        Scenario::FlappingLink,
+        Scenario::HsmOutage,
     ];
 
     /// The scenario's name in reports.
@@ -55,7 +68,25 @@ impl Scenario {
             Scenario::RollingRestart => "rolling-restart",
             Scenario::KillLeaderDuringRotation => "kill-leader-during-rotation",
             Scenario::KillLeaderDuringJoin => "kill-leader-during-join",
+            Scenario::PartitionLeader => "partition-leader",
+            Scenario::PartitionMinority => "partition-minority",
+            Scenario::FlappingLink => "flapping-link",
+            Scenario::HsmOutage => "hsm-outage",
         }
+    }
+
+    /// How many nodes the scenario's cluster has.
+    fn nodes(self) -> usize {
+        if self == Scenario::PartitionMinority {
+            5
+        } else {
+            3
+        }
+    }
+
+    /// Whether the scenario cuts node-to-node links (and so needs a proxy on each).
+    fn cuts_links(self) -> bool {
+        matches!(self, Scenario::PartitionLeader | Scenario::PartitionMinority | Scenario::FlappingLink)
     }
 }
 
@@ -73,11 +104,13 @@ pub struct Settings {
 const WARM_UP: Duration = Duration::from_secs(2);
 const SETTLE: Duration = Duration::from_secs(2);
 const VERIFY_RETRY: Duration = Duration::from_secs(10);
+/// How long a flapping link stays down, and then up, each time.
+const FLAP: Duration = Duration::from_millis(400);
 
 /// Runs one scenario end to end.
 pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Report> {
     let coffer = settings.coffer.clone();
-    let mut cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3))?;
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, scenario.nodes(), scenario.cuts_links()))?;
     tokio::task::block_in_place(|| cluster.cli_ok(0, &["key", "create", KEY_NAME]))?;
     if scenario == Scenario::KillLeaderDuringJoin {
         // A fourth node, running but not a member: the drill joins it while killing the leader.
@@ -156,12 +189,15 @@ async fn drive(
     let history = recorder.history();
 
     let mut violations = checker::linearizable(&history);
+    let (found, search) = tokio::task::block_in_place(|| checker::search(&history));
+    violations.extend(found);
     violations.extend(check_stale_reads(&history));
     violations.extend(verify_state(urls, &history, min_key_versions).await?);
-    Ok(Report::new(name, &history, fault_us, heal_us, violations))
+    Ok(Report::new(name, &history, (fault_us, heal_us), violations, search))
 }
 
 /// Injects the fault and heals it; returns when the cluster is whole again.
+#[allow(clippy::too_many_lines)] // one arm per scenario reads better than ten small functions
 fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyhow::Result<()> {
     match scenario {
         Scenario::KillLeader | Scenario::KillFollower => {
@@ -247,6 +283,63 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             }
             anyhow::ensure!(joined, "node {} could not join after the leader came back", joiner + 1);
             wait_for_voter(cluster, cluster.nodes[joiner].id)?;
+        }
+        Scenario::PartitionLeader | Scenario::PartitionMinority => {
+            let links = cluster.links().context("this drill needs cuttable links")?;
+            let leader = cluster.leader()?;
+            let n = cluster.nodes.len();
+            // The minority: the leader alone, or with one follower in five nodes.
+            let minority: Vec<usize> =
+                if scenario == Scenario::PartitionMinority { vec![leader, (leader + 1) % n] } else { vec![leader] };
+            let majority: Vec<usize> = (0..n).filter(|i| !minority.contains(i)).collect();
+            links.set_between(&minority, &majority, false);
+            std::thread::sleep(duration);
+            links.set_between(&minority, &majority, true);
+        }
+        Scenario::FlappingLink => {
+            let links = cluster.links().context("this drill needs cuttable links")?;
+            let leader = cluster.leader()?;
+            let follower = (leader + 1) % cluster.nodes.len();
+            let started = Instant::now();
+            // Down and up in turns of a few election timeouts, bounded in count as in time.
+            for _ in 0..1000 {
+                if started.elapsed() >= duration {
+                    break;
+                }
+                links.set(leader, follower, false);
+                std::thread::sleep(FLAP);
+                links.set(leader, follower, true);
+                std::thread::sleep(FLAP);
+            }
+        }
+        Scenario::HsmOutage => {
+            let leader = cluster.leader()?;
+            let follower = (leader + 1) % cluster.nodes.len();
+            let third = duration / 3;
+            // A running node does not need its HSM: one follower's goes, then it restarts and must
+            // wait for the HSM instead of exiting.
+            cluster.hsm_fault(follower, true)?;
+            std::thread::sleep(third);
+            cluster.kill(follower)?;
+            cluster.start_node(follower)?;
+            std::thread::sleep(third.max(Duration::from_secs(1)));
+            anyhow::ensure!(
+                cluster.exited(follower)?.is_none(),
+                "node {} exited when it found its HSM unavailable at start, instead of waiting for it",
+                follower + 1
+            );
+            // Then every node's HSM; the nodes say so in their status, and go on serving.
+            for i in 0..cluster.nodes.len() {
+                cluster.hsm_fault(i, true)?;
+            }
+            let status: serde_json::Value =
+                serde_json::from_str(&cluster.cli_ok(leader, &["operator", "status", "-o", "json"])?)?;
+            let hsm = status["hsm"].as_str().unwrap_or_default().to_owned();
+            anyhow::ensure!(hsm != "ok", "operator status reports the HSM {hsm:?} during the outage");
+            std::thread::sleep(third);
+            for i in 0..cluster.nodes.len() {
+                cluster.hsm_fault(i, false)?;
+            }
         }
         Scenario::RollingRestart => {
             let pause = duration / cluster.nodes.len() as u32;

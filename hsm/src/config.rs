@@ -32,6 +32,9 @@ pub struct HsmConfig {
     /// How many logged-in sessions (each owned by a thread) to keep. SoftHSM serialises calls, so
     /// one or two are enough for it.
     pub sessions: usize,
+    /// Fault injection for failover drills: while this file exists, every call to the HSM fails
+    /// with [`HsmError::Unavailable`] as if the token had been taken away. `None` in production.
+    pub fault_file: Option<PathBuf>,
 }
 
 /// Where the HSM user PIN is read from. Never a command-line argument: those are visible to every

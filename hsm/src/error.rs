@@ -94,6 +94,12 @@ pub enum HsmError {
     /// A PKCS#11 call failed.
     #[error("PKCS#11 call failed")]
     Pkcs11(#[source] cryptoki::error::Error),
+    /// The HSM cannot be reached (token gone, device down); also what an injected fault reports.
+    #[error("the HSM is unavailable: {reason}")]
+    Unavailable {
+        /// What was seen.
+        reason: String,
+    },
     /// The session pool has stopped (the node is shutting down).
     #[error("the HSM session pool has stopped")]
     PoolStopped,

@@ -284,6 +284,7 @@ struct Inner {
     workers: Vec<JoinHandle<()>>,
     kcv: Kcv,
     token_label: String,
+    fault_file: Option<std::path::PathBuf>,
 }
 
 impl Drop for Inner {
@@ -310,6 +311,7 @@ impl Hsm {
     /// Module or token not found, wrong PIN, root key missing, ambiguous or unsafe (extractable or
     /// not sensitive), or a failing PKCS#11 call.
     pub fn open(config: &HsmConfig) -> Result<Hsm, HsmError> {
+        check_fault(config.fault_file.as_deref())?;
         let token = Token::find(config)?;
         let first = token.session()?;
         let root = match find_root(&first, &config.root_key_label)?.as_slice() {
@@ -342,7 +344,8 @@ impl Hsm {
                     .map_err(|_| HsmError::PoolStopped)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Hsm { inner: Arc::new(Inner { jobs: Some(tx), workers, kcv, token_label: token.label }) })
+        let fault_file = config.fault_file.clone();
+        Ok(Hsm { inner: Arc::new(Inner { jobs: Some(tx), workers, kcv, token_label: token.label, fault_file }) })
     }
 
     /// The root key's key check value, computed at open.
@@ -381,12 +384,23 @@ impl Hsm {
         &self,
         f: impl FnOnce(&Session, ObjectHandle) -> Result<R, HsmError> + Send + 'static,
     ) -> Result<R, HsmError> {
+        check_fault(self.inner.fault_file.as_deref())?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |session, root| {
             let _ = tx.send(f(session, root));
         });
         self.inner.jobs.as_ref().ok_or(HsmError::PoolStopped)?.send(job).map_err(|_| HsmError::PoolStopped)?;
         rx.await.map_err(|_| HsmError::PoolStopped)?
+    }
+}
+
+/// Fails while the drill's fault file exists (see [`HsmConfig::fault_file`]).
+fn check_fault(fault_file: Option<&std::path::Path>) -> Result<(), HsmError> {
+    match fault_file {
+        Some(path) if path.exists() => {
+            Err(HsmError::Unavailable { reason: format!("fault injected ({} exists)", path.display()) })
+        }
+        _ => Ok(()),
     }
 }
 

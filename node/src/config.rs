@@ -18,13 +18,16 @@
 //! pin-file = "/etc/coffer/hsm-pin"     # or: pin-env = "COFFER_HSM_PIN"
 //! root-key-label = "coffer-root"
 //! # module = "/usr/lib/softhsm/libsofthsm2.so"   # default: searched
+//! # fault-file = "hsm-fault"          # drills only: while this file exists, HSM calls fail
 //!
 //! [raft]
 //! heartbeat-interval = "50ms"
 //! election-timeout-min = "150ms"
 //! election-timeout-max = "300ms"
+//! # dial-via = { "127.0.0.1:8201" = "127.0.0.1:9201" }   # reach a peer through another address
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,6 +89,7 @@ struct RawHsm {
     root_key_label: String,
     #[serde(default = "default_sessions")]
     sessions: usize,
+    fault_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +103,8 @@ struct RawRaft {
     election_timeout_max: Duration,
     #[serde(default = "default_snapshot_logs")]
     snapshot_after_logs: u64,
+    #[serde(default)]
+    dial_via: BTreeMap<String, String>,
 }
 
 impl Default for RawRaft {
@@ -108,6 +114,7 @@ impl Default for RawRaft {
             election_timeout_min: default_election_min(),
             election_timeout_max: default_election_max(),
             snapshot_after_logs: default_snapshot_logs(),
+            dial_via: BTreeMap::new(),
         }
     }
 }
@@ -198,6 +205,9 @@ pub struct RaftTiming {
     pub election_timeout_max: Duration,
     /// Build a snapshot (and purge the log behind it) after this many new entries.
     pub snapshot_after_logs: u64,
+    /// Peer address (as in the membership) → the address this node dials instead. Drills route
+    /// every node-to-node link through its own TCP proxy this way, to cut links one by one.
+    pub dial_via: BTreeMap<String, String>,
 }
 
 /// Why a config could not be loaded.
@@ -315,6 +325,10 @@ impl RawConfig {
                 "raft timing must satisfy heartbeat-interval < election-timeout-min < election-timeout-max".into(),
             );
         }
+        let host_port = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if let Some((from, to)) = raft.dial_via.iter().find(|(from, to)| !host_port(from) || !host_port(to)) {
+            return invalid(format!("raft.dial-via {from:?} = {to:?}: both sides must be host:port addresses"));
+        }
         if raft.election_timeout_min < raft.heartbeat_interval * 3 {
             tracing::warn!(
                 "raft.election-timeout-min is less than three heartbeat intervals: a slow heartbeat may trigger needless elections"
@@ -337,12 +351,14 @@ impl RawConfig {
                 pin,
                 root_key_label: self.hsm.root_key_label,
                 sessions: self.hsm.sessions,
+                fault_file: self.hsm.fault_file.map(|f| resolve(path, f)),
             },
             raft: RaftTiming {
                 heartbeat_interval: raft.heartbeat_interval,
                 election_timeout_min: raft.election_timeout_min,
                 election_timeout_max: raft.election_timeout_max,
                 snapshot_after_logs: raft.snapshot_after_logs.max(1),
+                dial_via: raft.dial_via,
             },
         })
     }

@@ -163,7 +163,9 @@ impl From<Error> for tonic::Status {
             | Error::KeyVersionRetired { .. }
             | Error::KeyRefused { .. } => Status::failed_precondition(err.to_string()),
             Error::Contended { .. } => Status::aborted(err.to_string()),
-            Error::Unavailable { .. } => Status::unavailable(err.to_string()),
+            Error::Unavailable { .. } | Error::Hsm(HsmError::Unavailable { .. } | HsmError::PoolStopped) => {
+                Status::unavailable(err.to_string())
+            }
             Error::KcvMismatch { .. } | Error::Hsm(_) | Error::Store(_) | Error::Envelope(_) | Error::Internal(_) => {
                 // Details stay in the server log; the client gets an id to quote.
                 let id = incident_id();

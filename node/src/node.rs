@@ -2,9 +2,16 @@
 //! A running Coffer node: the HSM, the store, Raft and the keyring, and how they start.
 //!
 //! Start-up order, each step refusing to go on when it fails:
-//! 1. open the HSM (log in, find and check the root key, compute its KCV);
-//! 2. open the store, and if it records a cluster, compare its root KCV with the token's;
+//! 1. open the store;
+//! 2. open the HSM (log in, find and check the root key, compute its KCV), and if the store
+//!    records a cluster, compare its root KCV with the token's;
 //! 3. start Raft with the gRPC transport.
+//!
+//! A member whose HSM is unreachable at start (token gone, device down) waits for it, retrying
+//! every second, instead of exiting: a supervisor restarting it in a loop gains nothing, and the
+//! node joins in as soon as the HSM is back. A new node, or a configuration error (wrong PIN, no
+//! root key), still fails at once. Once running, a node needs the HSM only to unwrap its keyring
+//! when it first becomes ready and to wrap a new keyring key, so an HSM outage does not stop it.
 //!
 //! A new node is empty until an operator runs `coffer operator init` on it (a single-voter cluster
 //! with a random cluster id, the KCV and a first keyring key wrapped by the root key) or
@@ -17,11 +24,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use coffer_hsm::{Hsm, Key256};
+use coffer_hsm::{Hsm, HsmError, Key256};
 use coffer_proto::raft::v1::{Envelope, ReadIndexRequest};
 use coffer_raft::{
-    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LeaderContact, LogStore, PeerChannels, Quiet, Raft, Rejection,
-    Response, StateMachine, StateReader, Store,
+    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LeaderContact, LocalMetrics, LogStore, PeerChannels, Quiet,
+    Raft, Rejection, Response, StateMachine, StateReader, Store,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
@@ -86,13 +93,12 @@ impl Node {
     /// # Errors
     /// Any failing step: HSM, store, Raft, or a root key that is not the cluster's.
     pub async fn start(config: Config, advertise: String) -> Result<Arc<Node>, Error> {
-        // Blocking PKCS#11 login, once at start-up; needs the multi-threaded runtime.
-        let hsm = tokio::task::block_in_place(|| Hsm::open(&config.hsm))?;
-        tracing::info!(kcv = %hsm.kcv(), "HSM root key found");
-
         let store = Store::open(&config.data_dir)?;
         let reader = StateReader::new(store.clone());
-        if let Some(cluster) = reader.cluster()? {
+        let member = reader.cluster()?;
+        let hsm = open_hsm(&config, member.is_some()).await?;
+        tracing::info!(kcv = %hsm.kcv(), "HSM root key found");
+        if let Some(cluster) = member {
             check_kcv(&cluster, &hsm)?;
         }
 
@@ -107,16 +113,18 @@ impl Node {
         }
         .validate()
         .map_err(|e| Error::Internal(Box::new(e)))?;
-        let channels = PeerChannels::default();
+        let channels = PeerChannels::with_dial_via(config.raft.dial_via.clone());
+        let metrics = LocalMetrics::default();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            GrpcNetwork::new(channels.clone()),
+            GrpcNetwork::new(channels.clone(), metrics.clone()),
             LogStore::new(store.clone()),
             StateMachine::new(store),
         )
         .await
         .map_err(|e| Error::Internal(Box::new(e)))?;
+        let _ = metrics.set(raft.metrics());
         let contact = Arc::default();
         let keys = KeyCache::new(config.key_cache_entries);
         let quiet = Arc::default();
@@ -205,6 +213,17 @@ impl Node {
 
     async fn propose_unbounded(&self, command: Command) -> Result<Response, Error> {
         self.quiet.wait().await;
+        if let Some(age) =
+            coffer_raft::leading_without_quorum(&self.raft, coffer_raft::quorum_loss_threshold(&self.raft))
+        {
+            return Err(Error::Unavailable {
+                reason: format!(
+                    "this node leads but no quorum has acknowledged it for {} ms: it is cut off from the majority; \
+                     retry against another node",
+                    age.as_millis()
+                ),
+            });
+        }
         let leader = match self.raft.client_write(command.clone()).await {
             Ok(written) => return Ok(written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
@@ -216,7 +235,10 @@ impl Node {
         let leader = leader.ok_or_else(no_leader)?;
         let mut client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
         let payload = postcard::to_allocvec(&command).map_err(|e| Error::Internal(Box::new(e)))?;
-        let reply = client.client_write(Envelope { payload }).await.map_err(|s| forward_failed(&leader.addr, &s))?;
+        let reply = client
+            .client_write(Envelope { payload, quorum_ack_age_ms: None })
+            .await
+            .map_err(|s| forward_failed(&leader.addr, &s))?;
         postcard::from_bytes(&reply.into_inner().payload).map_err(|e| Error::Internal(Box::new(e)))
     }
 
@@ -396,6 +418,27 @@ async fn init_cluster(raft: &Raft, hsm: &Hsm) -> Result<ClusterRecord, Error> {
         }
         Response::Rejected(Rejection::AlreadyInitialized) => Err(Error::AlreadyInitialized),
         other => Err(Error::Internal(format!("unexpected response to InitCluster: {other:?}").into())),
+    }
+}
+
+/// Opens the HSM; a cluster member waits out an unreachable HSM (see the module documentation).
+async fn open_hsm(config: &Config, member: bool) -> Result<Hsm, Error> {
+    let mut attempts = 0u64;
+    loop {
+        // Blocking PKCS#11 login; needs the multi-threaded runtime.
+        match tokio::task::block_in_place(|| Hsm::open(&config.hsm)) {
+            Ok(hsm) => return Ok(hsm),
+            Err(e @ (HsmError::Unavailable { .. } | HsmError::Pkcs11(_) | HsmError::TokenNotFound { .. }))
+                if member =>
+            {
+                if attempts.is_multiple_of(10) {
+                    tracing::warn!(error = %e, attempts, "the HSM is unreachable; this member waits for it, retrying every second");
+                }
+                attempts += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

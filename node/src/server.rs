@@ -28,7 +28,12 @@ use crate::service::stats::StatsService;
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let bound = listener.local_addr().map_err(|e| Error::Unavailable { reason: format!("listener: {e}") })?;
     let advertise = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
-    let node = Node::start(config, advertise).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A member may wait for its HSM at start: a signal meanwhile still stops it.
+    let node = tokio::select! {
+        node = Node::start(config, advertise) => node?,
+        () = &mut shutdown => return Ok(()),
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

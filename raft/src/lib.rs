@@ -28,9 +28,9 @@ pub use command::{
 pub use error::StoreError;
 pub use handoff::{HandoffError, Quiet};
 pub use log_store::LogStore;
-pub use network::{BadPeerAddr, GrpcNetwork, PeerChannels};
+pub use network::{BadPeerAddr, GrpcNetwork, LocalMetrics, PeerChannels};
 pub use reader::StateReader;
-pub use service::{LeaderContact, RaftService};
+pub use service::{leading_without_quorum, quorum_loss_threshold, LeaderContact, RaftService};
 pub use state_machine::StateMachine;
 pub use store::Store;
 

@@ -9,7 +9,7 @@
 //! change there and nowhere else.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use coffer_proto::raft::v1::raft_client::RaftClient;
@@ -20,9 +20,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, RaftMetrics};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::store::encode;
@@ -36,6 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Peer address → the address dialled instead (drills put a TCP proxy on every link).
+    dial_via: Arc<HashMap<String, String>>,
 }
 
 /// A peer address that is not a valid URI.
@@ -44,6 +47,11 @@ pub struct PeerChannels {
 pub struct BadPeerAddr(pub String);
 
 impl PeerChannels {
+    /// Channels that dial `dial_via[addr]` instead of a peer address found in the map.
+    pub fn with_dial_via(dial_via: impl IntoIterator<Item = (String, String)>) -> Self {
+        PeerChannels { channels: Arc::default(), dial_via: Arc::new(dial_via.into_iter().collect()) }
+    }
+
     /// The channel to `addr` (`host:port`), created on first use and reused afterwards.
     ///
     /// # Errors
@@ -53,7 +61,8 @@ impl PeerChannels {
         if let Some(channel) = map.get(addr) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
+        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
             .map_err(|_| BadPeerAddr(addr.to_owned()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -72,16 +81,22 @@ impl PeerChannels {
     }
 }
 
+/// The local Raft's metrics, once it exists: the network reads the leader's quorum-ack age from
+/// them to stamp each AppendEntries (see `Envelope.quorum_ack_age_ms`).
+pub type LocalMetrics = Arc<OnceLock<watch::Receiver<RaftMetrics<NodeId, BasicNode>>>>;
+
 /// openraft's network factory over gRPC.
 #[derive(Debug, Clone, Default)]
 pub struct GrpcNetwork {
     channels: PeerChannels,
+    metrics: LocalMetrics,
 }
 
 impl GrpcNetwork {
-    /// A network sharing `channels` with the node's other node-to-node calls.
-    pub fn new(channels: PeerChannels) -> Self {
-        GrpcNetwork { channels }
+    /// A network sharing `channels` with the node's other node-to-node calls; `metrics` is set
+    /// once the Raft is built.
+    pub fn new(channels: PeerChannels, metrics: LocalMetrics) -> Self {
+        GrpcNetwork { channels, metrics }
     }
 }
 
@@ -91,13 +106,14 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
+    metrics: LocalMetrics,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        Peer { target, addr: node.addr.clone(), channels: self.channels.clone() }
+        Peer { target, addr: node.addr.clone(), channels: self.channels.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -119,7 +135,12 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         let mut client = self.channels.client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mut request = tonic::Request::new(Envelope { payload: encode(req) });
+        let quorum_ack_age_ms = match method {
+            // Read at send time; openraft refreshes it on every turn of its loop (each tick at least).
+            Method::AppendEntries => self.metrics.get().and_then(|m| m.borrow().millis_since_quorum_ack),
+            Method::Vote | Method::InstallSnapshot => None,
+        };
+        let mut request = tonic::Request::new(Envelope { payload: encode(req), quorum_ack_age_ms });
         request.set_timeout(option.hard_ttl());
         let reply = match method {
             Method::AppendEntries => client.append_entries(request).await,

@@ -23,16 +23,18 @@ use crate::network::PeerChannels;
 use crate::store::encode;
 use crate::{Command, HandoffError, NodeId, Quiet, Raft, StateReader};
 
-/// How fresh this node's applied state is, as a follower: the time of the latest AppendEntries
-/// whose `leader_commit` the node has since applied. Hearing from the leader is not enough: a
-/// restarted or lagging follower hears heartbeats long before it has caught up.
+/// How fresh this node's applied state is, as a follower: as of when a quorum last acknowledged
+/// the leader that sent the latest AppendEntries whose `leader_commit` this node has since
+/// applied. Hearing from the leader is not enough twice over: a restarted or lagging follower
+/// hears heartbeats long before it has caught up, and a leader cut off in a minority keeps
+/// sending heartbeats while a new leader, elsewhere, acknowledges writes.
 #[derive(Debug)]
 pub struct LeaderContact {
     base: Instant,
-    /// Milliseconds after `base` of the newest AppendEntries whose commit index is applied; 0: never.
+    /// Milliseconds after `base` the applied state is known fresh as of; 0: never.
     fresh_ms: AtomicU64,
-    /// (milliseconds after `base`, leader commit index) of accepted AppendEntries not yet applied,
-    /// oldest first. A std `Mutex`: held for a few pushes and pops, never across an `.await`.
+    /// (as-of milliseconds after `base`, leader commit index) of accepted AppendEntries not yet
+    /// applied, oldest first. A std `Mutex`: held for a few pushes and pops, never across an `.await`.
     pending: Mutex<VecDeque<(u64, u64)>>,
 }
 
@@ -51,10 +53,12 @@ impl LeaderContact {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// Records an accepted AppendEntries carrying `leader_commit`, then settles against `applied`.
-    fn heard(&self, leader_commit: Option<u64>, applied: Option<u64>) {
+    /// Records an accepted AppendEntries carrying `leader_commit`, sent by a leader a quorum last
+    /// acknowledged `quorum_ack_age_ms` before (unknown: now), then settles against `applied`.
+    fn heard(&self, leader_commit: Option<u64>, quorum_ack_age_ms: Option<u64>, applied: Option<u64>) {
+        let as_of = self.now_ms().saturating_sub(quorum_ack_age_ms.unwrap_or(0)).max(1);
         let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        pending.push_back((self.now_ms(), leader_commit.unwrap_or(0)));
+        pending.push_back((as_of, leader_commit.unwrap_or(0)));
         if pending.len() > MAX_PENDING {
             pending.pop_front();
         }
@@ -81,6 +85,26 @@ impl LeaderContact {
             ms => Some(self.base.elapsed().saturating_sub(Duration::from_millis(ms))),
         }
     }
+}
+
+/// How long this node has led without a quorum acknowledging it, if that is longer than
+/// `threshold`: a leader cut off in a minority. openraft 0.9 keeps such a leader leading until it
+/// hears a higher term, and a write to it would wait out its whole timeout; callers fail fast
+/// instead, so clients move on to a node of the majority.
+pub fn leading_without_quorum(raft: &Raft, threshold: Duration) -> Option<Duration> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    if m.state != openraft::ServerState::Leader || m.membership_config.membership().voter_ids().count() < 2 {
+        return None;
+    }
+    let age = Duration::from_millis(m.millis_since_quorum_ack?);
+    (age > threshold).then_some(age)
+}
+
+/// The threshold of [`leading_without_quorum`] for a Raft: two leases, at least a second, so a
+/// slow disk or a busy machine in a healthy cluster does not trip it.
+pub fn quorum_loss_threshold(raft: &Raft) -> Duration {
+    Duration::from_millis(raft.config().election_timeout_max * 2).max(Duration::from_secs(1))
 }
 
 /// The node-to-node service of one node.
@@ -128,7 +152,7 @@ fn decode<T: DeserializeOwned>(request: Request<Envelope>) -> Result<T, Status> 
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Envelope>, Status> {
-    Ok(Response::new(Envelope { payload: encode(value) }))
+    Ok(Response::new(Envelope { payload: encode(value), quorum_ack_age_ms: None }))
 }
 
 /// Why a node cannot take a write or a read-index request: says where the leader is, if known.
@@ -142,6 +166,7 @@ fn not_leader(leader: Option<&BasicNode>) -> Status {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let quorum_ack_age_ms = request.get_ref().quorum_ack_age_ms;
         let req: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(request)?;
         let leader_commit = req.leader_commit.map(|l| l.index);
         let result = self.raft.append_entries(req).await;
@@ -153,7 +178,7 @@ impl RaftRpc for RaftService {
                 | AppendEntriesResponse::Conflict)
         ) {
             let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
-            self.contact.heard(leader_commit, applied);
+            self.contact.heard(leader_commit, quorum_ack_age_ms, applied);
         }
         reply(&result)
     }
@@ -171,6 +196,12 @@ impl RaftRpc for RaftService {
     async fn client_write(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let command: Command = decode(request)?;
         self.quiet.wait().await;
+        if let Some(age) = leading_without_quorum(&self.raft, quorum_loss_threshold(&self.raft)) {
+            return Err(Status::unavailable(format!(
+                "the leader has had no quorum for {} ms: it is cut off from the majority",
+                age.as_millis()
+            )));
+        }
         match self.raft.client_write(command).await {
             Ok(written) => reply(&written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
@@ -265,17 +296,39 @@ mod tests {
     fn drill_kill_leader_contact_counts_only_once_caught_up() {
         let contact = LeaderContact::default();
         assert_eq!(contact.since(Some(0)), None, "never heard from a leader");
-        contact.heard(Some(10), Some(3));
+        contact.heard(Some(10), None, Some(3));
         assert_eq!(contact.since(Some(3)), None, "heard, but commit 10 is not applied yet");
         assert_eq!(contact.since(Some(9)), None);
         let fresh = contact.since(Some(10)).expect("caught up to the contact's commit");
         assert!(fresh < Duration::from_secs(1));
         // A newer contact with a higher commit does not count until applied; the older one still does.
         std::thread::sleep(Duration::from_millis(30));
-        contact.heard(Some(20), Some(10));
+        contact.heard(Some(20), None, Some(10));
         let older = contact.since(Some(10)).expect("still the first contact");
         assert!(older >= Duration::from_millis(25), "{older:?}"); // millisecond clock
         let newer = contact.since(Some(20)).expect("the second contact");
         assert!(newer < older);
+    }
+
+    /// Found by the partition-minority drill: a follower cut off with the old leader kept
+    /// applying its heartbeats and served 500 ms bounded-staleness reads for a minute while the
+    /// majority, under a new leader, acknowledged newer writes. Freshness now dates from the
+    /// leader's last quorum acknowledgement, which stops in a minority.
+    #[test]
+    fn drill_partition_minority_freshness_dates_from_the_leaders_quorum_ack() {
+        let contact = LeaderContact::default();
+        std::thread::sleep(Duration::from_millis(50));
+        contact.heard(Some(5), Some(0), Some(5));
+        let fresh = contact.since(Some(5)).expect("applied");
+        assert!(fresh < Duration::from_millis(40), "a leader acknowledged just now: {fresh:?}");
+        // The deposed leader's heartbeat: commit unchanged, applied, but its quorum is 40 ms old.
+        contact.heard(Some(5), Some(40), Some(5));
+        let stale = contact.since(Some(5)).expect("applied");
+        assert!(stale < Duration::from_millis(40), "an older proof does not make the node staler: {stale:?}");
+        let later = LeaderContact::default();
+        std::thread::sleep(Duration::from_millis(50));
+        later.heard(Some(5), Some(45), Some(5));
+        let age = later.since(Some(5)).expect("applied");
+        assert!(age >= Duration::from_millis(40), "fresh only as of the quorum ack, 45 ms ago: {age:?}");
     }
 }

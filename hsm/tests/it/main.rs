@@ -62,6 +62,7 @@ pub fn must_config(token: &str) -> HsmConfig {
     let fixture = must_fixture();
     assert!(TOKENS.contains(&token), "token {token} is not in the fixture");
     HsmConfig {
+        fault_file: None,
         module: None,
         token_label: token.to_owned(),
         pin: PinSource::File(fixture.pin_file.clone()),

@@ -344,3 +344,54 @@ async fn drill_kill_leader_restarted_node_serves_no_stale_reads() -> anyhow::Res
     assert!(served > 0, "the restarted node never served a bounded-staleness read once caught up");
     Ok(())
 }
+
+/// Found while writing the hsm-outage drill: a member that found its HSM unavailable at start
+/// exited, so a restart during an HSM outage took the node out until someone restarted it again.
+/// It now waits for the HSM and joins in once it is back; a running node reports the outage in
+/// its status and goes on serving (the HSM is needed only to unwrap the keyring).
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_hsm_outage_a_member_waits_for_its_hsm_at_start() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    let member = (leader + 1) % 3;
+    let dir = cluster.node_dir(member).to_owned();
+    let config = std::fs::read_to_string(dir.join("node.toml"))?
+        .replace("pin-file = \"pin\"", "pin-file = \"pin\"\nfault-file = \"hsm-fault\"");
+    std::fs::write(dir.join("node.toml"), config)?;
+    let fault = dir.join("hsm-fault");
+    std::fs::write(&fault, "drill")?;
+    cluster.must_kill9(member)?;
+    cluster.client(leader).await?.put(put("hsm/outage", b"written while the member was down", None)).await?;
+
+    // Heal only once the member says it is waiting; a restart that exits fails `must_restart`.
+    let log = dir.join("server.log");
+    let healer = std::thread::spawn(move || -> anyhow::Result<bool> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if std::fs::read_to_string(&log)?.contains("this member waits for it") {
+                std::fs::remove_file(&fault)?;
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::remove_file(&fault)?;
+        Ok(false)
+    });
+    cluster.must_restart(member)?;
+    assert!(healer.join().map_err(|_| anyhow::anyhow!("healer panicked"))??, "the member never said it waits");
+    let got = cluster.client(member).await?.get(get("hsm/outage", None)).await?.into_inner();
+    assert_eq!(got.value, b"written while the member was down");
+
+    // An outage on a running node: reported, and reads and writes go on.
+    std::fs::write(dir.join("hsm-fault"), "drill")?;
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.must_cli_ok(member, &["operator", "status", "-o", "json"])?)?;
+    assert!(status["hsm"].as_str().is_some_and(|h| h.contains("unavailable")), "{status}");
+    let v = cluster.client(member).await?.put(put("hsm/outage", b"again", None)).await?.into_inner().version;
+    assert_eq!(v, 2);
+    std::fs::remove_file(dir.join("hsm-fault"))?;
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.must_cli_ok(member, &["operator", "status", "-o", "json"])?)?;
+    assert_eq!(status["hsm"], "ok");
+    Ok(())
+}
