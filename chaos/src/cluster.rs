@@ -187,6 +187,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(std::process::Child::id)
+    }
+
     /// The exit status of node `i` if its process has exited by itself; `None` while it runs.
     pub fn exited(&mut self, i: usize) -> anyhow::Result<Option<std::process::ExitStatus>> {
         match self.nodes[i].child.as_mut() {

@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use coffer_hsm::{Hsm, HsmError, Key256};
 use coffer_proto::raft::v1::{Envelope, ReadIndexRequest};
 use coffer_raft::{
-    ClusterRecord, Command, GrpcNetwork, KeyringRecord, LeaderContact, LocalMetrics, LogStore, PeerChannels, Quiet,
-    Raft, Rejection, Response, StateMachine, StateReader, Store,
+    ClusterRecord, Coalescer, Command, GrpcNetwork, KeyringRecord, LeaderContact, LocalMetrics, LogStore, PeerChannels,
+    Quiet, Raft, ReadRounds, Rejection, Response, StateMachine, StateReader, Store,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
@@ -60,6 +60,10 @@ pub struct Node {
     pub(crate) keys: KeyCache,
     /// Set while this node, as leader, hands leadership off: writes and reads wait it out.
     pub(crate) quiet: Arc<Quiet>,
+    /// Read-index rounds shared by concurrent linearizable reads, as leader.
+    pub(crate) reads: Arc<ReadRounds>,
+    /// `ReadIndex` requests to the leader shared by concurrent linearizable reads, as follower.
+    follower_reads: Coalescer<Result<u64, tonic::Status>>,
     ready: OnceCell<Ready>,
 }
 
@@ -138,6 +142,8 @@ impl Node {
             contact,
             keys,
             quiet,
+            reads: Arc::default(),
+            follower_reads: Coalescer::default(),
             ready: OnceCell::new(),
         });
         if node.reader.cluster()?.is_some() {
@@ -254,7 +260,7 @@ impl Node {
         let mut election_wait = self.config.raft.election_timeout_max * 2;
         self.quiet.wait().await;
         let leader = loop {
-            match linearizable(&self.raft).await {
+            match self.leader_read().await {
                 Ok(()) => return Ok(()),
                 Err(NotLeader(Some(leader))) => break leader,
                 Err(NotLeader(None)) => {
@@ -277,9 +283,15 @@ impl Node {
                 Err(Other(e)) => return Err(e),
             }
         };
-        let mut client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
-        let index = client.read_index(ReadIndexRequest {}).await.map_err(|s| forward_failed(&leader.addr, &s))?;
-        let index = index.into_inner().index;
+        let client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
+        let index = self
+            .follower_reads
+            .run(|| {
+                let mut client = client.clone();
+                async move { client.read_index(ReadIndexRequest {}).await.map(|r| r.into_inner().index) }
+            })
+            .await
+            .map_err(|s| forward_failed(&leader.addr, &s))?;
         self.raft
             .wait(Some(READ_INDEX_WAIT))
             .applied_index_at_least(Some(index), "read index")
@@ -370,14 +382,31 @@ enum ReadRefusal {
 }
 use ReadRefusal::{NotLeader, Other};
 
-async fn linearizable(raft: &Raft) -> Result<(), ReadRefusal> {
-    match raft.ensure_linearizable().await {
-        Ok(_) => Ok(()),
-        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NotLeader(f.leader_node)),
-        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => Err(Other(Error::Unavailable {
-            reason: format!("no quorum: the leader cannot confirm its leadership ({q})"),
-        })),
-        Err(RaftError::Fatal(f)) => Err(Other(Error::Unavailable { reason: format!("raft has stopped: {f}") })),
+impl Node {
+    /// A linearizable read on the leader: a read-index round shared with concurrent reads (see
+    /// `coffer_raft::Coalescer`), then waiting until the read index is applied.
+    async fn leader_read(&self) -> Result<(), ReadRefusal> {
+        let raft = &self.raft;
+        match self.reads.run(|| raft.get_read_log_id()).await {
+            Ok((read, applied)) => {
+                let index = read.map(|l| l.index);
+                if index > applied.map(|l| l.index) {
+                    raft.wait(Some(READ_INDEX_WAIT)).applied_index_at_least(index, "read index").await.map_err(
+                        |e| {
+                            Other(Error::Unavailable {
+                                reason: format!("the leader did not apply its read index: {e}"),
+                            })
+                        },
+                    )?;
+                }
+                Ok(())
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NotLeader(f.leader_node)),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => Err(Other(Error::Unavailable {
+                reason: format!("no quorum: the leader cannot confirm its leadership ({q})"),
+            })),
+            Err(RaftError::Fatal(f)) => Err(Other(Error::Unavailable { reason: format!("raft has stopped: {f}") })),
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //!   is answered with a [`Rejection`] and changes nothing.
 //! - A log append is acknowledged to openraft only after its RocksDB write is fsynced.
 
+mod coalesce;
 mod command;
 mod error;
 mod handoff;
@@ -21,6 +22,7 @@ mod store;
 
 use std::io::Cursor;
 
+pub use coalesce::Coalescer;
 pub use command::{
     ClusterRecord, Command, KeyVersionRecord, KeyringRecord, NamedKeyRecord, NamedKeyType, Rejection, RequestId,
     Response, SealedValue, SecretMeta, VersionMeta, VersionState,
@@ -51,3 +53,13 @@ openraft::declare_raft_types!(
 
 /// The Raft handle of a Coffer node.
 pub type Raft = openraft::Raft<TypeConfig>;
+
+/// What a leader's read-index round gives: (read log id, applied log id), or why it failed.
+pub type ReadIndexResult = Result<
+    (Option<openraft::LogId<NodeId>>, Option<openraft::LogId<NodeId>>),
+    openraft::error::RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, openraft::BasicNode>>,
+>;
+
+/// The leader's shared read-index rounds: every linearizable read on the leader and every
+/// follower's `ReadIndex` request go through one [`Coalescer`].
+pub type ReadRounds = Coalescer<ReadIndexResult>;

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::network::PeerChannels;
 use crate::store::encode;
-use crate::{Command, HandoffError, NodeId, Quiet, Raft, StateReader};
+use crate::{Command, HandoffError, NodeId, Quiet, Raft, ReadRounds, StateReader};
 
 /// How fresh this node's applied state is, as a follower: as of when a quorum last acknowledged
 /// the leader that sent the latest AppendEntries whose `leader_commit` this node has since
@@ -115,6 +115,7 @@ pub struct RaftService {
     channels: PeerChannels,
     contact: Arc<LeaderContact>,
     quiet: Arc<Quiet>,
+    reads: Arc<ReadRounds>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -131,8 +132,9 @@ impl RaftService {
         channels: PeerChannels,
         contact: Arc<LeaderContact>,
         quiet: Arc<Quiet>,
+        reads: Arc<ReadRounds>,
     ) -> Self {
-        RaftService { raft, reader, channels, contact, quiet }
+        RaftService { raft, reader, channels, contact, quiet, reads }
     }
 
     /// The leader's address, if this node knows it and is not the leader itself.
@@ -214,7 +216,7 @@ impl RaftRpc for RaftService {
 
     async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
         self.quiet.wait().await;
-        match self.raft.get_read_log_id().await {
+        match self.reads.run(|| self.raft.get_read_log_id()).await {
             Ok((read, applied)) => {
                 let index = read.map_or(0, |l| l.index).max(applied.map_or(0, |l| l.index));
                 Ok(Response::new(ReadIndexResponse { index }))

@@ -1,0 +1,193 @@
+//! `coffer-bench`: Coffer under load, beside its baselines, in one run.
+//!
+//! Starts a local three-node cluster (or uses `--target`), then runs every scenario closed loop
+//! (or open loop with `--rate`) for a bounded time, reading the servers' CPU time before and
+//! after each, and measures in the same run: ring AES-GCM on one core, SoftHSM wrap and unwrap at
+//! the same concurrency, an empty gRPC call, and etcd put and linearizable get when `--etcd`
+//! names a cluster. Writes `bench.json` and `bench.md`.
+#![allow(clippy::print_stdout)] // the report is the output
+
+mod baselines;
+mod load;
+mod report;
+mod scenarios;
+
+/// etcd's KV API (trimmed; see `proto/etcdserverpb/kv.proto`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use coffer_chaos::cluster::Cluster;
+
+use crate::load::Shape;
+use crate::report::{Figure, Report};
+use crate::scenarios::{EtcdScenario, Scenario, Target};
+
+/// Coffer under load, beside its baselines (ring, SoftHSM, an empty RPC, etcd), in one run.
+#[derive(Debug, Parser)]
+#[command(name = "coffer-bench", version)]
+struct Cli {
+    /// Coffer nodes to load (`host:port`, comma-separated). Default: start a local 3-node cluster.
+    #[arg(long, value_delimiter = ',')]
+    target: Vec<String>,
+    /// etcd members to load for the comparison (`host:port`, comma-separated); skipped if unset.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Files holding the PIDs of the etcd members, for their CPU time (cluster.sh writes them).
+    #[arg(long, value_delimiter = ',')]
+    etcd_pid_files: Vec<PathBuf>,
+    /// Scenarios to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenario: Vec<Scenario>,
+    /// Concurrent clients (closed loop), or the in-flight cap (open loop).
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Open loop at this many operations a second instead of closed loop.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// How long each scenario is measured.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured load before each scenario.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warm_up: Duration,
+    /// Secrets written for the memory figure (0: skip it).
+    #[arg(long, default_value_t = 100_000)]
+    memory_secrets: u64,
+    /// Where to write bench.json and bench.md.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// The coffer binary for the local cluster (default: the one next to this binary).
+    #[arg(long)]
+    coffer: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shape = Shape {
+        clients: cli.clients.max(1),
+        rate: cli.rate,
+        warm_up: cli.warm_up,
+        duration: cli.duration,
+        max_ops: 50_000_000,
+    };
+    let (cluster, urls) = if cli.target.is_empty() {
+        let coffer = cli
+            .coffer
+            .clone()
+            .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("coffer"))))
+            .unwrap_or_else(|| PathBuf::from("coffer"));
+        eprintln!("coffer-bench: starting a local 3-node cluster ({})", coffer.display());
+        let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, false))?;
+        let urls = cluster.nodes.iter().map(|n| n.url()).collect();
+        (Some(cluster), urls)
+    } else {
+        (None, cli.target.iter().map(|t| url(t)).collect::<Vec<_>>())
+    };
+    let pids: Vec<u32> =
+        cluster.as_ref().map(|c| (0..c.nodes.len()).filter_map(|i| c.pid(i)).collect()).unwrap_or_default();
+    let mut report = Report::new(cli.clients, cli.rate, cli.duration, urls.len());
+
+    eprintln!("coffer-bench: preparing keys and {} secrets", scenarios::SEEDED);
+    let target = Target::prepare(&urls).await?;
+    let chosen = if cli.scenario.is_empty() {
+        <Scenario as clap::ValueEnum>::value_variants().to_vec()
+    } else {
+        cli.scenario.clone()
+    };
+    for scenario in chosen {
+        let name = <Scenario as clap::ValueEnum>::to_possible_value(&scenario)
+            .map_or_else(String::new, |v| v.get_name().to_owned());
+        let before = baselines::total_cpu(&pids);
+        let m = load::run(&name, shape, target.op(scenario)).await;
+        let cpu = baselines::total_cpu(&pids).saturating_sub(before);
+        report.push(Figure::new("coffer", &name, m, (!pids.is_empty()).then_some(cpu)));
+    }
+
+    // Baselines, in the same run.
+    eprintln!("coffer-bench: baselines");
+    for bytes in [64, 1024] {
+        let m = tokio::task::block_in_place(|| baselines::ring_seal(bytes, cli.duration))?;
+        report.push(Figure::new("ring, 1 core", &format!("aes-256-gcm seal {bytes} B"), m, None));
+    }
+    if let Some(cluster) = &cluster {
+        let hsm = tokio::task::block_in_place(|| baselines::open_hsm(&cluster.nodes[0].dir))?;
+        for (name, op) in [("wrap", baselines::HsmOp::Wrap), ("unwrap", baselines::HsmOp::Unwrap)] {
+            let m = load::run(&format!("softhsm {name}"), shape, baselines::hsm_op(hsm.clone(), op).await?).await;
+            report.push(Figure::new("softhsm (cryptoki)", name, m, None));
+        }
+    }
+    if !cli.etcd.is_empty() {
+        let etcd_urls: Vec<String> = cli.etcd.iter().map(|e| url(e)).collect();
+        let etcd_pids: Vec<u32> = cli
+            .etcd_pid_files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse().ok()))
+            .collect();
+        let etcd = scenarios::Etcd::prepare(&etcd_urls).await?;
+        for (name, s) in [("put", EtcdScenario::Put), ("get-linear", EtcdScenario::GetLinear)] {
+            let before = baselines::total_cpu(&etcd_pids);
+            let m = load::run(&format!("etcd {name}"), shape, etcd.op(s)).await;
+            let cpu = baselines::total_cpu(&etcd_pids).saturating_sub(before);
+            report.push(Figure::new(
+                &format!("etcd ({} nodes)", etcd_urls.len()),
+                name,
+                m,
+                (!etcd_pids.is_empty()).then_some(cpu),
+            ));
+        }
+    }
+
+    if cli.memory_secrets > 0 && !pids.is_empty() {
+        eprintln!("coffer-bench: writing {} secrets for the memory figure", cli.memory_secrets);
+        let rss_before: Vec<u64> = pids.iter().filter_map(|p| baselines::resident_bytes(*p)).collect();
+        let fill = Shape {
+            rate: None,
+            warm_up: Duration::ZERO,
+            duration: Duration::from_secs(300),
+            max_ops: cli.memory_secrets,
+            ..shape
+        };
+        let m = load::run("memory fill", fill, target.fill()).await;
+        let rss_after: Vec<u64> = pids.iter().filter_map(|p| baselines::resident_bytes(*p)).collect();
+        report.memory(m.ops, &rss_before, &rss_after);
+    }
+
+    std::fs::create_dir_all(&cli.out)?;
+    std::fs::write(cli.out.join("bench.json"), serde_json::to_string_pretty(&report)?)?;
+    let md = report.markdown();
+    std::fs::write(cli.out.join("bench.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The benchmark's report: every figure, the ratios to the baselines, and where each goal of the
+//! benchmark issue stands; as JSON and markdown.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::load::Measured;
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// What was measured ("coffer", "etcd (3 nodes)", "ring, 1 core", ...).
+    pub system: String,
+    /// The scenario.
+    pub scenario: String,
+    /// The measurement.
+    pub measured: Measured,
+    /// Server CPU time per operation summed over every server process, microseconds.
+    pub cpu_us_per_op: Option<f64>,
+}
+
+impl Figure {
+    /// A row; `cpu` is the servers' CPU time over the measured phase, if known.
+    pub fn new(system: &str, scenario: &str, measured: Measured, cpu: Option<Duration>) -> Figure {
+        let cpu_us_per_op =
+            cpu.filter(|_| measured.ops > 0).map(|c| c.as_secs_f64() * 1e6 / measured.items.max(1) as f64);
+        Figure { system: system.into(), scenario: scenario.into(), measured, cpu_us_per_op }
+    }
+}
+
+/// Resident memory before and after writing many secrets.
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    /// Secrets written.
+    pub secrets: u64,
+    /// Resident bytes of each node before.
+    pub before: Vec<u64>,
+    /// Resident bytes of each node after.
+    pub after: Vec<u64>,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Clients (closed loop) or in-flight cap (open loop).
+    pub clients: usize,
+    /// Open-loop rate, if any.
+    pub rate: Option<u64>,
+    /// Measured seconds per scenario.
+    pub seconds: f64,
+    /// Coffer nodes loaded.
+    pub nodes: usize,
+    /// Every row.
+    pub figures: Vec<Figure>,
+    /// The memory figure, if measured.
+    pub memory: Option<Memory>,
+}
+
+impl Report {
+    /// An empty report of a run's settings.
+    pub fn new(clients: usize, rate: Option<u64>, duration: Duration, nodes: usize) -> Report {
+        Report { clients, rate, seconds: duration.as_secs_f64(), nodes, figures: Vec::new(), memory: None }
+    }
+
+    /// Adds a row.
+    pub fn push(&mut self, figure: Figure) {
+        self.figures.push(figure);
+    }
+
+    /// Records the memory figure.
+    pub fn memory(&mut self, secrets: u64, before: &[u64], after: &[u64]) {
+        self.memory = Some(Memory { secrets, before: before.to_vec(), after: after.to_vec() });
+    }
+
+    fn find(&self, system: &str, scenario: &str) -> Option<&Figure> {
+        self.figures.iter().find(|f| f.system.starts_with(system) && f.scenario == scenario)
+    }
+
+    /// The report as markdown: the figures, then the goals.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let load = match self.rate {
+            Some(r) => format!("open loop at {r} ops/s, at most {} in flight", self.clients),
+            None => format!("closed loop, {} clients", self.clients),
+        };
+        let _ =
+            writeln!(md, "## Figures\n\n{load}, {:.0} s per scenario, {} Coffer nodes.\n", self.seconds, self.nodes);
+        md.push_str("| system | scenario | ops/s | items/s | p50 | p99 | p99.9 | max | server CPU/op | errors |\n");
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for f in &self.figures {
+            let m = &f.measured;
+            let errors = if m.errors.is_empty() {
+                "none".to_owned()
+            } else {
+                m.errors.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                f.system,
+                f.scenario,
+                m.ops_per_sec,
+                m.items_per_sec,
+                us(m.p50_us),
+                us(m.p99_us),
+                us(m.p999_us),
+                us(m.max_us),
+                f.cpu_us_per_op.map_or("—".to_owned(), |c| format!("{c:.0} µs")),
+                errors
+            );
+        }
+        md.push_str("\n## Goals\n\n| goal | measured | status |\n|---|---|---|\n");
+        for (goal, measured, met) in self.goals() {
+            let status = match met {
+                Some(true) => "met",
+                Some(false) => "not met",
+                None => "not measured",
+            };
+            let _ = writeln!(md, "| {goal} | {measured} | {status} |");
+        }
+        md
+    }
+
+    /// (goal, what was measured, met?) for each goal of the benchmark issue.
+    fn goals(&self) -> Vec<(String, String, Option<bool>)> {
+        let mut goals = Vec::new();
+        let rate = |s: &str, sc: &str| self.find(s, sc).map(|f| f.measured.items_per_sec);
+        let hsm = rate("softhsm", "unwrap");
+        for sc in ["encrypt64-batch", "encrypt64-stream"] {
+            let (measured, met) = match (rate("coffer", sc), hsm) {
+                (Some(c), Some(h)) if h > 0.0 => {
+                    (format!("{c:.0} items/s = {:.1}× SoftHSM unwrap ({h:.0}/s)", c / h), Some(c >= 10.0 * h))
+                }
+                _ => ("—".to_owned(), None),
+            };
+            goals.push((format!("{sc}: ≥ 10× SoftHSM per request"), measured, met));
+        }
+        let (measured, met) = match (rate("coffer", "encrypt64"), rate("coffer", "empty-rpc")) {
+            (Some(e), Some(r)) if r > 0.0 => {
+                (format!("{e:.0}/s = {:.0} % of empty RPC ({r:.0}/s)", 100.0 * e / r), Some(e >= 0.8 * r))
+            }
+            _ => ("—".to_owned(), None),
+        };
+        goals.push(("encrypt64 unary: ≥ 80 % of an empty RPC".to_owned(), measured, met));
+        let (measured, met) = match (self.find("coffer", "put"), self.find("etcd", "put")) {
+            (Some(c), Some(e)) if e.measured.ops_per_sec > 0.0 => {
+                let ratio = c.measured.ops_per_sec / e.measured.ops_per_sec;
+                let cpu = match (c.cpu_us_per_op, e.cpu_us_per_op) {
+                    (Some(a), Some(b)) => format!("; CPU/put {a:.0} vs {b:.0} µs"),
+                    _ => String::new(),
+                };
+                (
+                    format!(
+                        "{:.0} vs {:.0} puts/s = {ratio:.2}×; p99 {} vs {}{cpu}",
+                        c.measured.ops_per_sec,
+                        e.measured.ops_per_sec,
+                        us(c.measured.p99_us),
+                        us(e.measured.p99_us)
+                    ),
+                    Some(ratio >= 1.0 && c.measured.p99_us <= e.measured.p99_us),
+                )
+            }
+            _ => ("—".to_owned(), None),
+        };
+        goals.push(("put, 3 nodes: ≥ etcd's throughput at ≤ p99 (aim 2×)".to_owned(), measured, met));
+        let (measured, met) = match (rate("coffer", "get-linear"), rate("etcd", "get-linear")) {
+            (Some(c), Some(e)) if e > 0.0 => (format!("{c:.0} vs {e:.0} gets/s = {:.2}×", c / e), Some(c >= 2.0 * e)),
+            _ => ("—".to_owned(), None),
+        };
+        goals.push(("linearizable get: ≥ 2× etcd".to_owned(), measured, met));
+        let (measured, met) = match &self.memory {
+            Some(m) if !m.after.is_empty() => {
+                let max = m.after.iter().copied().max().unwrap_or(0);
+                let growth: Vec<String> = m
+                    .before
+                    .iter()
+                    .zip(&m.after)
+                    .map(|(b, a)| format!("{:.0}", a.saturating_sub(*b) as f64 / m.secrets.max(1) as f64))
+                    .collect();
+                (
+                    format!(
+                        "{} secrets: largest node {:.0} MB; growth per secret {} B (per node)",
+                        m.secrets,
+                        max as f64 / 1e6,
+                        growth.join(" / ")
+                    ),
+                    Some(max < 200_000_000 && m.secrets >= 100_000),
+                )
+            }
+            _ => ("—".to_owned(), None),
+        };
+        goals.push(("memory: < 200 MB per node with 100,000 secrets".to_owned(), measured, met));
+        goals
+    }
+}
+
+fn us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} ms", v as f64 / 1000.0)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn measured(ops_per_sec: f64, items: u64, p99_us: u64) -> Measured {
+        Measured {
+            ops: 100,
+            items,
+            seconds: 1.0,
+            ops_per_sec,
+            items_per_sec: items as f64,
+            p50_us: 10,
+            p99_us,
+            p999_us: p99_us,
+            max_us: p99_us,
+            errors: BTreeMap::new(),
+            shed: 0,
+        }
+    }
+
+    #[test]
+    fn goals_compare_the_right_rows() {
+        let mut r = Report::new(32, None, Duration::from_secs(5), 3);
+        r.push(Figure::new("coffer", "put", measured(9000.0, 100, 800), Some(Duration::from_millis(10))));
+        r.push(Figure::new("etcd (3 nodes)", "put", measured(6000.0, 100, 900), Some(Duration::from_millis(14))));
+        r.push(Figure::new("coffer", "encrypt64", measured(700.0, 700, 100), None));
+        r.push(Figure::new("coffer", "empty-rpc", measured(1000.0, 1000, 100), None));
+        let md = r.markdown();
+        assert!(md.contains("9000 vs 6000 puts/s = 1.50×"), "{md}");
+        assert!(md.contains("CPU/put 100 vs 140 µs"), "{md}");
+        assert!(md.contains("700/s = 70 % of empty RPC"), "{md}");
+        let goals = r.goals();
+        assert_eq!(goals[2].2, Some(false), "70 % is under 80 %");
+        assert_eq!(goals[3].2, Some(true), "1.5× at a lower p99");
+        assert_eq!(goals[4].2, None, "no etcd get measured");
+        assert_eq!(goals[0].2, None, "no SoftHSM figure");
+    }
+}

@@ -1,0 +1,261 @@
+//! What the benchmark runs: Coffer calls, and the baselines measured beside them in the same run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use coffer_proto::v1::keys_client::KeysClient;
+use coffer_proto::v1::secrets_client::SecretsClient;
+use coffer_proto::v1::{
+    crypto_request, BatchRequest, CreateKeyRequest, CryptoRequest, DecryptRequest, EncryptRequest,
+    GenerateDataKeyRequest, GetRequest, KeyType, PutRequest, RotateKeyRequest, SignRequest, StreamRequest,
+};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::etcd::kv_client::KvClient;
+use crate::etcd::{PutRequest as EtcdPut, RangeRequest};
+use crate::load::OpFn;
+
+/// The AES key the crypto scenarios use.
+pub const AES_KEY: &str = "bench-aes";
+/// The Ed25519 key the sign scenario uses.
+pub const ED_KEY: &str = "bench-ed25519";
+/// Secrets the read scenarios read.
+pub const SEEDED: usize = 100;
+/// Secret values, bytes (the etcd comparison uses the same size).
+pub const VALUE_BYTES: usize = 256;
+/// Items in one batch or stream round.
+pub const BATCH: usize = 100;
+
+/// The Coffer scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Secret get, linearizable (the default read).
+    GetLinear,
+    /// Secret get with max_staleness 1 s.
+    GetStale,
+    /// Secret put, 256 B values.
+    Put,
+    /// Encrypt 64 B, unary.
+    Encrypt64,
+    /// Encrypt 1 KiB, unary.
+    Encrypt1k,
+    /// Encrypt 64 B, batches of 100.
+    Encrypt64Batch,
+    /// Encrypt 64 B on a stream, 100 in flight per client.
+    Encrypt64Stream,
+    /// Decrypt 64 B, unary.
+    Decrypt64,
+    /// A 256-bit data key, wrapped and plaintext.
+    DataKey,
+    /// Ed25519 sign of 64 B.
+    SignEd25519,
+    /// 90 % reads and crypto, 10 % writes and rotations.
+    Mix,
+    /// gRPC health check against a node: the transport limit (no work behind it).
+    EmptyRpc,
+}
+
+/// Channels to the nodes under test; client `c` uses node `c % n`.
+#[derive(Clone)]
+pub struct Target {
+    channels: Arc<Vec<Channel>>,
+    ciphertext: Arc<String>,
+}
+
+impl Target {
+    /// Connects to every node (`http://host:port`) and prepares keys, secrets and a ciphertext.
+    ///
+    /// # Errors
+    /// A node that does not answer, or set-up calls that fail.
+    pub async fn prepare(urls: &[String]) -> anyhow::Result<Target> {
+        let channels = connect(urls)?;
+        let mut keys = KeysClient::new(channels[0].clone());
+        for (name, kind) in [(AES_KEY, KeyType::Aes256Gcm), (ED_KEY, KeyType::Ed25519)] {
+            let create = CreateKeyRequest { name: name.into(), r#type: kind as i32, exportable: false };
+            match keys.create_key(create).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+                Err(s) => anyhow::bail!("cannot create key {name}: {}", s.message()),
+            }
+        }
+        let mut secrets = SecretsClient::new(channels[0].clone());
+        for i in 0..SEEDED {
+            secrets.put(put(&format!("bench/read/{i}"), 0)).await?;
+        }
+        let ciphertext = keys.encrypt(encrypt(64)).await?.into_inner().ciphertext;
+        Ok(Target { channels: Arc::new(channels), ciphertext: Arc::new(ciphertext) })
+    }
+
+    /// Writes a new secret per call (`bench/mem/N`, 256 B): the memory figure's fill.
+    pub fn fill(&self) -> OpFn {
+        let t = self.clone();
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        Arc::new(move |client, _| {
+            let (t, n) = (t.clone(), next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            Box::pin(async move {
+                SecretsClient::new(t.channel(client))
+                    .put(put(&format!("bench/mem/{n}"), n))
+                    .await
+                    .map(|_| 1)
+                    .map_err(|s| s.code())
+            })
+        })
+    }
+
+    fn channel(&self, client: usize) -> Channel {
+        self.channels[client % self.channels.len()].clone()
+    }
+
+    /// The operation of a scenario.
+    pub fn op(&self, scenario: Scenario) -> OpFn {
+        let t = self.clone();
+        Arc::new(move |client, seq| {
+            let t = t.clone();
+            Box::pin(async move { t.call(scenario, client, seq).await.map_err(|s| s.code()) })
+        })
+    }
+
+    async fn call(&self, scenario: Scenario, client: usize, seq: u64) -> Result<u64, tonic::Status> {
+        let ch = self.channel(client);
+        let read = |stale: bool| GetRequest {
+            path: format!("bench/read/{}", seq % SEEDED as u64),
+            version: None,
+            max_staleness: stale.then_some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        };
+        match scenario {
+            Scenario::GetLinear => SecretsClient::new(ch).get(read(false)).await.map(|_| 1),
+            Scenario::GetStale => SecretsClient::new(ch).get(read(true)).await.map(|_| 1),
+            Scenario::Put => {
+                SecretsClient::new(ch).put(put(&format!("bench/put/{client}/{}", seq % 1000), seq)).await.map(|_| 1)
+            }
+            Scenario::Encrypt64 => KeysClient::new(ch).encrypt(encrypt(64)).await.map(|_| 1),
+            Scenario::Encrypt1k => KeysClient::new(ch).encrypt(encrypt(1024)).await.map(|_| 1),
+            Scenario::Encrypt64Batch => {
+                let items = (0..BATCH).map(|_| encrypt_item(64)).collect();
+                let reply = KeysClient::new(ch).batch(BatchRequest { items }).await?.into_inner();
+                Ok(reply.results.len() as u64)
+            }
+            Scenario::Encrypt64Stream => {
+                let requests = (0..BATCH as u64).map(|id| StreamRequest { id, request: Some(encrypt_item(64)) });
+                let mut replies = KeysClient::new(ch).stream(tokio_stream::iter(requests)).await?.into_inner();
+                let mut n = 0;
+                while let Some(reply) = replies.next().await {
+                    reply?;
+                    n += 1;
+                }
+                Ok(n)
+            }
+            Scenario::Decrypt64 => {
+                let req = DecryptRequest {
+                    name: AES_KEY.into(),
+                    ciphertext: self.ciphertext.to_string(),
+                    associated_data: vec![],
+                };
+                KeysClient::new(ch).decrypt(req).await.map(|_| 1)
+            }
+            Scenario::DataKey => {
+                let req = GenerateDataKeyRequest { name: AES_KEY.into(), bits: 256, with_plaintext: true };
+                KeysClient::new(ch).generate_data_key(req).await.map(|_| 1)
+            }
+            Scenario::SignEd25519 => {
+                let req = SignRequest { name: ED_KEY.into(), message: vec![7; 64] };
+                KeysClient::new(ch).sign(req).await.map(|_| 1)
+            }
+            Scenario::Mix => match seq % 100 {
+                // 1 % rotations, 9 % writes, 45 % reads, 45 % crypto.
+                0 => KeysClient::new(ch).rotate_key(RotateKeyRequest { name: AES_KEY.into() }).await.map(|_| 1),
+                1..=9 => SecretsClient::new(ch).put(put(&format!("bench/mix/{client}"), seq)).await.map(|_| 1),
+                10..=54 => SecretsClient::new(ch).get(read(false)).await.map(|_| 1),
+                _ => KeysClient::new(ch).encrypt(encrypt(64)).await.map(|_| 1),
+            },
+            Scenario::EmptyRpc => {
+                let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+                tonic_health::pb::health_client::HealthClient::new(ch).check(req).await.map(|_| 1)
+            }
+        }
+    }
+}
+
+/// One lazily connected channel per address, Nagle off, calls bounded to 10 s.
+fn connect(urls: &[String]) -> anyhow::Result<Vec<Channel>> {
+    urls.iter()
+        .map(|u| {
+            Ok(Endpoint::from_shared(u.clone())?.tcp_nodelay(true).timeout(Duration::from_secs(10)).connect_lazy())
+        })
+        .collect()
+}
+
+fn put(path: &str, seq: u64) -> PutRequest {
+    let mut value = vec![b'v'; VALUE_BYTES];
+    value[..8].copy_from_slice(&seq.to_le_bytes());
+    PutRequest { path: path.into(), value, cas: None, max_versions: Some(2), request_id: String::new() }
+}
+
+fn encrypt(bytes: usize) -> EncryptRequest {
+    EncryptRequest { name: AES_KEY.into(), plaintext: vec![42; bytes], associated_data: vec![] }
+}
+
+fn encrypt_item(bytes: usize) -> CryptoRequest {
+    CryptoRequest { call: Some(crypto_request::Call::Encrypt(encrypt(bytes))) }
+}
+
+/// Put and linearizable get against etcd, with the same value size and key spread as Coffer's.
+#[derive(Clone)]
+pub struct Etcd {
+    channels: Arc<Vec<Channel>>,
+}
+
+/// The etcd scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdScenario {
+    /// Put, 256 B values.
+    Put,
+    /// Range of one key, linearizable.
+    GetLinear,
+}
+
+impl Etcd {
+    /// Connects to etcd members (`http://host:port`) and seeds the keys the reads read.
+    ///
+    /// # Errors
+    /// etcd does not answer.
+    pub async fn prepare(urls: &[String]) -> anyhow::Result<Etcd> {
+        let channels = connect(urls)?;
+        let mut kv = KvClient::new(channels[0].clone());
+        for i in 0..SEEDED {
+            kv.put(EtcdPut {
+                key: format!("bench/read/{i}").into_bytes(),
+                value: vec![b'v'; VALUE_BYTES],
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(Etcd { channels: Arc::new(channels) })
+    }
+
+    /// The operation of an etcd scenario.
+    pub fn op(&self, scenario: EtcdScenario) -> OpFn {
+        let e = self.clone();
+        Arc::new(move |client, seq| {
+            let ch = e.channels[client % e.channels.len()].clone();
+            Box::pin(async move {
+                let mut kv = KvClient::new(ch);
+                let result = match scenario {
+                    EtcdScenario::Put => {
+                        let mut value = vec![b'v'; VALUE_BYTES];
+                        value[..8].copy_from_slice(&seq.to_le_bytes());
+                        let key = format!("bench/put/{client}/{}", seq % 1000).into_bytes();
+                        kv.put(EtcdPut { key, value, ..Default::default() }).await.map(|_| 1)
+                    }
+                    EtcdScenario::GetLinear => {
+                        let key = format!("bench/read/{}", seq % SEEDED as u64).into_bytes();
+                        kv.range(RangeRequest { key, ..Default::default() }).await.map(|_| 1)
+                    }
+                };
+                result.map_err(|s| s.code())
+            })
+        })
+    }
+}
