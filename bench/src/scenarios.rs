@@ -45,8 +45,14 @@ pub enum Scenario {
     Encrypt64Batch,
     /// Encrypt 64 B on a stream, 100 in flight per client.
     Encrypt64Stream,
+    /// Encrypt 1 KiB, batches of 100.
+    Encrypt1kBatch,
+    /// Encrypt 1 KiB on a stream, 100 in flight per client.
+    Encrypt1kStream,
     /// Decrypt 64 B, unary.
     Decrypt64,
+    /// Decrypt 1 KiB, unary.
+    Decrypt1k,
     /// A 256-bit data key, wrapped and plaintext.
     DataKey,
     /// Ed25519 sign of 64 B.
@@ -61,7 +67,8 @@ pub enum Scenario {
 #[derive(Clone)]
 pub struct Target {
     channels: Arc<Vec<Channel>>,
-    ciphertext: Arc<String>,
+    /// Ciphertexts of 64 B and 1 KiB for the decrypt scenarios.
+    ciphertexts: Arc<[String; 2]>,
 }
 
 impl Target {
@@ -84,8 +91,9 @@ impl Target {
         for i in 0..SEEDED {
             secrets.put(put(&format!("bench/read/{i}"), 0)).await?;
         }
-        let ciphertext = keys.encrypt(encrypt(64)).await?.into_inner().ciphertext;
-        Ok(Target { channels: Arc::new(channels), ciphertext: Arc::new(ciphertext) })
+        let small = keys.encrypt(encrypt(64)).await?.into_inner().ciphertext;
+        let large = keys.encrypt(encrypt(1024)).await?.into_inner().ciphertext;
+        Ok(Target { channels: Arc::new(channels), ciphertexts: Arc::new([small, large]) })
     }
 
     /// Writes a new secret per call (`bench/mem/N`, 256 B): the memory figure's fill.
@@ -132,13 +140,16 @@ impl Target {
             }
             Scenario::Encrypt64 => KeysClient::new(ch).encrypt(encrypt(64)).await.map(|_| 1),
             Scenario::Encrypt1k => KeysClient::new(ch).encrypt(encrypt(1024)).await.map(|_| 1),
-            Scenario::Encrypt64Batch => {
-                let items = (0..BATCH).map(|_| encrypt_item(64)).collect();
+            Scenario::Encrypt64Batch | Scenario::Encrypt1kBatch => {
+                let bytes = if scenario == Scenario::Encrypt64Batch { 64 } else { 1024 };
+                let items = (0..BATCH).map(|_| encrypt_item(bytes)).collect();
                 let reply = KeysClient::new(ch).batch(BatchRequest { items }).await?.into_inner();
                 Ok(reply.results.len() as u64)
             }
-            Scenario::Encrypt64Stream => {
-                let requests = (0..BATCH as u64).map(|id| StreamRequest { id, request: Some(encrypt_item(64)) });
+            Scenario::Encrypt64Stream | Scenario::Encrypt1kStream => {
+                let bytes = if scenario == Scenario::Encrypt64Stream { 64 } else { 1024 };
+                let requests =
+                    (0..BATCH as u64).map(move |id| StreamRequest { id, request: Some(encrypt_item(bytes)) });
                 let mut replies = KeysClient::new(ch).stream(tokio_stream::iter(requests)).await?.into_inner();
                 let mut n = 0;
                 while let Some(reply) = replies.next().await {
@@ -147,10 +158,10 @@ impl Target {
                 }
                 Ok(n)
             }
-            Scenario::Decrypt64 => {
+            Scenario::Decrypt64 | Scenario::Decrypt1k => {
                 let req = DecryptRequest {
                     name: AES_KEY.into(),
-                    ciphertext: self.ciphertext.to_string(),
+                    ciphertext: self.ciphertexts[usize::from(scenario == Scenario::Decrypt1k)].clone(),
                     associated_data: vec![],
                 };
                 KeysClient::new(ch).decrypt(req).await.map(|_| 1)
