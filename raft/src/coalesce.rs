@@ -7,10 +7,16 @@
 //! round, though: every read that arrives while round k runs waits for round k + 1, which one of
 //! them starts when round k ends. Under load that turns one heartbeat round per read into one per
 //! round trip, whatever the number of readers. etcd batches its read-index requests the same way.
+//!
+//! Cancellation: the caller running a round may be dropped mid-round (its client gave up). A
+//! guard then ends the round and wakes the waiters, one of which starts the next; without it
+//! every later read on the node would wait forever (found by the partition-leader drill in CI).
 
 use std::future::Future;
 
-use tokio::sync::{watch, Mutex};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
 
 /// Shares rounds of an async check among concurrent callers (see the module documentation).
 #[derive(Debug)]
@@ -42,11 +48,8 @@ impl<T: Clone> Coalescer<T> {
         Fut: Future<Output = T>,
     {
         let mut rx = self.done.subscribe();
-        let target = {
-            let state = self.state.lock().await;
-            // A round already running started before this call: only the next one will do.
-            state.started + 1
-        };
+        // A round already running started before this call: only the next one will do.
+        let target = self.lock().started + 1;
         loop {
             if let Some((finished, result)) = rx.borrow_and_update().as_ref() {
                 if *finished >= target {
@@ -54,7 +57,7 @@ impl<T: Clone> Coalescer<T> {
                 }
             }
             let mine = {
-                let mut state = self.state.lock().await;
+                let mut state = self.lock();
                 if state.running {
                     None
                 } else {
@@ -64,8 +67,10 @@ impl<T: Clone> Coalescer<T> {
                 }
             };
             if let Some(number) = mine {
+                let guard = RoundGuard { coalescer: self };
                 let result = round().await;
-                let mut state = self.state.lock().await;
+                std::mem::forget(guard);
+                let mut state = self.lock();
                 state.running = false;
                 self.done.send_replace(Some((number, result.clone())));
                 drop(state);
@@ -77,6 +82,24 @@ impl<T: Clone> Coalescer<T> {
                 return round().await;
             }
         }
+    }
+
+    /// The state lock: held for a few field updates, never across an `.await`.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Ends a round whose runner was dropped before it finished, and wakes the waiters.
+struct RoundGuard<'a, T: Clone> {
+    coalescer: &'a Coalescer<T>,
+}
+
+impl<T: Clone> Drop for RoundGuard<'_, T> {
+    fn drop(&mut self) {
+        self.coalescer.lock().running = false;
+        // Wake every waiter without a result: one of them starts the next round.
+        self.coalescer.done.send_modify(|_| {});
     }
 }
 
@@ -123,5 +146,26 @@ mod tests {
         }
         let rounds = rounds.load(Ordering::SeqCst);
         assert!(rounds < 64 * 20 / 4, "1280 reads shared {rounds} rounds");
+    }
+
+    /// Found by the partition-leader drill in CI: the caller running a round was cancelled (its
+    /// client timed out while the leader could not reach a quorum), the round never ended, and
+    /// every later read on the node waited forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drill_partition_leader_a_cancelled_round_does_not_block_later_reads() {
+        let coalescer = Arc::new(Coalescer::<u64>::default());
+        // A round that never ends, cancelled by a timeout, with a waiter queued behind it.
+        let stuck = coalescer.clone();
+        let runner = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(50), stuck.run(std::future::pending::<u64>)).await
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let queued = coalescer.clone();
+        let waiter = tokio::spawn(async move { queued.run(|| async { 7 }).await });
+        assert!(runner.await.expect("runner").is_err(), "the stuck round timed out");
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert_eq!(got.expect("the waiter was not left waiting").expect("task"), 7);
+        let later = tokio::time::timeout(Duration::from_secs(5), coalescer.run(|| async { 8 })).await;
+        assert_eq!(later.expect("a later read runs its own round"), 8);
     }
 }
