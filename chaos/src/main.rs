@@ -92,7 +92,15 @@ async fn run_all(
     } else {
         for s in scenarios {
             eprintln!("coffer-chaos: running {} (fault phase {:?})", s.name(), settings.fault_duration);
-            let report = scenario::run(*s, settings).await?;
+            // A drill that hangs is a finding, not a reason to hang CI: bound each one.
+            let bound = Duration::from_secs(600) + settings.fault_duration * 3;
+            let report = tokio::time::timeout(bound, scenario::run(*s, settings)).await.map_err(|_| {
+                anyhow::anyhow!(
+                    "drill {} did not finish within {}: something hung",
+                    s.name(),
+                    humantime::format_duration(bound)
+                )
+            })??;
             eprintln!("coffer-chaos: {} — {}", s.name(), report.verdict);
             reports.push(report);
         }
