@@ -44,6 +44,20 @@ pub struct Cluster {
     links: Option<Links>,
 }
 
+/// Writes `DIR/softhsm2.conf`, pointing SoftHSM at the token directory `DIR/tokens`.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn write_softhsm_conf(dir: &Path) -> std::io::Result<()> {
+    std::fs::write(
+        dir.join("softhsm2.conf"),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
+    )
+}
+
 /// A loopback port that was free a moment ago.
 ///
 /// # Errors
@@ -110,13 +124,7 @@ impl Cluster {
         let id = self.nodes.len() as u64 + 1;
         let dir = self._root.path().join(format!("node{id}"));
         std::fs::create_dir_all(dir.join("tokens"))?;
-        std::fs::write(
-            dir.join("softhsm2.conf"),
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )?;
+        write_softhsm_conf(&dir)?;
         let port = free_port()?;
         std::fs::write(
             dir.join("node.toml"),

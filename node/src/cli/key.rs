@@ -304,12 +304,7 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
                 EncryptRequest { name, plaintext: plaintext.to_vec(), associated_data: associated_data.into_bytes() };
             c.encrypt(req).await.map(|r| {
                 let r = r.into_inner();
-                if json_out {
-                    json!({"ciphertext": r.ciphertext, "key_version": r.key_version}).to_string()
-                } else {
-                    r.ciphertext
-                }
-                .into_bytes()
+                ciphertext_out(r.ciphertext, r.key_version, json_out)
             })
         }
         KeyCommand::Decrypt { name, ciphertext, associated_data } => {
@@ -341,12 +336,7 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
             let req = RewrapRequest { name, ciphertext, associated_data: associated_data.into_bytes() };
             c.rewrap(req).await.map(|r| {
                 let r = r.into_inner();
-                if json_out {
-                    json!({"ciphertext": r.ciphertext, "key_version": r.key_version}).to_string()
-                } else {
-                    r.ciphertext
-                }
-                .into_bytes()
+                ciphertext_out(r.ciphertext, r.key_version, json_out)
             })
         }
         KeyCommand::Datakey { name, bits, with_plaintext } => {
@@ -414,5 +404,14 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
             eprintln!("error: {}", describe_status(&status));
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// What encrypt and rewrap print: the ciphertext, or JSON with its key version.
+fn ciphertext_out(ciphertext: String, key_version: u32, json_out: bool) -> Vec<u8> {
+    if json_out {
+        json!({"ciphertext": ciphertext, "key_version": key_version}).to_string().into_bytes()
+    } else {
+        ciphertext.into_bytes()
     }
 }

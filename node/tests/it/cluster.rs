@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use coffer_chaos::cluster::{copy_dir, free_port};
+use coffer_chaos::cluster::{copy_dir, free_port, write_softhsm_conf};
 use coffer_proto::v1::secrets_client::SecretsClient;
 use tonic::transport::Channel;
 
@@ -76,13 +76,7 @@ impl TestCluster {
             std::fs::create_dir_all(&dir)?;
             copy_dir(&first.join("tokens"), &dir.join("tokens"))?;
             std::fs::copy(first.join("pin"), dir.join("pin"))?;
-            std::fs::write(
-                dir.join("softhsm2.conf"),
-                format!(
-                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                    dir.join("tokens").display()
-                ),
-            )?;
+            write_softhsm_conf(&dir)?;
         }
         let port = free_port()?;
         std::fs::write(
