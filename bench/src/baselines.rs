@@ -1,13 +1,23 @@
 //! Baselines measured beside Coffer in the same run: the crypto limit (ring in process, one core),
 //! what a design calling the HSM per request could reach (SoftHSM wrap and unwrap through
-//! cryptoki, as `coffer-hsm` does it), and the process-level figures (CPU time, resident memory)
-//! read from `/proc`.
+//! cryptoki, as `coffer-hsm` does it, and AES-256-GCM encryption inside the token), and the
+//! process-level figures (CPU time, resident memory) read from `/proc`.
 
+use std::cell::RefCell;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coffer_hsm::{Hsm, HsmConfig, Key256, PinSource, DEFAULT_ROOT_KEY_LABEL};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::load::{self, Measured, OpFn};
@@ -71,6 +81,96 @@ pub async fn hsm_op(hsm: Hsm, op: HsmOp) -> anyhow::Result<OpFn> {
             result.map_err(|_| tonic::Code::Internal)
         })
     }))
+}
+
+/// AES-256-GCM encryption inside SoftHSM, one `C_EncryptInit` + `C_Encrypt` per call, with a key
+/// generated in the token (sensitive, not extractable): what a design that encrypts in the HSM per
+/// request could reach at best. The root key cannot serve: it may only wrap and unwrap.
+///
+/// Each blocking thread that runs a call keeps its own session (a cryptoki `Session` is not
+/// `Sync`); the key is a session object of `owner`, visible to every session of this process.
+pub struct HsmGcm {
+    ctx: Pkcs11,
+    slot: Slot,
+    key: ObjectHandle,
+    nonces: AtomicU64,
+    /// Creator of the key; the key lives as long as this session.
+    _owner: Mutex<Session>,
+}
+
+thread_local! {
+    /// This thread's session for [`HsmGcm`], opened at its first call.
+    static GCM_SESSION: RefCell<Option<Session>> = const { RefCell::new(None) };
+}
+
+impl HsmGcm {
+    /// Reaches the drill token of `node_dir` (as [`open_hsm`] does), logs in, and generates the key.
+    ///
+    /// # Errors
+    /// The module, token or PIN cannot be reached, or the token refuses to make the key.
+    pub fn open(node_dir: &Path) -> anyhow::Result<HsmGcm> {
+        std::env::set_var("SOFTHSM2_CONF", node_dir.join("softhsm2.conf"));
+        let ctx = Pkcs11::new(coffer_hsm::resolve_module(None)?)?;
+        // coffer-hsm may have initialised the library in this process already: one state per process.
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let slot = ctx
+            .get_slots_with_initialized_token()?
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == "drill"))
+            .ok_or_else(|| anyhow::anyhow!("no token labelled drill in {}", node_dir.display()))?;
+        let owner = ctx.open_rw_session(slot)?;
+        let pin = AuthPin::new(std::fs::read_to_string(node_dir.join("pin"))?.trim().into());
+        match owner.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ];
+        let key = owner.generate_key(&Mechanism::AesKeyGen, &template)?;
+        Ok(HsmGcm { ctx, slot, key, nonces: AtomicU64::new(0), _owner: Mutex::new(owner) })
+    }
+
+    /// One encryption of `data` under a fresh counter nonce; blocking.
+    fn encrypt(&self, data: &[u8]) -> cryptoki::error::Result<usize> {
+        let mut iv = [0u8; 12];
+        iv[..8].copy_from_slice(&self.nonces.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        let params = GcmParams::new(&mut iv, &[], 128.into())?;
+        GCM_SESSION.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let session = match cell.take() {
+                Some(s) => s,
+                None => self.ctx.open_ro_session(self.slot)?,
+            };
+            let sealed = session.encrypt(&Mechanism::AesGcm(params), self.key, data);
+            *cell = Some(session);
+            sealed.map(|c| c.len())
+        })
+    }
+
+    /// Encryption of `bytes` bytes as a load operation, run on Tokio's blocking threads.
+    pub fn op(self: &Arc<Self>, bytes: usize) -> OpFn {
+        let gcm = Arc::clone(self);
+        Arc::new(move |_, _| {
+            let gcm = Arc::clone(&gcm);
+            Box::pin(async move {
+                match tokio::task::spawn_blocking(move || gcm.encrypt(&vec![42u8; bytes])).await {
+                    Ok(Ok(len)) if len == bytes + 16 => Ok(1),
+                    _ => Err(tonic::Code::Internal),
+                }
+            })
+        })
+    }
 }
 
 /// CPU time (user + system) a process has used, from `/proc/PID/stat`.

@@ -20,6 +20,7 @@ mod etcd {
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -147,6 +148,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let m = load::run(&format!("softhsm {name}"), shape, baselines::hsm_op(hsm.clone(), op).await?).await;
             report.push(Figure::new("softhsm (cryptoki)", name, m, None));
         }
+        let gcm = Arc::new(tokio::task::block_in_place(|| baselines::HsmGcm::open(&cluster.nodes[0].dir))?);
+        let m = load::run("softhsm aes-gcm 64 B", shape, gcm.op(64)).await;
+        report.push(Figure::new("softhsm (cryptoki)", "aes-256-gcm encrypt 64 B", m, None));
     }
     if !cli.etcd.is_empty() {
         let etcd_urls: Vec<String> = cli.etcd.iter().map(|e| url(e)).collect();
