@@ -144,6 +144,19 @@ pub enum Error {
     Internal(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
+impl Error {
+    /// The same failure for another caller of a shared operation (a write batch): errors hold no
+    /// clonable sources, so anything but `Unavailable`, which callers retry on, is passed on as
+    /// `Internal` with its message.
+    pub(crate) fn for_another_caller(&self) -> Error {
+        match self {
+            Error::Unavailable { reason } => Error::Unavailable { reason: reason.clone() },
+            Error::Hsm(HsmError::Unavailable { reason }) => Error::Unavailable { reason: format!("HSM: {reason}") },
+            other => Error::Internal(other.to_string().into()),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         use tonic::Status;

@@ -35,6 +35,7 @@ use openraft::{BasicNode, SnapshotPolicy};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::OnceCell;
 
+use crate::batch::Batcher;
 use crate::config::Config;
 use crate::envelope::Keyring;
 use crate::error::Error;
@@ -64,6 +65,8 @@ pub struct Node {
     pub(crate) reads: Arc<ReadRounds>,
     /// `ReadIndex` requests to the leader shared by concurrent linearizable reads, as follower.
     follower_reads: Coalescer<Result<u64, tonic::Status>>,
+    /// Gathers concurrent writes into one Raft entry.
+    batcher: Batcher,
     ready: OnceCell<Ready>,
 }
 
@@ -132,7 +135,7 @@ impl Node {
         let contact = Arc::default();
         let keys = KeyCache::new(config.key_cache_entries);
         let quiet = Arc::default();
-        let node = Arc::new(Node {
+        let node = Arc::new_cyclic(|weak| Node {
             config,
             raft,
             reader,
@@ -144,6 +147,7 @@ impl Node {
             quiet,
             reads: Arc::default(),
             follower_reads: Coalescer::default(),
+            batcher: Batcher::start(weak.clone()),
             ready: OnceCell::new(),
         });
         if node.reader.cluster()?.is_some() {
@@ -200,12 +204,13 @@ impl Node {
     ///
     /// # Errors
     /// [`Error::Unavailable`] when there is no leader to take it (retryable).
-    /// A follower forwards the command to the leader. The wait is bounded by `write-timeout`: a
+    /// Concurrent commands share one Raft entry (see [`crate::batch`]). A follower forwards the
+    /// command, or its batch, to the leader. The wait is bounded by `write-timeout`: a
     /// write that is not committed by then (no quorum) is reported `UNAVAILABLE`, and may still
     /// be applied later, which is what request ids are for.
     pub(crate) async fn propose(&self, command: Command) -> Result<Response, Error> {
         let timeout = self.config.write_timeout;
-        match tokio::time::timeout(timeout, self.propose_unbounded(command)).await {
+        match tokio::time::timeout(timeout, self.batcher.propose(command)).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable {
                 reason: format!(
@@ -217,7 +222,7 @@ impl Node {
         }
     }
 
-    async fn propose_unbounded(&self, command: Command) -> Result<Response, Error> {
+    pub(crate) async fn propose_unbounded(&self, command: Command) -> Result<Response, Error> {
         self.quiet.wait().await;
         if let Some(age) =
             coffer_raft::leading_without_quorum(&self.raft, coffer_raft::quorum_loss_threshold(&self.raft))

@@ -86,6 +86,10 @@ pub enum Command {
         /// Proposer's wall-clock time, milliseconds since the Unix epoch.
         at_ms: u64,
     },
+    /// Several commands in one log entry, applied in order, each as if it were its own entry (a
+    /// rejected one changes nothing and does not affect the others); answered by
+    /// [`Response::Batch`]. Proposers batch concurrent writes this way; a batch holds no batch.
+    Batch(Vec<Command>),
 }
 
 /// The target state of a [`Command::SetVersionState`].
@@ -113,6 +117,8 @@ pub enum Response {
     },
     /// The command was refused and changed nothing.
     Rejected(Rejection),
+    /// The responses to a [`Command::Batch`], in its order.
+    Batch(Vec<Response>),
 }
 
 /// Why a command was refused. Deterministic: every node refuses the same command the same way.
@@ -177,6 +183,9 @@ pub enum Rejection {
         /// The rule, in words.
         rule: String,
     },
+    /// A [`Command::Batch`] inside a batch.
+    #[error("a batch of writes may not contain another batch")]
+    NestedBatch,
 }
 
 /// A secret value sealed by the node that received it.
@@ -185,8 +194,10 @@ pub struct SealedValue {
     /// The keyring key version that wrapped the data key.
     pub keyring_version: u32,
     /// The data key, sealed by the keyring key (nonce, ciphertext, tag).
+    #[serde(with = "serde_bytes")]
     pub wrapped_data_key: Vec<u8>,
     /// The value, sealed by the data key (ciphertext, tag).
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
 }
 
@@ -216,6 +227,7 @@ pub struct KeyringRecord {
     /// The keyring key version.
     pub version: u32,
     /// The key, wrapped by the root key inside the HSM (RFC 5649).
+    #[serde(with = "serde_bytes")]
     pub wrapped: Vec<u8>,
     /// When it was created, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
@@ -291,8 +303,10 @@ pub struct KeyVersionRecord {
     /// The keyring key version that wrapped it.
     pub keyring_version: u32,
     /// The key material, sealed by the keyring key (nonce, ciphertext, tag).
+    #[serde(with = "serde_bytes")]
     pub wrapped: Vec<u8>,
     /// The public key of a signing key; empty otherwise.
+    #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
 }
 
@@ -306,5 +320,34 @@ impl NamedKeyRecord {
     /// The primary (newest) version number.
     pub fn primary(&self) -> u32 {
         self.versions.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SealedValue` as it was before its byte fields were marked `serde_bytes`.
+    #[derive(Serialize)]
+    struct PlainSealedValue {
+        keyring_version: u32,
+        wrapped_data_key: Vec<u8>,
+        ciphertext: Vec<u8>,
+    }
+
+    #[test]
+    fn byte_fields_keep_their_postcard_encoding() -> Result<(), postcard::Error> {
+        // serde_bytes encodes a whole slice at once instead of byte by byte; postcard writes both
+        // as a varint length and the raw bytes, so stored logs and state read back unchanged.
+        let sealed = SealedValue { keyring_version: 3, wrapped_data_key: vec![7; 60], ciphertext: (0..=255).collect() };
+        let plain = PlainSealedValue {
+            keyring_version: 3,
+            wrapped_data_key: sealed.wrapped_data_key.clone(),
+            ciphertext: sealed.ciphertext.clone(),
+        };
+        let bytes = postcard::to_allocvec(&sealed)?;
+        assert_eq!(bytes, postcard::to_allocvec(&plain)?);
+        assert_eq!(postcard::from_bytes::<SealedValue>(&bytes)?, sealed);
+        Ok(())
     }
 }

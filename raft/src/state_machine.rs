@@ -223,6 +223,16 @@ impl<'a> Txn<'a> {
                 self.delete(cf::KEYS, name.as_bytes().to_vec());
                 Ok(Response::Applied)
             }
+            Command::Batch(commands) => {
+                let mut responses = Vec::with_capacity(commands.len());
+                for command in commands {
+                    responses.push(match command {
+                        Command::Batch(_) => Response::Rejected(Rejection::NestedBatch),
+                        one => self.apply(one)?,
+                    });
+                }
+                Ok(Response::Batch(responses))
+            }
             Command::SetVersionState { path, versions, state, at_ms } => {
                 let Some(mut meta) = self.get::<SecretMeta>(cf::SECRETS, path.as_bytes(), "secret metadata")? else {
                     return Ok(Response::Rejected(Rejection::SecretNotFound { path: path.clone() }));

@@ -1,6 +1,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use coffer_proto::v1::{GetRequest, PutRequest};
 use tonic::Code;
 
@@ -94,6 +95,71 @@ async fn a_write_on_a_follower_is_readable_linearizably_on_every_node() -> anyho
     // CAS through a follower.
     let err = cluster.client(other).await?.put(put("app/db", b"x", Some(1))).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_puts_share_log_entries_and_each_gets_its_own_answer() -> anyhow::Result<()> {
+    let cluster = TestCluster::must_start(3, "")?;
+    let leader = cluster.must_leader()?;
+    let last_log = |i: usize| -> anyhow::Result<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&cluster.must_cli_ok(i, &["operator", "status", "-o", "json"])?)?;
+        status["last_log_index"].as_u64().context("last_log_index")
+    };
+    // Connected first, so the puts below arrive together.
+    let mut clients = Vec::new();
+    for w in 0..64usize {
+        let mut c = cluster.client(w % 3).await?;
+        c.describe(coffer_proto::v1::DescribeRequest { path: "batch/none".into() }).await.ok();
+        clients.push(c);
+    }
+    let puts = |clients: Vec<_>, path: fn(usize) -> (String, Option<u64>)| {
+        clients
+            .into_iter()
+            .enumerate()
+            .map(|(w, mut c): (usize, coffer_proto::v1::secrets_client::SecretsClient<_>)| {
+                tokio::spawn(async move {
+                    let (path, cas) = path(w);
+                    let value = format!("value {w}").into_bytes();
+                    (w, path.clone(), value.clone(), c.put(put(&path, &value, cas)).await)
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // 48 puts at once through every node: 8 with a CAS that cannot match, 40 to their own paths.
+    let before = last_log(leader)?;
+    let hot_clients = clients.split_off(48);
+    let own = |w: usize| if w < 8 { (format!("batch/cas/{w}"), Some(7)) } else { (format!("batch/own/{w}"), None) };
+    for t in puts(clients, own) {
+        let (w, path, value, result) = t.await?;
+        match (w, result) {
+            (0..8, Err(e)) => assert_eq!(e.code(), Code::FailedPrecondition, "put {w}: {e}"),
+            (0..8, Ok(_)) => anyhow::bail!("put {w} with a wrong CAS succeeded"),
+            (_, Err(e)) => anyhow::bail!("put {w} failed: {e}"),
+            (_, Ok(reply)) => {
+                assert_eq!(reply.into_inner().version, 1);
+                let got = cluster.client(leader).await?.get(get(&path, None)).await?.into_inner();
+                assert_eq!(got.value, value, "put {w} reads back as written");
+            }
+        }
+    }
+    let entries = last_log(leader)? - before;
+    assert!(entries < 48, "48 concurrent puts took {entries} log entries: they were not batched");
+
+    // 16 at once to one path: each gets its own version, also when batched together.
+    let mut hot = Vec::new();
+    for t in puts(hot_clients, |_| ("batch/hot".to_owned(), None)) {
+        let (w, _, value, result) = t.await?;
+        hot.push((result.map_err(|e| anyhow::anyhow!("hot put {w} failed: {e}"))?.into_inner().version, value));
+    }
+    hot.sort_unstable();
+    let versions: Vec<u64> = hot.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, (1..=16).collect::<Vec<u64>>(), "every hot put got its own version");
+    // Older versions are pruned by max_versions; the newest holds the value its put was told of.
+    let newest = cluster.client(leader).await?.get(get("batch/hot", None)).await?.into_inner();
+    assert_eq!((newest.version, &newest.value), (16, &hot[15].1));
     Ok(())
 }
 

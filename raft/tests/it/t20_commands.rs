@@ -89,6 +89,37 @@ async fn request_id_applies_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_batch_applies_its_items_in_order_each_on_its_own() -> anyhow::Result<()> {
+    let mut f = Fixture::new()?;
+    f.apply(vec![put("done", 1, None, Some("req-9"))]).await?;
+    let batch = Command::Batch(vec![
+        put("p", 1, None, None),
+        put("p", 1, None, None),
+        put("p", 2, Some(1), None),
+        put("q", 1, Some(5), None),
+        put("done", 2, None, Some("req-9")),
+        Command::Batch(vec![put("r", 1, None, None)]),
+    ]);
+    let r = f.apply(vec![batch]).await?;
+    assert_eq!(
+        r,
+        vec![Response::Batch(vec![
+            Response::Put { version: 1, created_at_ms: 1001 },
+            Response::Rejected(Rejection::VersionTaken { version: 1, current: 1 }),
+            Response::Put { version: 2, created_at_ms: 1002 },
+            Response::Rejected(Rejection::CasMismatch { expected: 5, current: 0 }),
+            Response::Put { version: 1, created_at_ms: 1001 },
+            Response::Rejected(Rejection::NestedBatch),
+        ])]
+    );
+    assert_eq!(f.reader.secret("p")?.map(|m| m.current_version), Some(2), "later items see earlier ones");
+    assert!(f.reader.secret("q")?.is_none(), "a rejected item wrote nothing");
+    assert_eq!(f.reader.secret("done")?.map(|m| m.current_version), Some(1), "the request id held inside a batch");
+    assert!(f.reader.secret("r")?.is_none(), "a nested batch is refused whole");
+    Ok(())
+}
+
+#[tokio::test]
 async fn delete_undelete_destroy() -> anyhow::Result<()> {
     let mut f = Fixture::new()?;
     f.apply(vec![put("s", 1, None, None), put("s", 2, None, None)]).await?;
