@@ -11,7 +11,11 @@
 //! others), so a batch is only a cheaper way to carry the same commands. A put that arrives when
 //! nothing is in flight goes at once: batching adds no wait at low load.
 //!
-//! A follower forwards a whole batch to the leader in one `ClientWrite` call.
+//! A follower forwards a whole batch to the leader in one `ClientWrite` call, and the leader
+//! splices it into its own next batch ([`Forwarded`]), so one entry carries the writes of every
+//! node: fewer fsyncs, AppendEntries and applies per write (3-node put benchmark, back to back:
+//! 2,713, 3,188 and 3,383 puts/s spliced against 2,548 and 2,582 without, at 428-501 against
+//! 570 µs of server CPU per put).
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -68,7 +72,16 @@ fn stopped() -> Error {
 fn weight(command: &Command) -> usize {
     match command {
         Command::PutSecret { path, sealed, .. } => path.len() + sealed.ciphertext.len() + 64,
+        Command::Batch(items) => items.iter().map(weight).sum(),
         _ => 256,
+    }
+}
+
+/// Commands a queued command adds to a batch: a batch a follower forwarded is spliced in.
+fn items(command: &Command) -> usize {
+    match command {
+        Command::Batch(items) => items.len(),
+        _ => 1,
     }
 }
 
@@ -91,16 +104,17 @@ async fn run(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<(Command, Waiter)
             Ok(Err(_)) => return,
             Err(_) => None,
         };
-        let mut bytes = weight(&first.0);
+        let (mut bytes, mut count) = (weight(&first.0), items(&first.0));
         let mut batch = vec![first];
-        while batch.len() < MAX_ITEMS && bytes < MAX_BYTES {
+        while count < MAX_ITEMS && bytes < MAX_BYTES {
             match rx.try_recv() {
-                Ok(next) if bytes + weight(&next.0) > MAX_BYTES => {
+                Ok(next) if bytes + weight(&next.0) > MAX_BYTES || count + items(&next.0) > MAX_ITEMS => {
                     carried = Some(next);
                     break;
                 }
                 Ok(next) => {
                     bytes += weight(&next.0);
+                    count += items(&next.0);
                     batch.push(next);
                 }
                 Err(_) => break,
@@ -114,35 +128,43 @@ async fn run(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<(Command, Waiter)
     }
 }
 
-/// Proposes the batch (a lone command as itself) and hands each waiter its response.
+/// Proposes the batch (a lone command as itself; forwarded batches spliced in) and hands each
+/// waiter its response.
 async fn commit(node: &Node, batch: Vec<(Command, Waiter)>) {
-    let (commands, waiters): (Vec<Command>, Vec<Waiter>) = batch.into_iter().unzip();
-    let command = match <[Command; 1]>::try_from(commands) {
-        Ok([one]) => one,
-        Err(many) => Command::Batch(many),
-    };
-    let batched = matches!(command, Command::Batch(_));
+    // For each waiter: None for one command, Some(n) for a spliced batch of n.
+    let mut shapes = Vec::with_capacity(batch.len());
+    let mut flat = Vec::with_capacity(batch.len());
+    let mut waiters = Vec::with_capacity(batch.len());
+    for (command, waiter) in batch {
+        match command {
+            Command::Batch(items) => {
+                shapes.push(Some(items.len()));
+                flat.extend(items);
+            }
+            one => {
+                shapes.push(None);
+                flat.push(one);
+            }
+        }
+        waiters.push(waiter);
+    }
+    let lone = shapes == [None];
+    let command = if lone { flat.remove(0) } else { Command::Batch(flat) };
     let timeout = node.config.write_timeout;
     let outcome = match tokio::time::timeout(timeout, node.propose_unbounded(command)).await {
         Ok(outcome) => outcome,
         // Each caller has given up by now (the same bound); this frees the slot.
         Err(_) => Err(Error::Unavailable { reason: "the write was not committed in time".into() }),
     };
-    match outcome {
-        Ok(Response::Batch(responses)) if batched && responses.len() == waiters.len() => {
-            for (waiter, response) in waiters.into_iter().zip(responses) {
-                let _ = waiter.send(Ok(response));
-            }
-        }
-        Ok(response) if !batched => {
-            for waiter in waiters {
-                let _ = waiter.send(Ok(response.clone()));
-            }
-        }
-        Ok(other) => {
-            let reason = format!("a batch of {} writes was answered with {other:?}", waiters.len());
-            for waiter in waiters {
-                let _ = waiter.send(Err(Error::Internal(reason.clone().into())));
+    let answers = match outcome {
+        Ok(response) if lone => Ok(vec![response]),
+        Ok(response) => split(&shapes, response),
+        Err(e) => Err(e),
+    };
+    match answers {
+        Ok(answers) => {
+            for (waiter, answer) in waiters.into_iter().zip(answers) {
+                let _ = waiter.send(Ok(answer));
             }
         }
         Err(e) => {
@@ -150,5 +172,73 @@ async fn commit(node: &Node, batch: Vec<(Command, Waiter)>) {
                 let _ = waiter.send(Err(e.for_another_caller()));
             }
         }
+    }
+}
+
+/// Each waiter's share of a batch's response: one response, or a batch of them for a spliced
+/// batch.
+fn split(shapes: &[Option<usize>], response: Response) -> Result<Vec<Response>, Error> {
+    let expected: usize = shapes.iter().map(|s| s.unwrap_or(1)).sum();
+    let responses = match response {
+        Response::Batch(responses) if responses.len() == expected => responses,
+        other => {
+            return Err(Error::Internal(format!("a batch of {expected} writes was answered with {other:?}").into()))
+        }
+    };
+    let mut responses = responses.into_iter();
+    Ok(shapes
+        .iter()
+        .filter_map(|shape| match shape {
+            None => responses.next(),
+            Some(n) => Some(Response::Batch(responses.by_ref().take(*n).collect())),
+        })
+        .collect())
+}
+
+/// Writes forwarded by followers join this node's batches. A node that does not lead refuses
+/// them as before, rather than forwarding them on: two nodes with stale views of the leader would
+/// otherwise pass a write back and forth until it timed out.
+pub(crate) struct Forwarded(pub(crate) Weak<Node>);
+
+impl coffer_raft::ForwardedWrites for Forwarded {
+    fn propose(&self, command: Command) -> coffer_raft::BoxFuture<'_, Result<Response, tonic::Status>> {
+        Box::pin(async move {
+            let node = self.0.upgrade().ok_or_else(|| tonic::Status::from(stopped()))?;
+            let leader = node.raft.metrics().borrow().current_leader;
+            if leader != Some(node.config.node_id) {
+                let known = leader.map_or_else(|| "none known".to_owned(), |id| format!("node {id}"));
+                return Err(tonic::Status::unavailable(format!(
+                    "this node is not the leader (leader: {known}); retry"
+                )));
+            }
+            Ok(node.propose(command).await?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use coffer_raft::Rejection;
+
+    use super::*;
+
+    fn put(version: u64) -> Response {
+        Response::Put { version, created_at_ms: 1 }
+    }
+
+    #[test]
+    fn a_spliced_batch_gets_its_own_items_back_in_order() -> Result<(), Error> {
+        let taken = Response::Rejected(Rejection::VersionTaken { version: 2, current: 2 });
+        let response = Response::Batch(vec![put(1), put(2), taken.clone(), put(4), put(5)]);
+        let answers = split(&[None, Some(3), None], response)?;
+        assert_eq!(answers, vec![put(1), Response::Batch(vec![put(2), taken, put(4)]), put(5)]);
+        assert_eq!(split(&[Some(0), None], Response::Batch(vec![put(1)]))?, vec![Response::Batch(vec![]), put(1)]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_answered_with_the_wrong_shape_fails_every_waiter() {
+        assert!(matches!(split(&[None, None], Response::Batch(vec![put(1)])), Err(Error::Internal(_))));
+        assert!(matches!(split(&[None, None], put(1)), Err(Error::Internal(_))));
     }
 }

@@ -1,6 +1,7 @@
 //! Serving: start a node and answer gRPC on a listener until shutdown.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use coffer_proto::raft::v1::node_stats_server::NodeStatsServer;
 use coffer_proto::raft::v1::raft_server::RaftServer;
@@ -50,7 +51,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         node.contact.clone(),
         node.quiet.clone(),
         node.reads.clone(),
-    );
+    )
+    .with_forwarded_writes(Arc::new(crate::batch::Forwarded(Arc::downgrade(&node))));
     let rotator = tokio::spawn(crate::op::auto_rotate::run(node.clone()));
     let served = tonic::transport::Server::builder()
         .add_service(health_service)

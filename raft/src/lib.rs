@@ -32,7 +32,9 @@ pub use handoff::{HandoffError, Quiet};
 pub use log_store::LogStore;
 pub use network::{BadPeerAddr, GrpcNetwork, LocalMetrics, PeerChannels};
 pub use reader::StateReader;
-pub use service::{leading_without_quorum, quorum_loss_threshold, LeaderContact, RaftService};
+pub use service::{
+    leading_without_quorum, quorum_loss_threshold, BoxFuture, ForwardedWrites, LeaderContact, RaftService,
+};
 pub use state_machine::StateMachine;
 pub use store::Store;
 

@@ -116,7 +116,18 @@ pub struct RaftService {
     contact: Arc<LeaderContact>,
     quiet: Arc<Quiet>,
     reads: Arc<ReadRounds>,
+    writes: Option<Arc<dyn ForwardedWrites>>,
 }
+
+/// Where the writes followers forward go, when not straight into Raft: a node batches them with
+/// its own (see `coffer-node`'s `batch` module), so the leader commits one entry for all of them.
+pub trait ForwardedWrites: Send + Sync + 'static {
+    /// Proposes a forwarded command and returns what applying it produced.
+    fn propose(&self, command: Command) -> BoxFuture<'_, Result<crate::Response, Status>>;
+}
+
+/// A boxed future, as [`ForwardedWrites`] returns.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 impl std::fmt::Debug for RaftService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,7 +145,14 @@ impl RaftService {
         quiet: Arc<Quiet>,
         reads: Arc<ReadRounds>,
     ) -> Self {
-        RaftService { raft, reader, channels, contact, quiet, reads }
+        RaftService { raft, reader, channels, contact, quiet, reads, writes: None }
+    }
+
+    /// Sends forwarded writes through `writes` instead of straight into Raft.
+    #[must_use]
+    pub fn with_forwarded_writes(mut self, writes: Arc<dyn ForwardedWrites>) -> Self {
+        self.writes = Some(writes);
+        self
     }
 
     /// The leader's address, if this node knows it and is not the leader itself.
@@ -197,6 +215,9 @@ impl RaftRpc for RaftService {
 
     async fn client_write(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let command: Command = decode(request)?;
+        if let Some(writes) = &self.writes {
+            return reply(&writes.propose(command).await?);
+        }
         self.quiet.wait().await;
         if let Some(age) = leading_without_quorum(&self.raft, quorum_loss_threshold(&self.raft)) {
             return Err(Status::unavailable(format!(
