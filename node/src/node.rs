@@ -235,15 +235,35 @@ impl Node {
                 ),
             });
         }
-        let leader = match self.raft.client_write(command.clone()).await {
-            Ok(written) => return Ok(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
-            Err(RaftError::APIError(e @ ClientWriteError::ChangeMembershipError(_))) => {
-                return Err(Error::Internal(Box::new(e)))
+        // Leader or not, from the metrics: no copy of the command is kept to retry with, and a
+        // follower does not queue it through its own Raft core only to be told where to send it.
+        let forward_to = {
+            let receiver = self.raft.metrics();
+            let metrics = receiver.borrow();
+            match metrics.current_leader {
+                Some(id) if id == metrics.id => None,
+                Some(id) => Some(metrics.membership_config.membership().get_node(&id).cloned().ok_or_else(no_leader)?),
+                None => return Err(no_leader()),
             }
-            Err(RaftError::Fatal(f)) => return Err(Error::Unavailable { reason: format!("raft has stopped: {f}") }),
         };
-        let leader = leader.ok_or_else(no_leader)?;
+        let Some(leader) = forward_to else {
+            return match self.raft.client_write(command).await {
+                Ok(written) => Ok(written.data),
+                // Leadership moved between the metrics and the write. Not forwarded: the entry may
+                // have been appended here and may still commit under the new leader.
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Error::Unavailable {
+                    reason: format!(
+                        "leadership moved (leader now: {}) while the write was proposed; it may still be applied: \
+                         retry with the same request_id",
+                        f.leader_id.map_or_else(|| "unknown".to_owned(), |id| format!("node {id}"))
+                    ),
+                }),
+                Err(RaftError::APIError(e @ ClientWriteError::ChangeMembershipError(_))) => {
+                    Err(Error::Internal(Box::new(e)))
+                }
+                Err(RaftError::Fatal(f)) => Err(Error::Unavailable { reason: format!("raft has stopped: {f}") }),
+            };
+        };
         let mut client = self.channels.client(&leader.addr).map_err(|e| Error::Internal(Box::new(e)))?;
         let payload = postcard::to_allocvec(&command).map_err(|e| Error::Internal(Box::new(e)))?;
         let reply = client
