@@ -67,6 +67,9 @@ struct Cli {
     /// The coffer binary for the local cluster (default: the one next to this binary).
     #[arg(long)]
     coffer: Option<PathBuf>,
+    /// Skip the ring and SoftHSM baselines (for a second, open-loop pass).
+    #[arg(long)]
+    no_baselines: bool,
 }
 
 fn main() -> ExitCode {
@@ -137,20 +140,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Baselines, in the same run.
-    eprintln!("coffer-bench: baselines");
-    for bytes in [64, 1024] {
-        let m = tokio::task::block_in_place(|| baselines::ring_seal(bytes, cli.duration))?;
-        report.push(Figure::new("ring, 1 core", &format!("aes-256-gcm seal {bytes} B"), m, None));
-    }
-    if let Some(cluster) = &cluster {
-        let hsm = tokio::task::block_in_place(|| baselines::open_hsm(&cluster.nodes[0].dir))?;
-        for (name, op) in [("wrap", baselines::HsmOp::Wrap), ("unwrap", baselines::HsmOp::Unwrap)] {
-            let m = load::run(&format!("softhsm {name}"), shape, baselines::hsm_op(hsm.clone(), op).await?).await;
-            report.push(Figure::new("softhsm (cryptoki)", name, m, None));
-        }
-        let gcm = Arc::new(tokio::task::block_in_place(|| baselines::HsmGcm::open(&cluster.nodes[0].dir))?);
-        let m = load::run("softhsm aes-gcm 64 B", shape, gcm.op(64)).await;
-        report.push(Figure::new("softhsm (cryptoki)", "aes-256-gcm encrypt 64 B", m, None));
+    if !cli.no_baselines {
+        eprintln!("coffer-bench: baselines");
+        run_baselines(&cli, shape, cluster.as_ref(), &mut report).await?;
     }
     if !cli.etcd.is_empty() {
         let etcd_urls: Vec<String> = cli.etcd.iter().map(|e| url(e)).collect();
@@ -193,5 +185,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let md = report.markdown();
     std::fs::write(cli.out.join("bench.md"), &md)?;
     println!("{md}");
+    Ok(())
+}
+
+/// The ring and SoftHSM baselines, at the same concurrency as the Coffer scenarios.
+async fn run_baselines(cli: &Cli, shape: Shape, cluster: Option<&Cluster>, report: &mut Report) -> anyhow::Result<()> {
+    for bytes in [64, 1024] {
+        let m = tokio::task::block_in_place(|| baselines::ring_seal(bytes, cli.duration))?;
+        report.push(Figure::new("ring, 1 core", &format!("aes-256-gcm seal {bytes} B"), m, None));
+    }
+    if let Some(cluster) = cluster {
+        let hsm = tokio::task::block_in_place(|| baselines::open_hsm(&cluster.nodes[0].dir))?;
+        for (name, op) in [("wrap", baselines::HsmOp::Wrap), ("unwrap", baselines::HsmOp::Unwrap)] {
+            let m = load::run(&format!("softhsm {name}"), shape, baselines::hsm_op(hsm.clone(), op).await?).await;
+            report.push(Figure::new("softhsm (cryptoki)", name, m, None));
+        }
+        let gcm = Arc::new(tokio::task::block_in_place(|| baselines::HsmGcm::open(&cluster.nodes[0].dir))?);
+        let m = load::run("softhsm aes-gcm 64 B", shape, gcm.op(64)).await;
+        report.push(Figure::new("softhsm (cryptoki)", "aes-256-gcm encrypt 64 B", m, None));
+    }
     Ok(())
 }
