@@ -118,8 +118,18 @@ impl Report {
             );
         }
         if self.rate.is_some() {
-            // The goals are throughput goals, judged on the closed-loop run.
+            // The baselines and goals are throughput figures, judged on the closed-loop run.
             return md;
+        }
+        let ratios = self.ratios();
+        if !ratios.is_empty() {
+            md.push_str("\n## Ratios to the baselines\n\nItems per second, Coffer over the baseline, same run.\n\n");
+            md.push_str("| Coffer | baseline | ratio |\n|---|---|---:|\n");
+            for (coffer, baseline, ratio) in ratios {
+                // Ratios to the in-process crypto limit are small: keep two significant digits.
+                let shown = if ratio < 0.1 { format!("{ratio:.4}") } else { format!("{ratio:.2}") };
+                let _ = writeln!(md, "| {coffer} | {baseline} | {shown}× |");
+            }
         }
         md.push_str("\n## Goals\n\n| goal | measured | status |\n|---|---|---|\n");
         for (goal, measured, met) in self.goals() {
@@ -131,6 +141,40 @@ impl Report {
             let _ = writeln!(md, "| {goal} | {measured} | {status} |");
         }
         md
+    }
+
+    /// (Coffer figure, baseline figure, ratio) for each baseline beside the Coffer scenarios it
+    /// bounds, where both were measured.
+    fn ratios(&self) -> Vec<(String, String, f64)> {
+        // (Coffer scenario, baseline system prefix, baseline scenario)
+        const PAIRS: [(&str, &str, &str); 11] = [
+            ("encrypt64", "coffer", "empty-rpc"),
+            ("encrypt64", "ring", "aes-256-gcm seal 64 B"),
+            ("encrypt64-batch", "ring", "aes-256-gcm seal 64 B"),
+            ("encrypt1k-batch", "ring", "aes-256-gcm seal 1024 B"),
+            ("encrypt64", "softhsm", "aes-256-gcm encrypt 64 B"),
+            ("encrypt64-batch", "softhsm", "aes-256-gcm encrypt 64 B"),
+            ("encrypt64-stream", "softhsm", "aes-256-gcm encrypt 64 B"),
+            ("data-key", "softhsm", "wrap"),
+            ("decrypt64", "softhsm", "unwrap"),
+            ("put", "etcd", "put"),
+            ("get-linear", "etcd", "get-linear"),
+        ];
+        PAIRS
+            .iter()
+            .filter_map(|(scenario, system, baseline)| {
+                let c = self.find("coffer", scenario)?;
+                let b = self.find(system, baseline)?;
+                let (c_rate, b_rate) = (c.measured.items_per_sec, b.measured.items_per_sec);
+                (b_rate > 0.0).then(|| {
+                    (
+                        format!("{scenario} ({c_rate:.0}/s)"),
+                        format!("{} {baseline} ({b_rate:.0}/s)", b.system),
+                        c_rate / b_rate,
+                    )
+                })
+            })
+            .collect()
     }
 
     /// (goal, what was measured, met?) for each goal of the benchmark issue.
@@ -262,13 +306,29 @@ mod tests {
     }
 
     #[test]
+    fn each_baseline_is_printed_beside_the_coffer_figures_it_bounds() {
+        let mut r = Report::new(32, None, Duration::from_secs(5), 3);
+        r.push(Figure::new("coffer", "encrypt64-batch", measured(3000.0, 300_000, 100), None));
+        r.push(Figure::new("ring, 1 core", "aes-256-gcm seal 64 B", measured(6e6, 6_000_000, 1), None));
+        r.push(Figure::new("softhsm (cryptoki)", "aes-256-gcm encrypt 64 B", measured(25_000.0, 25_000, 100), None));
+        r.push(Figure::new("coffer", "put", measured(3000.0, 3000, 100), None));
+        let md = r.markdown();
+        assert!(
+            md.contains("| encrypt64-batch (300000/s) | ring, 1 core aes-256-gcm seal 64 B (6000000/s) | 0.0500× |"),
+            "{md}"
+        );
+        assert!(md.contains("| softhsm (cryptoki) aes-256-gcm encrypt 64 B (25000/s) | 12.00× |"), "{md}");
+        assert!(!md.contains("| put ("), "no etcd figure, so no put ratio: {md}");
+    }
+
+    #[test]
     fn an_open_loop_report_has_its_own_heading_and_no_goals() {
         let mut r = Report::new(64, Some(2000), Duration::from_secs(5), 3);
         r.push(Figure::new("coffer", "put", measured(2000.0, 10_000, 900), None));
         let md = r.markdown();
         assert!(md.starts_with("## Latency at a fixed rate (open loop)\n\nopen loop at 2000 ops/s"), "{md}");
         assert!(md.contains("| coffer | put | 2000 |"), "{md}");
-        assert!(!md.contains("## Goals"), "{md}");
+        assert!(!md.contains("## Goals") && !md.contains("## Ratios"), "{md}");
         assert!(Report::new(32, None, Duration::from_secs(5), 3).markdown().contains("## Goals"));
     }
 
