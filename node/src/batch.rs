@@ -204,14 +204,12 @@ impl coffer_raft::ForwardedWrites for Forwarded {
     fn propose(&self, command: Command) -> coffer_raft::BoxFuture<'_, Result<Response, tonic::Status>> {
         Box::pin(async move {
             let node = self.0.upgrade().ok_or_else(|| tonic::Status::from(stopped()))?;
-            let leader = node.raft.metrics().borrow().current_leader;
-            if leader != Some(node.config.node_id) {
-                let known = leader.map_or_else(|| "none known".to_owned(), |id| format!("node {id}"));
-                return Err(tonic::Status::unavailable(format!(
-                    "this node is not the leader (leader: {known}); retry"
-                )));
-            }
-            Ok(node.propose(command).await?)
+            let known = match node.leader_elsewhere() {
+                Ok(None) => return Ok(node.propose(command).await?),
+                Ok(Some((id, _))) => format!("node {id}"),
+                Err(_) => "none known".to_owned(),
+            };
+            Err(tonic::Status::unavailable(format!("this node is not the leader (leader: {known}); retry")))
         })
     }
 }

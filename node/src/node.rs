@@ -237,16 +237,7 @@ impl Node {
         }
         // Leader or not, from the metrics: no copy of the command is kept to retry with, and a
         // follower does not queue it through its own Raft core only to be told where to send it.
-        let forward_to = {
-            let receiver = self.raft.metrics();
-            let metrics = receiver.borrow();
-            match metrics.current_leader {
-                Some(id) if id == metrics.id => None,
-                Some(id) => Some(metrics.membership_config.membership().get_node(&id).cloned().ok_or_else(no_leader)?),
-                None => return Err(no_leader()),
-            }
-        };
-        let Some(leader) = forward_to else {
+        let Some((_, leader)) = self.leader_elsewhere()? else {
             return match self.raft.client_write(command).await {
                 Ok(written) => Ok(written.data),
                 // Leadership moved between the metrics and the write. Not forwarded: the entry may
@@ -271,6 +262,24 @@ impl Node {
             .await
             .map_err(|s| forward_failed(&leader.addr, &s))?;
         postcard::from_bytes(&reply.into_inner().payload).map_err(|e| Error::Internal(Box::new(e)))
+    }
+
+    /// Who leads, as this node's Raft metrics say: `None` when this node does, else the leader's
+    /// id and address.
+    ///
+    /// # Errors
+    /// `Unavailable` when no leader is known (an election, no quorum) or its address is not.
+    pub(crate) fn leader_elsewhere(&self) -> Result<Option<(u64, BasicNode)>, Error> {
+        let receiver = self.raft.metrics();
+        let metrics = receiver.borrow();
+        match metrics.current_leader {
+            Some(id) if id == metrics.id => Ok(None),
+            Some(id) => {
+                let node = metrics.membership_config.membership().get_node(&id).cloned().ok_or_else(no_leader)?;
+                Ok(Some((id, node)))
+            }
+            None => Err(no_leader()),
+        }
     }
 
     /// Waits until this node may serve a linearizable read of its local state.
