@@ -194,7 +194,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// kill -9 node `i`.
+    /// kill -9 node `i`. Returns once the process has been reaped: from then on it holds no socket
+    /// and answers nothing, which is the instant the drills count the fault from.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(mut child) = self.nodes[i].child.take() {
             child.kill()?;
@@ -216,7 +217,7 @@ impl Cluster {
         }
     }
 
-    /// SIGTERM node `i` and wait for it to exit.
+    /// SIGTERM node `i`; returns once the process has exited and been reaped.
     pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(mut child) = self.nodes[i].child.take() {
             Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;

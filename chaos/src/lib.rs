@@ -9,6 +9,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod fault;
 pub mod history;
 pub mod links;
 pub mod report;

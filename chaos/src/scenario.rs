@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::checker;
 use crate::cluster::Cluster;
+use crate::fault::{FaultKind, FaultLog, Hit, Role};
 use crate::history::{Call, Op, Outcome};
 use crate::report::{Latency, Report};
 use crate::workload::{self, Recorder, KEY_NAME};
@@ -122,8 +123,10 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
     // The rotation drill must actually rotate: at least a few versions by the end.
     let min_versions = if scenario == Scenario::KillLeaderDuringRotation { 3 } else { 1 };
-    drive(scenario.name(), &urls, settings, min_versions, || inject(scenario, &mut cluster, settings.fault_duration))
-        .await
+    drive(scenario.name(), &urls, settings, min_versions, |faults| {
+        inject(scenario, &mut cluster, settings.fault_duration, faults)
+    })
+    .await
 }
 
 /// Runs the workload and checks against a cluster the operator runs, with the fault injected and
@@ -149,8 +152,10 @@ pub async fn run_against(
         Err(s) => anyhow::bail!("cannot create the drill key on {}: {}", urls[0], s.message()),
     }
     let duration = settings.fault_duration;
-    drive("target", &urls, settings, 1, || {
+    drive("target", &urls, settings, 1, |faults| {
         shell(fault_cmd)?;
+        // Which nodes the command hits, and when it really takes effect, only the operator knows.
+        faults.in_effect(FaultKind::Command, Vec::new());
         std::thread::sleep(duration);
         shell(heal_cmd)
     })
@@ -164,28 +169,31 @@ fn shell(cmd: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Warm-up, fault and heal (`inject`), settle, then every check.
+/// Warm-up, fault and heal (`inject`, which records each fault as it takes effect), settle, then
+/// every check.
 async fn drive(
     name: &str,
     urls: &[String],
     settings: &Settings,
     min_key_versions: u32,
-    inject: impl FnOnce() -> anyhow::Result<()>,
+    inject: impl FnOnce(&mut FaultLog) -> anyhow::Result<()>,
 ) -> anyhow::Result<Report> {
     let recorder = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));
     let clients = workload::start(urls, settings.clients, 8, &recorder, &stop)?;
     tokio::time::sleep(WARM_UP).await;
 
-    let fault_us = recorder.now_us();
-    let injected = tokio::task::block_in_place(inject);
+    let mut faults = FaultLog::new(&recorder);
+    let injected = tokio::task::block_in_place(|| inject(&mut faults));
     let heal_us = recorder.now_us();
+    let faults = faults.into_faults();
     tokio::time::sleep(SETTLE).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await?;
     }
     injected?;
+    anyhow::ensure!(!faults.is_empty(), "the drill injected no fault: is the fault phase too short?");
     let history = recorder.history();
 
     let mut violations = checker::linearizable(&history);
@@ -193,17 +201,31 @@ async fn drive(
     violations.extend(found);
     violations.extend(check_stale_reads(&history));
     violations.extend(verify_state(urls, &history, min_key_versions).await?);
-    Ok(Report::new(name, &history, (fault_us, heal_us), violations, search))
+    Ok(Report::new(name, &history, faults, heal_us, violations, search))
 }
 
-/// Injects the fault and heals it; returns when the cluster is whole again.
+/// Node `i` as a fault's target.
+fn hit(cluster: &Cluster, i: usize, role: Option<Role>) -> Hit {
+    Hit { index: i, id: cluster.nodes[i].id, role }
+}
+
+/// Injects the fault and heals it; returns when the cluster is whole again. Each fault goes into
+/// `faults` as soon as it is in effect, not before: after the killed process is reaped, after the
+/// links are cut, after the HSM fault files are written.
 #[allow(clippy::too_many_lines)] // one arm per scenario reads better than ten small functions
-fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyhow::Result<()> {
+fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration, faults: &mut FaultLog) -> anyhow::Result<()> {
+    let leader_hit = |cluster: &Cluster, i| hit(cluster, i, Some(Role::Leader));
+    let follower_hit = |cluster: &Cluster, i| hit(cluster, i, Some(Role::Follower));
     match scenario {
         Scenario::KillLeader | Scenario::KillFollower => {
             let leader = cluster.leader()?;
-            let victim = if scenario == Scenario::KillLeader { leader } else { (leader + 1) % cluster.nodes.len() };
+            let (victim, role) = if scenario == Scenario::KillLeader {
+                (leader, Role::Leader)
+            } else {
+                ((leader + 1) % cluster.nodes.len(), Role::Follower)
+            };
             cluster.kill(victim)?;
+            faults.in_effect(FaultKind::Kill, vec![hit(cluster, victim, Some(role))]);
             std::thread::sleep(duration);
             cluster.start_node(victim)?;
         }
@@ -213,6 +235,7 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             while started.elapsed() < duration {
                 let leader = cluster.leader()?;
                 cluster.kill(leader)?;
+                faults.in_effect(FaultKind::Kill, vec![leader_hit(cluster, leader)]);
                 if let Some(previous) = down.replace(leader) {
                     cluster.start_node(previous)?;
                 }
@@ -244,6 +267,7 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             std::thread::sleep(Duration::from_millis(500));
             let leader = cluster.leader()?;
             cluster.kill(leader)?;
+            faults.in_effect(FaultKind::Kill, vec![leader_hit(cluster, leader)]);
             std::thread::sleep(duration);
             cluster.start_node(leader)?;
             std::thread::sleep(Duration::from_millis(500));
@@ -263,6 +287,7 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             });
             std::thread::sleep(Duration::from_millis(30));
             cluster.kill(leader)?;
+            faults.in_effect(FaultKind::Kill, vec![leader_hit(cluster, leader)]);
             std::thread::sleep(duration);
             cluster.start_node(leader)?;
             let first_try = join.join().map_err(|_| anyhow::anyhow!("the join thread panicked"))??;
@@ -293,6 +318,11 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
                 if scenario == Scenario::PartitionMinority { vec![leader, (leader + 1) % n] } else { vec![leader] };
             let majority: Vec<usize> = (0..n).filter(|i| !minority.contains(i)).collect();
             links.set_between(&minority, &majority, false);
+            let cut_off = minority
+                .iter()
+                .map(|&i| if i == leader { leader_hit(cluster, i) } else { follower_hit(cluster, i) })
+                .collect();
+            faults.in_effect(FaultKind::Partition, cut_off);
             std::thread::sleep(duration);
             links.set_between(&minority, &majority, true);
         }
@@ -307,6 +337,8 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
                     break;
                 }
                 links.set(leader, follower, false);
+                faults
+                    .in_effect(FaultKind::LinkCut, vec![leader_hit(cluster, leader), follower_hit(cluster, follower)]);
                 std::thread::sleep(FLAP);
                 links.set(leader, follower, true);
                 std::thread::sleep(FLAP);
@@ -319,8 +351,10 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             // A running node does not need its HSM: one follower's goes, then it restarts and must
             // wait for the HSM instead of exiting.
             cluster.hsm_fault(follower, true)?;
+            faults.in_effect(FaultKind::HsmOutage, vec![follower_hit(cluster, follower)]);
             std::thread::sleep(third);
             cluster.kill(follower)?;
+            faults.in_effect(FaultKind::Kill, vec![follower_hit(cluster, follower)]);
             cluster.start_node(follower)?;
             std::thread::sleep(third.max(Duration::from_secs(1)));
             anyhow::ensure!(
@@ -332,6 +366,11 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             for i in 0..cluster.nodes.len() {
                 cluster.hsm_fault(i, true)?;
             }
+            // Roles as the drill found them at its start; only a follower has restarted since.
+            let every = (0..cluster.nodes.len())
+                .map(|i| if i == leader { leader_hit(cluster, i) } else { follower_hit(cluster, i) })
+                .collect();
+            faults.in_effect(FaultKind::HsmOutage, every);
             let status: serde_json::Value =
                 serde_json::from_str(&cluster.cli_ok(leader, &["operator", "status", "-o", "json"])?)?;
             let hsm = status["hsm"].as_str().unwrap_or_default().to_owned();
@@ -345,6 +384,8 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration) -> anyh
             let pause = duration / cluster.nodes.len() as u32;
             for i in 0..cluster.nodes.len() {
                 cluster.stop(i)?;
+                // Roles unknown: asking who leads before each stop would change the drill's timing.
+                faults.in_effect(FaultKind::Stop, vec![hit(cluster, i, None)]);
                 cluster.start_node(i)?;
                 std::thread::sleep(pause);
             }
