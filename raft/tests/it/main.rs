@@ -5,3 +5,4 @@
 
 mod t10_openraft_suite;
 mod t20_commands;
+mod t30_format;
