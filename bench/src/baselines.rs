@@ -23,7 +23,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use crate::load::{self, Measured, OpFn};
 
 /// AES-256-GCM seal of `bytes` bytes with ring on one core, for `duration`.
-pub fn ring_seal(bytes: usize, duration: Duration) -> anyhow::Result<Measured> {
+pub(crate) fn ring_seal(bytes: usize, duration: Duration) -> anyhow::Result<Measured> {
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).map_err(|_| anyhow::anyhow!("ring key"))?);
     let mut buf = Vec::with_capacity(bytes + 16);
     Ok(load::one_core(duration, 100_000_000, |n| {
@@ -37,7 +37,7 @@ pub fn ring_seal(bytes: usize, duration: Duration) -> anyhow::Result<Measured> {
 
 /// The SoftHSM operations a per-request design would make.
 #[derive(Debug, Clone, Copy)]
-pub enum HsmOp {
+pub(crate) enum HsmOp {
     /// Wrap a 256-bit key under the root key (CKM_AES_KEY_WRAP_PAD).
     Wrap,
     /// Unwrap it again.
@@ -48,7 +48,7 @@ pub enum HsmOp {
 ///
 /// # Errors
 /// The token cannot be opened.
-pub fn open_hsm(node_dir: &Path) -> anyhow::Result<Hsm> {
+pub(crate) fn open_hsm(node_dir: &Path) -> anyhow::Result<Hsm> {
     // SoftHSM reads its config path from the environment at the first PKCS#11 call, which has not
     // happened in this process yet; nothing else here reads the environment concurrently.
     std::env::set_var("SOFTHSM2_CONF", node_dir.join("softhsm2.conf"));
@@ -67,7 +67,7 @@ pub fn open_hsm(node_dir: &Path) -> anyhow::Result<Hsm> {
 ///
 /// # Errors
 /// The first wrap, made to have something to unwrap, fails.
-pub async fn hsm_op(hsm: Hsm, op: HsmOp) -> anyhow::Result<OpFn> {
+pub(crate) async fn hsm_op(hsm: Hsm, op: HsmOp) -> anyhow::Result<OpFn> {
     let key = Key256::from_array(&mut [9u8; 32]);
     let wrapped = Arc::new(hsm.wrap(&key).await?);
     let hsm = Arc::new(hsm);
@@ -89,7 +89,7 @@ pub async fn hsm_op(hsm: Hsm, op: HsmOp) -> anyhow::Result<OpFn> {
 ///
 /// Each blocking thread that runs a call keeps its own session (a cryptoki `Session` is not
 /// `Sync`); the key is a session object of `owner`, visible to every session of this process.
-pub struct HsmGcm {
+pub(crate) struct HsmGcm {
     ctx: Pkcs11,
     slot: Slot,
     key: ObjectHandle,
@@ -108,7 +108,7 @@ impl HsmGcm {
     ///
     /// # Errors
     /// The module, token or PIN cannot be reached, or the token refuses to make the key.
-    pub fn open(node_dir: &Path) -> anyhow::Result<HsmGcm> {
+    pub(crate) fn open(node_dir: &Path) -> anyhow::Result<HsmGcm> {
         std::env::set_var("SOFTHSM2_CONF", node_dir.join("softhsm2.conf"));
         let ctx = Pkcs11::new(coffer_hsm::resolve_module(None)?)?;
         // coffer-hsm may have initialised the library in this process already: one state per process.
@@ -159,7 +159,7 @@ impl HsmGcm {
     }
 
     /// Encryption of `bytes` bytes as a load operation, run on Tokio's blocking threads.
-    pub fn op(self: &Arc<Self>, bytes: usize) -> OpFn {
+    pub(crate) fn op(self: &Arc<Self>, bytes: usize) -> OpFn {
         let gcm = Arc::clone(self);
         Arc::new(move |_, _| {
             let gcm = Arc::clone(&gcm);
@@ -174,7 +174,7 @@ impl HsmGcm {
 }
 
 /// CPU time (user + system) a process has used, from `/proc/PID/stat`.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
@@ -185,7 +185,7 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 /// Resident memory of a process, bytes, from `/proc/PID/status`.
-pub fn resident_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -203,7 +203,7 @@ fn clock_ticks() -> u64 {
 }
 
 /// Summed CPU time of processes.
-pub fn total_cpu(pids: &[u32]) -> Duration {
+pub(crate) fn total_cpu(pids: &[u32]) -> Duration {
     pids.iter().filter_map(|p| cpu_time(*p)).sum()
 }
 

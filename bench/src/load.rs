@@ -15,11 +15,12 @@ use hdrhistogram::Histogram;
 
 /// One operation: given (client, sequence number), does the work and returns how many items it
 /// carried (1 for a unary call, 100 for a batch of 100), or the gRPC status code it failed with.
-pub type OpFn = Arc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = Result<u64, tonic::Code>> + Send>> + Send + Sync>;
+pub(crate) type OpFn =
+    Arc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = Result<u64, tonic::Code>> + Send>> + Send + Sync>;
 
 /// How to drive a scenario.
 #[derive(Debug, Clone, Copy)]
-pub struct Shape {
+pub(crate) struct Shape {
     /// Concurrent clients (closed loop), or the cap on operations in flight (open loop).
     pub clients: usize,
     /// Open loop at this many operations a second; `None`: closed loop.
@@ -34,7 +35,7 @@ pub struct Shape {
 
 /// What a run measured.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Measured {
+pub(crate) struct Measured {
     /// Successful operations.
     pub ops: u64,
     /// Items carried by successful operations.
@@ -97,7 +98,7 @@ impl Shared {
 }
 
 /// Runs `op` with `shape`, printing a progress line labelled `label` every second.
-pub async fn run(label: &str, shape: Shape, op: OpFn) -> Measured {
+pub(crate) async fn run(label: &str, shape: Shape, op: OpFn) -> Measured {
     // Warm-up: closed loop, not recorded.
     if !shape.warm_up.is_zero() {
         let until = Instant::now() + shape.warm_up;
@@ -225,7 +226,7 @@ async fn progress(label: String, shared: Arc<Shared>, started: Instant, total: D
 
 /// Runs `f` on one thread for `duration` (at most `max_ops` calls): the in-process limit of one
 /// core. Returns calls a second.
-pub fn one_core(duration: Duration, max_ops: u64, mut f: impl FnMut(u64)) -> Measured {
+pub(crate) fn one_core(duration: Duration, max_ops: u64, mut f: impl FnMut(u64)) -> Measured {
     let started = Instant::now();
     let mut hist = histogram();
     let mut n = 0u64;

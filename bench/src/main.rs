@@ -13,7 +13,7 @@ mod report;
 mod scenarios;
 
 /// etcd's KV API (trimmed; see `proto/etcdserverpb/kv.proto`).
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)] // generated code
 mod etcd {
     tonic::include_proto!("etcdserverpb");
 }

@@ -10,7 +10,7 @@ use crate::load::Measured;
 
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
-pub struct Figure {
+pub(crate) struct Figure {
     /// What was measured ("coffer", "etcd (3 nodes)", "ring, 1 core", ...).
     pub system: String,
     /// The scenario.
@@ -23,7 +23,7 @@ pub struct Figure {
 
 impl Figure {
     /// A row; `cpu` is the servers' CPU time over the measured phase, if known.
-    pub fn new(system: &str, scenario: &str, measured: Measured, cpu: Option<Duration>) -> Figure {
+    pub(crate) fn new(system: &str, scenario: &str, measured: Measured, cpu: Option<Duration>) -> Figure {
         let cpu_us_per_op =
             cpu.filter(|_| measured.ops > 0).map(|c| c.as_secs_f64() * 1e6 / measured.items.max(1) as f64);
         Figure { system: system.into(), scenario: scenario.into(), measured, cpu_us_per_op }
@@ -32,7 +32,7 @@ impl Figure {
 
 /// Resident memory before and after writing many secrets.
 #[derive(Debug, Clone, Serialize)]
-pub struct Memory {
+pub(crate) struct Memory {
     /// Secrets written.
     pub secrets: u64,
     /// Resident bytes of each node before.
@@ -43,7 +43,7 @@ pub struct Memory {
 
 /// A whole run.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// Clients (closed loop) or in-flight cap (open loop).
     pub clients: usize,
     /// Open-loop rate, if any.
@@ -60,17 +60,17 @@ pub struct Report {
 
 impl Report {
     /// An empty report of a run's settings.
-    pub fn new(clients: usize, rate: Option<u64>, duration: Duration, nodes: usize) -> Report {
+    pub(crate) fn new(clients: usize, rate: Option<u64>, duration: Duration, nodes: usize) -> Report {
         Report { clients, rate, seconds: duration.as_secs_f64(), nodes, figures: Vec::new(), memory: None }
     }
 
     /// Adds a row.
-    pub fn push(&mut self, figure: Figure) {
+    pub(crate) fn push(&mut self, figure: Figure) {
         self.figures.push(figure);
     }
 
     /// Records the memory figure.
-    pub fn memory(&mut self, secrets: u64, before: &[u64], after: &[u64]) {
+    pub(crate) fn memory(&mut self, secrets: u64, before: &[u64], after: &[u64]) {
         self.memory = Some(Memory { secrets, before: before.to_vec(), after: after.to_vec() });
     }
 
@@ -79,7 +79,7 @@ impl Report {
     }
 
     /// The report as markdown: the figures, then the goals.
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let mut md = String::new();
         let (heading, load) = match self.rate {
             Some(r) => (

@@ -17,20 +17,20 @@ use crate::etcd::{PutRequest as EtcdPut, RangeRequest};
 use crate::load::OpFn;
 
 /// The AES key the crypto scenarios use.
-pub const AES_KEY: &str = "bench-aes";
+pub(crate) const AES_KEY: &str = "bench-aes";
 /// The Ed25519 key the sign scenario uses.
-pub const ED_KEY: &str = "bench-ed25519";
+pub(crate) const ED_KEY: &str = "bench-ed25519";
 /// Secrets the read scenarios read.
-pub const SEEDED: usize = 100;
+pub(crate) const SEEDED: usize = 100;
 /// Secret values, bytes (the etcd comparison uses the same size).
-pub const VALUE_BYTES: usize = 256;
+pub(crate) const VALUE_BYTES: usize = 256;
 /// Items in one batch or stream round.
-pub const BATCH: usize = 100;
+pub(crate) const BATCH: usize = 100;
 
 /// The Coffer scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// Secret get, linearizable (the default read).
     GetLinear,
     /// Secret get with max_staleness 1 s.
@@ -65,7 +65,7 @@ pub enum Scenario {
 
 /// Channels to the nodes under test; client `c` uses node `c % n`.
 #[derive(Clone)]
-pub struct Target {
+pub(crate) struct Target {
     channels: Arc<Vec<Channel>>,
     /// Ciphertexts of 64 B and 1 KiB for the decrypt scenarios.
     ciphertexts: Arc<[String; 2]>,
@@ -76,11 +76,12 @@ impl Target {
     ///
     /// # Errors
     /// A node that does not answer, or set-up calls that fail.
-    pub async fn prepare(urls: &[String]) -> anyhow::Result<Target> {
+    pub(crate) async fn prepare(urls: &[String]) -> anyhow::Result<Target> {
         let channels = connect(urls)?;
         let mut keys = KeysClient::new(channels[0].clone());
         for (name, kind) in [(AES_KEY, KeyType::Aes256Gcm), (ED_KEY, KeyType::Ed25519)] {
-            let create = CreateKeyRequest { name: name.into(), r#type: kind as i32, exportable: false };
+            let create =
+                CreateKeyRequest { name: name.into(), r#type: kind as i32, exportable: false, ..Default::default() };
             match keys.create_key(create).await {
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::AlreadyExists => {}
@@ -97,7 +98,7 @@ impl Target {
     }
 
     /// Writes a new secret per call (`bench/mem/N`, 256 B): the memory figure's fill.
-    pub fn fill(&self) -> OpFn {
+    pub(crate) fn fill(&self) -> OpFn {
         let t = self.clone();
         let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Arc::new(move |client, _| {
@@ -117,7 +118,7 @@ impl Target {
     }
 
     /// The operation of a scenario.
-    pub fn op(&self, scenario: Scenario) -> OpFn {
+    pub(crate) fn op(&self, scenario: Scenario) -> OpFn {
         let t = self.clone();
         Arc::new(move |client, seq| {
             let t = t.clone();
@@ -176,7 +177,10 @@ impl Target {
             }
             Scenario::Mix => match seq % 100 {
                 // 1 % rotations, 9 % writes, 45 % reads, 45 % crypto.
-                0 => KeysClient::new(ch).rotate_key(RotateKeyRequest { name: AES_KEY.into() }).await.map(|_| 1),
+                0 => KeysClient::new(ch)
+                    .rotate_key(RotateKeyRequest { name: AES_KEY.into(), ..Default::default() })
+                    .await
+                    .map(|_| 1),
                 1..=9 => SecretsClient::new(ch).put(put(&format!("bench/mix/{client}"), seq)).await.map(|_| 1),
                 10..=54 => SecretsClient::new(ch).get(read(false)).await.map(|_| 1),
                 _ => KeysClient::new(ch).encrypt(encrypt(64)).await.map(|_| 1),
@@ -214,13 +218,13 @@ fn encrypt_item(bytes: usize) -> CryptoRequest {
 
 /// Put and linearizable get against etcd, with the same value size and key spread as Coffer's.
 #[derive(Clone)]
-pub struct Etcd {
+pub(crate) struct Etcd {
     channels: Arc<Vec<Channel>>,
 }
 
 /// The etcd scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EtcdScenario {
+pub(crate) enum EtcdScenario {
     /// Put, 256 B values.
     Put,
     /// Range of one key, linearizable.
@@ -232,7 +236,7 @@ impl Etcd {
     ///
     /// # Errors
     /// etcd does not answer.
-    pub async fn prepare(urls: &[String]) -> anyhow::Result<Etcd> {
+    pub(crate) async fn prepare(urls: &[String]) -> anyhow::Result<Etcd> {
         let channels = connect(urls)?;
         let mut kv = KvClient::new(channels[0].clone());
         for i in 0..SEEDED {
@@ -247,7 +251,7 @@ impl Etcd {
     }
 
     /// The operation of an etcd scenario.
-    pub fn op(&self, scenario: EtcdScenario) -> OpFn {
+    pub(crate) fn op(&self, scenario: EtcdScenario) -> OpFn {
         let e = self.clone();
         Arc::new(move |client, seq| {
             let ch = e.channels[client % e.channels.len()].clone();

@@ -144,7 +144,7 @@ pub async fn run_against(
     let create = coffer_proto::v1::CreateKeyRequest {
         name: KEY_NAME.into(),
         r#type: coffer_proto::v1::KeyType::Aes256Gcm as i32,
-        exportable: false,
+        ..Default::default()
     };
     match KeysClient::new(channel).create_key(create).await {
         Ok(_) => {}

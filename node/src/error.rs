@@ -1,7 +1,6 @@
 //! The node's one error type and its one mapping to a gRPC status.
 
 use coffer_hsm::HsmError;
-use coffer_raft::StoreError;
 
 use crate::envelope::EnvelopeError;
 
@@ -84,10 +83,23 @@ pub enum Error {
         name: String,
     },
     /// A key config change or deletion broke a rule.
-    #[error("{rule}")]
-    KeyRefused {
-        /// The rule, in words.
-        rule: String,
+    #[error("{0}")]
+    KeyRule(coffer_raft::KeyRule),
+    /// The request id was first used with another write.
+    #[error("request_id {request_id:?} was already used for {first}; use a new request_id for {now}")]
+    RequestIdReused {
+        /// The request id.
+        request_id: String,
+        /// What it was first used for.
+        first: coffer_raft::Intent,
+        /// What it is used for now.
+        now: coffer_raft::Intent,
+    },
+    /// A secret or key has reached the largest version number.
+    #[error("{what} has reached the largest version number; write to a new path or key")]
+    VersionsExhausted {
+        /// The secret or key, in words.
+        what: String,
     },
     /// A check-and-set did not match.
     #[error("check-and-set failed: expected version {expected}, current version is {current}")]
@@ -98,25 +110,26 @@ pub enum Error {
         current: u64,
     },
     /// Concurrent writers kept taking the version this write was sealed for.
-    #[error("too many concurrent writes to {path}; retry")]
+    #[error("too many concurrent writes to {target}; retry")]
     Contended {
-        /// The path.
-        path: String,
+        /// The secret path or key name.
+        target: String,
     },
-    /// The node is part of a cluster already.
-    #[error("this node is already part of a cluster")]
-    AlreadyInitialized,
-    /// The cluster refused to admit this node (a different root key).
-    #[error("the cluster refused this node: {reason}")]
-    JoinRefused {
-        /// The leader's reason.
-        reason: String,
-    },
-    /// This node cannot serve the request now (no leader, shutting down); the client may retry.
-    #[error("unavailable: {reason}")]
-    Unavailable {
-        /// Why, in words.
-        reason: String,
+    /// Replication failed or refused: no leader, no quorum, too stale, shutting down, a join
+    /// refused, storage (see [`coffer_raft::Error`]).
+    #[error(transparent)]
+    Replica(#[from] coffer_raft::Error),
+    /// The listener or the gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Serve(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The state answered a write with an outcome its proposer cannot have caused: a broken
+    /// invariant.
+    #[error("unexpected outcome of {what}: {outcome:?}")]
+    Unexpected {
+        /// The write.
+        what: &'static str,
+        /// What it was answered with.
+        outcome: coffer_raft::Outcome,
     },
     /// The HSM's root key is not the one the cluster recorded.
     #[error(
@@ -132,62 +145,103 @@ pub enum Error {
     /// The HSM failed.
     #[error("HSM: {0}")]
     Hsm(#[from] HsmError),
-    /// The store failed.
-    #[error("storage: {0}")]
-    Store(#[from] StoreError),
     /// Stored ciphertext failed to open.
     #[error("{0}")]
     Envelope(#[from] EnvelopeError),
-    /// Something failed that is not the client's to fix or retry (Raft, transport set-up, an
-    /// invariant); details go to the server log.
-    #[error("internal: {0}")]
-    Internal(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 impl Error {
-    /// The same failure for another caller of a shared operation (a write batch): errors hold no
-    /// clonable sources, so anything but `Unavailable`, which callers retry on, is passed on as
-    /// `Internal` with its message.
-    pub(crate) fn for_another_caller(&self) -> Error {
-        match self {
-            Error::Unavailable { reason } => Error::Unavailable { reason: reason.clone() },
-            Error::Hsm(HsmError::Unavailable { reason }) => Error::Unavailable { reason: format!("HSM: {reason}") },
-            other => Error::Internal(other.to_string().into()),
+    /// The node's error for a refusal by the replicated state that no use case handles itself.
+    pub(crate) fn rejected(rejection: coffer_raft::Rejection) -> Error {
+        use coffer_raft::Rejection as R;
+        match rejection {
+            R::CasMismatch { expected, current } => Error::CasMismatch { expected, current },
+            R::SecretNotFound { path } => Error::SecretNotFound { path },
+            R::VersionNotFound { path, version } => Error::VersionNotFound { path, version },
+            R::VersionDestroyed { path, version } => Error::VersionDestroyed { path, version },
+            R::AlreadyInitialized => coffer_raft::Error::AlreadyInitialized.into(),
+            R::KeyExists { name } => Error::KeyExists { name },
+            R::KeyNotFound { name } => Error::KeyNotFound { name },
+            R::KeyRule(rule) => Error::KeyRule(rule),
+            R::SecretVersionsExhausted { path } => Error::VersionsExhausted { what: format!("secret {path}") },
+            R::KeyVersionsExhausted { name } => Error::VersionsExhausted { what: format!("key {name}") },
+            R::RequestIdReused { request_id, first, now } => Error::RequestIdReused { request_id, first, now },
+            // Proposers retry these themselves, or never cause them (format 1 only).
+            other @ (R::VersionTaken { .. } | R::KeyConfigRefused { .. } | R::NestedBatch) => {
+                Error::Unexpected { what: "a write", outcome: coffer_raft::Outcome::Rejected(other) }
+            }
         }
     }
 }
 
+/// The one mapping from an error to what a client sees. Exhaustive, without a catch-all: a new
+/// variant, here or in `coffer_raft::Error`, does not compile until its status is decided.
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        use tonic::Status;
-        match &err {
-            Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+        use coffer_raft::Error as R;
+        use tonic::Code;
+        let code = match &err {
+            Error::InvalidArgument { .. } | Error::CiphertextInvalid { .. } | Error::RequestIdReused { .. } => {
+                Code::InvalidArgument
+            }
             Error::SecretNotFound { .. }
             | Error::KeyNotFound { .. }
             | Error::KeyVersionNotFound { .. }
             | Error::VersionNotFound { .. }
             | Error::VersionDeleted { .. }
-            | Error::VersionDestroyed { .. } => Status::not_found(err.to_string()),
-            Error::CiphertextInvalid { .. } => Status::invalid_argument(err.to_string()),
-            Error::KeyExists { .. } => Status::already_exists(err.to_string()),
-            Error::CasMismatch { .. }
-            | Error::AlreadyInitialized
-            | Error::JoinRefused { .. }
-            | Error::KeyVersionRetired { .. }
-            | Error::KeyRefused { .. } => Status::failed_precondition(err.to_string()),
-            Error::Contended { .. } => Status::aborted(err.to_string()),
-            Error::Unavailable { .. } | Error::Hsm(HsmError::Unavailable { .. } | HsmError::PoolStopped) => {
-                Status::unavailable(err.to_string())
-            }
-            Error::KcvMismatch { .. } | Error::Hsm(_) | Error::Store(_) | Error::Envelope(_) | Error::Internal(_) => {
-                // Details stay in the server log; the client gets an id to quote.
-                let id = incident_id();
-                tracing::error!(incident = %id, error = %err, "internal error");
-                Status::internal(format!("internal error (incident {id}; details are in the server log)"))
-            }
+            | Error::VersionDestroyed { .. } => Code::NotFound,
+            Error::KeyExists { .. } => Code::AlreadyExists,
+            Error::CasMismatch { .. } | Error::KeyVersionRetired { .. } | Error::KeyRule(_) => Code::FailedPrecondition,
+            Error::VersionsExhausted { .. } => Code::ResourceExhausted,
+            Error::Contended { .. } => Code::Aborted,
+            Error::Hsm(HsmError::Unavailable { .. } | HsmError::PoolStopped) => Code::Unavailable,
+            Error::Replica(replica) => match replica {
+                R::NotLeader { leader } => {
+                    let mut status = tonic::Status::unavailable(err.to_string());
+                    if let Some(addr) = leader.as_ref().and_then(|l| l.addr.parse().ok()) {
+                        status.metadata_mut().insert(LEADER_METADATA, addr);
+                    }
+                    return status;
+                }
+                R::NoLeader
+                | R::LeaderCutOff { .. }
+                | R::NoQuorum
+                | R::NotInitialized
+                | R::ShuttingDown
+                | R::Stale { .. }
+                | R::NeverHeardFromLeader
+                | R::OutcomeUnknown { .. }
+                | R::LeadershipMoved { .. }
+                | R::PeerUnreachable { .. }
+                | R::HandoffBusy
+                | R::Lagging { .. }
+                | R::ElectionLost { .. } => Code::Unavailable,
+                R::AlreadyInitialized | R::JoinRefused(_) | R::NotVoter { .. } | R::LastVoter => {
+                    Code::FailedPrecondition
+                }
+                R::BadPeerAddr { .. } => Code::InvalidArgument,
+                R::Rocks { .. } | R::Decode { .. } | R::SnapshotIo { .. } | R::BadMessage { .. } | R::Raft { .. } => {
+                    Code::Internal
+                }
+            },
+            Error::KcvMismatch { .. }
+            | Error::Hsm(_)
+            | Error::Envelope(_)
+            | Error::Serve(_)
+            | Error::Unexpected { .. } => Code::Internal,
+        };
+        if code == Code::Internal {
+            // Details stay in the server log; the client gets an id to quote.
+            let id = incident_id();
+            tracing::error!(incident = %id, error = %err, "internal error");
+            return tonic::Status::internal(format!("internal error (incident {id}; details are in the server log)"));
         }
+        tonic::Status::new(code, err.to_string())
     }
 }
+
+/// The metadata key that carries the leader's address on a "not the leader" status.
+pub const LEADER_METADATA: &str = "coffer-leader";
 
 fn incident_id() -> String {
     use ring::rand::SecureRandom;

@@ -4,7 +4,6 @@
 //! file; `service/` holds the thin tonic services; `error` maps every failure to a gRPC status in
 //! one place; `cli/` is the `coffer` binary's commands.
 
-mod batch;
 pub mod cli;
 pub mod config;
 pub mod envelope;

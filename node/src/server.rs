@@ -1,14 +1,10 @@
 //! Serving: start a node and answer gRPC on a listener until shutdown.
 
-use std::future::Future;
-use std::sync::Arc;
-
 use coffer_proto::raft::v1::node_stats_server::NodeStatsServer;
-use coffer_proto::raft::v1::raft_server::RaftServer;
 use coffer_proto::v1::keys_server::KeysServer;
 use coffer_proto::v1::operator_server::OperatorServer;
 use coffer_proto::v1::secrets_server::SecretsServer;
-use coffer_raft::RaftService;
+use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
@@ -28,7 +24,7 @@ use crate::service::stats::StatsService;
 /// # Errors
 /// Start-up failures (HSM, store, KCV mismatch), or a failing transport.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let bound = listener.local_addr().map_err(|e| Error::Unavailable { reason: format!("listener: {e}") })?;
+    let bound = listener.local_addr().map_err(|e| Error::Serve(Box::new(e)))?;
     let advertise = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
     let mut shutdown = std::pin::pin!(shutdown);
     // A member may wait for its HSM at start: a signal meanwhile still stops it.
@@ -42,17 +38,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .register_encoded_file_descriptor_set(coffer_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::Internal(Box::new(e)))?;
+        .map_err(|e| Error::Serve(Box::new(e)))?;
     tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats)");
-    let raft_service = RaftService::new(
-        node.raft.clone(),
-        node.reader().clone(),
-        node.channels.clone(),
-        node.contact.clone(),
-        node.quiet.clone(),
-        node.reads.clone(),
-    )
-    .with_forwarded_writes(Arc::new(crate::batch::Forwarded(Arc::downgrade(&node))));
     let rotator = tokio::spawn(crate::op::auto_rotate::run(node.clone()));
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -61,14 +48,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(OperatorServer::new(OperatorService::new(node.clone())))
         .add_service(KeysServer::new(KeysService::new(node.clone())))
         .add_service(NodeStatsServer::new(StatsService::new(node.clone())))
-        // Raft messages carry log entries and snapshot chunks: allow more than the 4 MiB default.
-        .add_service(RaftServer::new(raft_service).max_decoding_message_size(64 * 1024 * 1024))
+        .add_service(node.replica.peer_service())
         .serve_with_incoming_shutdown(no_delay(listener), shutdown)
         .await;
     rotator.abort();
     let _ = rotator.await;
     node.shutdown().await;
-    served.map_err(|e| Error::Unavailable { reason: format!("gRPC server failed: {e}") })
+    served.map_err(|e| Error::Serve(Box::new(e)))
 }
 
 /// Accepted connections with Nagle's algorithm off. tonic configures only sockets it binds

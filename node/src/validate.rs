@@ -96,6 +96,31 @@ pub fn versions(versions: &[u64]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Reads a request's idempotency key: empty means none; otherwise 1 to
+/// [`MAX_REQUEST_ID_BYTES`] bytes of visible ASCII (a UUID, a ULID, `job-42:retry`).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the rule.
+pub fn request_id(id: &str) -> Result<Option<String>, Error> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Error::InvalidArgument {
+            rule: format!("request_id is {} bytes long; at most {MAX_REQUEST_ID_BYTES} are allowed", id.len()),
+        });
+    }
+    if let Some(c) = id.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(Error::InvalidArgument {
+            rule: format!("request_id contains {c:?}; only visible ASCII characters are allowed"),
+        });
+    }
+    Ok(Some(id.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +164,15 @@ mod tests {
         assert!(versions(&[1, 2]).is_ok());
         assert!(prefix("a b").is_err());
         assert!(prefix("").is_ok() && prefix("db/").is_ok());
+    }
+
+    #[test]
+    fn request_ids() -> Result<(), Error> {
+        assert_eq!(request_id("")?, None);
+        assert_eq!(request_id("job-42:retry")?, Some("job-42:retry".into()));
+        assert!(request_id("a b").is_err());
+        assert!(request_id("a\u{1}").is_err());
+        assert!(request_id(&"r".repeat(129)).is_err());
+        Ok(())
     }
 }

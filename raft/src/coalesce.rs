@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 /// Shares rounds of an async check among concurrent callers (see the module documentation).
 #[derive(Debug)]
-pub struct Coalescer<T: Clone> {
+pub(crate) struct Coalescer<T: Clone> {
     state: Mutex<State>,
     done: watch::Sender<Option<(u64, T)>>,
 }
@@ -42,7 +42,7 @@ impl<T: Clone> Default for Coalescer<T> {
 impl<T: Clone> Coalescer<T> {
     /// The result of a round of `round` that started after this call did: this caller's own, or
     /// one another caller started meanwhile.
-    pub async fn run<F, Fut>(&self, round: F) -> T
+    pub(crate) async fn run<F, Fut>(&self, round: F) -> T
     where
         F: Fn() -> Fut,
         Fut: Future<Output = T>,

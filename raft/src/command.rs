@@ -6,93 +6,253 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A client-chosen idempotency key: a retried write carrying the same id is applied once.
+/// A client-chosen idempotency key: a retried write carrying the same id is applied once, and an
+/// id is bound to the write it was first applied with (see [`Intent`]).
 pub type RequestId = String;
 
-/// A change to the replicated state. Built and stamped (times, ids) by the proposing node;
-/// applied deterministically by every node.
+/// A log entry's payload: built and stamped (times, ids) by the proposing node, applied
+/// deterministically by every node.
+///
+/// # Format
+/// postcard encodes a variant as its index, so variants are only ever appended. Indexes 0 to 7 are
+/// the format of the first release (commit 6808560) and are still applied, so a log or snapshot
+/// written then replays unchanged (`raft/tests/fixtures`); nodes now propose only
+/// [`Command::Writes`]. No variant contains a `Command`: a batch holds [`Op`]s, which hold no
+/// batch, so decoding bytes from a peer or the disk recurses at most two levels whatever they say.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Records the cluster's identity, its root key's check value and the first keyring key.
-    /// Applied once; a second one is rejected.
-    InitCluster {
-        /// The cluster record.
-        cluster: ClusterRecord,
-        /// The first keyring key, wrapped by the HSM root key.
-        keyring: KeyringRecord,
-    },
-    /// Writes a new version of a secret.
+    /// One [`InitCluster`] (format 1).
+    InitCluster(InitCluster),
+    /// One [`PutSecret`] (format 1; its own `request_id` applies).
+    PutSecret(PutSecret),
+    /// One [`CreateKey`] (format 1).
+    CreateKey(CreateKey),
+    /// One [`RotateKey`] (format 1).
+    RotateKey(RotateKey),
+    /// One [`UpdateKeyConfig`] (format 1).
+    UpdateKeyConfig(UpdateKeyConfig),
+    /// One [`DeleteKey`] (format 1).
+    DeleteKey(DeleteKey),
+    /// One [`SetVersionState`] (format 1).
+    SetVersionState(SetVersionState),
+    /// Several operations in one entry (format 1), applied like [`Command::Writes`] without
+    /// request ids; answered by [`Response::Batch`].
+    Batch(Vec<Op>),
+    /// One or more writes in one entry, applied in order, each as if it were its own entry (a
+    /// rejected one changes nothing and does not affect the others); answered by
+    /// [`Response::Batch`], one [`Outcome`] per write. What nodes propose.
+    Writes(Vec<Write>),
+}
+
+/// One write: an operation and the client's idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    /// The client's idempotency key. Once a write carrying it has applied, a write with the same
+    /// id and the same [`Intent`] is answered with the first outcome and changes nothing; one
+    /// with another intent is rejected ([`Rejection::RequestIdReused`]).
+    pub request_id: Option<RequestId>,
+    /// What to change.
+    pub op: Op,
+}
+
+impl Write {
+    /// A write without a request id.
+    pub fn new(op: Op) -> Self {
+        Write { request_id: None, op }
+    }
+}
+
+/// One change to the replicated state. Holds no other operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// See [`InitCluster`].
+    InitCluster(InitCluster),
+    /// See [`PutSecret`].
+    PutSecret(PutSecret),
+    /// See [`CreateKey`].
+    CreateKey(CreateKey),
+    /// See [`RotateKey`].
+    RotateKey(RotateKey),
+    /// See [`UpdateKeyConfig`].
+    UpdateKeyConfig(UpdateKeyConfig),
+    /// See [`DeleteKey`].
+    DeleteKey(DeleteKey),
+    /// See [`SetVersionState`].
+    SetVersionState(SetVersionState),
+}
+
+impl Op {
+    /// What a request id carried by this operation is bound to.
+    pub fn intent(&self) -> Intent {
+        match self {
+            Op::InitCluster(_) => Intent::InitCluster,
+            Op::PutSecret(p) => Intent::PutSecret { path: p.path.clone() },
+            Op::CreateKey(c) => Intent::CreateKey { name: c.name.clone() },
+            Op::RotateKey(r) => Intent::RotateKey { name: r.name.clone() },
+            Op::UpdateKeyConfig(u) => Intent::UpdateKeyConfig { name: u.name.clone() },
+            Op::DeleteKey(d) => Intent::DeleteKey { name: d.name.clone() },
+            Op::SetVersionState(s) => Intent::SetVersionState { path: s.path.clone(), state: s.state },
+        }
+    }
+
+    /// Bytes the operation adds to an entry, roughly: what makes batches large.
+    pub(crate) fn weight(&self) -> usize {
+        match self {
+            Op::PutSecret(p) => p.path.len() + p.sealed.ciphertext.len() + p.sealed.wrapped_data_key.len() + 64,
+            Op::CreateKey(c) => c.name.len() + c.record.versions.values().map(|v| v.wrapped.len() + 64).sum::<usize>(),
+            Op::RotateKey(r) => r.name.len() + r.material.wrapped.len() + 64,
+            Op::SetVersionState(s) => s.path.len() + s.versions.len() * 8 + 32,
+            Op::InitCluster(_) | Op::UpdateKeyConfig(_) | Op::DeleteKey(_) => 256,
+        }
+    }
+}
+
+/// The kind and target of a write, which a request id is bound to. A retry resolves versions and
+/// reseals values again, so neither is part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    /// Initialise the cluster.
+    InitCluster,
+    /// Put a version of the secret at `path`.
     PutSecret {
-        /// Idempotency key, if the client gave one.
-        request_id: Option<RequestId>,
-        /// The secret path (validated by the proposer).
+        /// The secret path.
         path: String,
-        /// The version this write creates. The proposer sealed the value for this number, so it
-        /// applies only if the secret's current version is exactly `version - 1`.
-        version: u64,
-        /// The client's check-and-set: the current version must equal it (0: no secret yet).
-        cas: Option<u64>,
-        /// A new `max_versions` for the secret; `None` keeps the secret's setting.
-        max_versions: Option<u32>,
-        /// The default `max_versions` of a new secret, from the proposer's config.
-        default_max_versions: u32,
-        /// The sealed value.
-        sealed: SealedValue,
-        /// Proposer's wall-clock time, milliseconds since the Unix epoch.
-        at_ms: u64,
     },
-    /// Creates a named key (Keys service) with its first version.
+    /// Create the key `name`.
     CreateKey {
-        /// The key name (validated by the proposer).
+        /// The key name.
         name: String,
-        /// The key's record, its version 1 wrapped by a keyring key.
-        record: NamedKeyRecord,
     },
-    /// Adds a version to a named key and makes it primary.
+    /// Rotate the key `name`.
     RotateKey {
         /// The key name.
         name: String,
-        /// The new version number; applies only if the key's newest version is `version - 1`.
-        version: u32,
-        /// The new version, wrapped by a keyring key.
-        material: KeyVersionRecord,
     },
-    /// Changes a named key's config; `None` fields stay as they are.
+    /// Change the config of the key `name`.
     UpdateKeyConfig {
         /// The key name.
         name: String,
-        /// New minimum version that may decrypt or verify.
-        min_decryption_version: Option<u32>,
-        /// New minimum version that may encrypt or sign.
-        min_encryption_version: Option<u32>,
-        /// Whether DeleteKey is allowed.
-        deletion_allowed: Option<bool>,
-        /// Rotation period in milliseconds (0: none).
-        auto_rotate_period_ms: Option<u64>,
     },
-    /// Deletes a named key and all its versions (only if its config allows it).
+    /// Delete the key `name`.
     DeleteKey {
         /// The key name.
         name: String,
     },
-    /// Changes the state of versions of a secret.
+    /// Delete, undelete or destroy versions of the secret at `path`.
     SetVersionState {
         /// The secret path.
         path: String,
-        /// The versions to change; empty means the current version.
-        versions: Vec<u64>,
-        /// The new state.
+        /// The target state.
         state: VersionState,
-        /// Proposer's wall-clock time, milliseconds since the Unix epoch.
-        at_ms: u64,
     },
-    /// Several commands in one log entry, applied in order, each as if it were its own entry (a
-    /// rejected one changes nothing and does not affect the others); answered by
-    /// [`Response::Batch`]. Proposers batch concurrent writes this way; a batch holds no batch.
-    Batch(Vec<Command>),
 }
 
-/// The target state of a [`Command::SetVersionState`].
+impl std::fmt::Display for Intent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Intent::InitCluster => write!(f, "initialising the cluster"),
+            Intent::PutSecret { path } => write!(f, "a put to secret {path}"),
+            Intent::CreateKey { name } => write!(f, "creating key {name}"),
+            Intent::RotateKey { name } => write!(f, "rotating key {name}"),
+            Intent::UpdateKeyConfig { name } => write!(f, "changing the config of key {name}"),
+            Intent::DeleteKey { name } => write!(f, "deleting key {name}"),
+            Intent::SetVersionState { path, state } => write!(f, "{state} versions of secret {path}"),
+        }
+    }
+}
+
+/// Records the cluster's identity, its root key's check value and the first keyring key. Applied
+/// once; a second one is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitCluster {
+    /// The cluster record.
+    pub cluster: ClusterRecord,
+    /// The first keyring key, wrapped by the HSM root key.
+    pub keyring: KeyringRecord,
+}
+
+/// Writes a new version of a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutSecret {
+    /// Format 1's idempotency key (bound to nothing); proposers now leave it `None` and set
+    /// [`Write::request_id`].
+    pub request_id: Option<RequestId>,
+    /// The secret path (validated by the proposer).
+    pub path: String,
+    /// The version this write creates. The proposer sealed the value for this number, so it
+    /// applies only if the secret's current version is exactly `version - 1`.
+    pub version: u64,
+    /// The client's check-and-set: the current version must equal it (0: no secret yet).
+    pub cas: Option<u64>,
+    /// A new `max_versions` for the secret; `None` keeps the secret's setting.
+    pub max_versions: Option<u32>,
+    /// The default `max_versions` of a new secret, from the proposer's config.
+    pub default_max_versions: u32,
+    /// The sealed value.
+    pub sealed: SealedValue,
+    /// Proposer's wall-clock time, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Creates a named key (Keys service) with its first version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateKey {
+    /// The key name (validated by the proposer).
+    pub name: String,
+    /// The key's record, its version 1 wrapped by a keyring key.
+    pub record: NamedKeyRecord,
+}
+
+/// Adds a version to a named key and makes it primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKey {
+    /// The key name.
+    pub name: String,
+    /// The new version number; applies only if the key's newest version is `version - 1`.
+    pub version: u32,
+    /// The new version, wrapped by a keyring key.
+    pub material: KeyVersionRecord,
+}
+
+/// Changes a named key's config; `None` fields stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateKeyConfig {
+    /// The key name.
+    pub name: String,
+    /// New minimum version that may decrypt or verify; only ever moves forward.
+    pub min_decryption_version: Option<u32>,
+    /// Format 1 only, and ignored: encryption and signing always use the primary version, so a
+    /// minimum for them never had an effect. Proposers leave it `None`.
+    pub min_encryption_version: Option<u32>,
+    /// Whether DeleteKey is allowed.
+    pub deletion_allowed: Option<bool>,
+    /// Rotation period in milliseconds (0: none).
+    pub auto_rotate_period_ms: Option<u64>,
+}
+
+/// Deletes a named key and all its versions (only if its config allows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteKey {
+    /// The key name.
+    pub name: String,
+}
+
+/// Changes the state of versions of a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetVersionState {
+    /// The secret path.
+    pub path: String,
+    /// The versions to change. Proposers resolve "the current version" to its number before
+    /// proposing, so a retried delete never reaches a version written after it; format 1 used an
+    /// empty list for the current version, which still applies that way.
+    pub versions: Vec<u64>,
+    /// The new state.
+    pub state: VersionState,
+    /// Proposer's wall-clock time, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// The target state of a [`SetVersionState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VersionState {
     /// Soft-deleted: unreadable until undeleted.
@@ -103,7 +263,20 @@ pub enum VersionState {
     Destroyed,
 }
 
-/// What applying a command produced.
+impl std::fmt::Display for VersionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VersionState::Deleted => "deleting",
+            VersionState::Undeleted => "undeleting",
+            VersionState::Destroyed => "destroying",
+        })
+    }
+}
+
+/// What applying an entry produced.
+///
+/// # Format
+/// Indexes 0 to 3 are format 1; [`Outcome`] repeats 0 to 2, so a batch's answer decodes either way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// The command changed the state (or was a no-op such as a membership entry).
@@ -117,11 +290,38 @@ pub enum Response {
     },
     /// The command was refused and changed nothing.
     Rejected(Rejection),
-    /// The responses to a [`Command::Batch`], in its order.
-    Batch(Vec<Response>),
+    /// One outcome per operation of a [`Command::Batch`] or [`Command::Writes`], in order.
+    Batch(Vec<Outcome>),
 }
 
-/// Why a command was refused. Deterministic: every node refuses the same command the same way.
+/// What applying one operation produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The operation changed the state.
+    Applied,
+    /// A secret version was written.
+    Put {
+        /// The new version.
+        version: u64,
+        /// Its creation time, milliseconds since the Unix epoch.
+        created_at_ms: u64,
+    },
+    /// The operation was refused and changed nothing.
+    Rejected(Rejection),
+}
+
+impl From<Outcome> for Response {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Applied => Response::Applied,
+            Outcome::Put { version, created_at_ms } => Response::Put { version, created_at_ms },
+            Outcome::Rejected(r) => Response::Rejected(r),
+        }
+    }
+}
+
+/// Why an operation was refused. Deterministic: every node refuses the same operation the same
+/// way. Variants are only ever appended (postcard encodes the index).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Rejection {
     /// The client's check-and-set did not match.
@@ -177,15 +377,74 @@ pub enum Rejection {
         /// The name.
         name: String,
     },
-    /// A named key's config change breaks a rule.
+    /// Format 1's refusal of a key config change, in words; no longer produced (see
+    /// [`Rejection::KeyRule`]).
     #[error("{rule}")]
     KeyConfigRefused {
         /// The rule, in words.
         rule: String,
     },
-    /// A [`Command::Batch`] inside a batch.
+    /// Format 1: a batch inside a batch. A batch can no longer hold one, so this is no longer produced.
     #[error("a batch of writes may not contain another batch")]
     NestedBatch,
+    /// A named key's config change or deletion breaks a rule.
+    #[error("{0}")]
+    KeyRule(KeyRule),
+    /// The secret has reached the largest version number.
+    #[error("secret {path} has reached the largest version number")]
+    SecretVersionsExhausted {
+        /// The path.
+        path: String,
+    },
+    /// The named key has reached the largest version number.
+    #[error("key {name} has reached the largest version number")]
+    KeyVersionsExhausted {
+        /// The name.
+        name: String,
+    },
+    /// The request id was first applied with another write.
+    #[error("request_id {request_id:?} was already used for {first}; use a new request_id for {now}")]
+    RequestIdReused {
+        /// The request id.
+        request_id: RequestId,
+        /// What it was first used for.
+        first: Intent,
+        /// What it was used for now.
+        now: Intent,
+    },
+}
+
+/// A rule of a named key's config that a change would break.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum KeyRule {
+    /// A minimum version above the primary version would retire every version.
+    #[error("min_decryption_version {min} of key {name} cannot exceed its primary version {primary}")]
+    MinAbovePrimary {
+        /// The key.
+        name: String,
+        /// The minimum asked for.
+        min: u32,
+        /// The primary version.
+        primary: u32,
+    },
+    /// `min_decryption_version` only moves forward: versions below it may have been erased.
+    #[error(
+        "min_decryption_version of key {name} is {current} and only moves forward; {asked} would bring back retired versions"
+    )]
+    MinDecryptionBackwards {
+        /// The key.
+        name: String,
+        /// Its minimum now.
+        current: u32,
+        /// The minimum asked for.
+        asked: u32,
+    },
+    /// The key's config does not allow deletion.
+    #[error("key {name} does not allow deletion (set deletion_allowed first)")]
+    DeletionNotAllowed {
+        /// The key.
+        name: String,
+    },
 }
 
 /// A secret value sealed by the node that received it.
@@ -283,7 +542,7 @@ pub struct NamedKeyRecord {
     pub created_at_ms: u64,
     /// Versions below this may not decrypt or verify.
     pub min_decryption_version: u32,
-    /// Versions below this may not encrypt or sign.
+    /// Format 1 only, and without effect: encryption and signing always use the primary version.
     pub min_encryption_version: u32,
     /// Whether DeleteKey is allowed.
     pub deletion_allowed: bool,
@@ -349,5 +608,22 @@ mod tests {
         assert_eq!(bytes, postcard::to_allocvec(&plain)?);
         assert_eq!(postcard::from_bytes::<SealedValue>(&bytes)?, sealed);
         Ok(())
+    }
+
+    /// Issue #10: a `ClientWrite` of the bytes `7, 1` repeated (a batch holding a batch holding a
+    /// batch…) overflowed the stack while decoding. Nothing decodes deeper than two levels now,
+    /// whether it arrives as a forwarded command, inside a log entry, or as a reply.
+    #[test]
+    fn a_nested_batch_does_not_decode_and_does_not_recurse() {
+        let nested = [7u8, 1].repeat(200_000);
+        assert!(postcard::from_bytes::<Command>(&nested).is_err());
+        // A log entry: log id (term, node, index), payload Normal (1), then the command.
+        let mut entry = vec![1u8, 1, 1, 1];
+        entry.extend_from_slice(&nested);
+        assert!(postcard::from_bytes::<openraft::Entry<crate::TypeConfig>>(&entry).is_err());
+        // A reply: Response::Batch (3) of one Outcome whose index 3 does not exist.
+        assert!(postcard::from_bytes::<Response>(&[3u8, 1].repeat(200_000)).is_err());
+        // Writes (8) of one write without a request id (0) whose op is a batch (7): refused too.
+        assert!(postcard::from_bytes::<Command>(&[8u8, 1, 0, 7, 1, 7, 1, 7, 1]).is_err());
     }
 }

@@ -14,12 +14,14 @@ use std::time::Duration;
 use openraft::ServerState;
 use tokio::sync::watch;
 
-use crate::{NodeId, Raft};
+use crate::error::Error;
+use crate::replica::Inner;
+use crate::NodeId;
 
 /// Whether this node, as leader, is handing leadership off. Shared by the node's write and read
 /// paths and the Raft service; cheap to check when nobody is handing off.
 #[derive(Debug)]
-pub struct Quiet {
+pub(crate) struct Quiet {
     quiet: watch::Sender<bool>,
 }
 
@@ -29,27 +31,10 @@ impl Default for Quiet {
     }
 }
 
-/// Why the leader would not hand off.
-#[derive(Debug, thiserror::Error)]
-pub enum HandoffError {
-    /// This node is not the leader.
-    #[error("this node is not the leader")]
-    NotLeader,
-    /// The target is not a voter of the current membership.
-    #[error("node {0} is not a voter")]
-    NotVoter(NodeId),
-    /// A hand-off is already under way.
-    #[error("a leadership hand-off is already under way")]
-    Busy,
-    /// The target did not catch up with the leader's log in time.
-    #[error("node {0} did not catch up with the leader's log within {1:?}")]
-    Lagging(NodeId, Duration),
-}
-
 impl Quiet {
     /// Returns at once unless a hand-off is under way; then waits until it ends (bounded by the
     /// quiet period the leader set).
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         if !*self.quiet.borrow() {
             return;
         }
@@ -63,26 +48,28 @@ impl Quiet {
     /// when this node steps down or the period runs out.
     ///
     /// # Errors
-    /// See [`HandoffError`]; nothing changes on error.
-    pub async fn hand_off(
+    /// [`Error::NotLeader`], [`Error::NotVoter`], [`Error::HandoffBusy`], [`Error::Lagging`];
+    /// nothing changes on error.
+    pub(crate) async fn hand_off(
         self: &std::sync::Arc<Self>,
-        raft: &Raft,
+        replica: &Inner,
         target: NodeId,
         catch_up: Duration,
         quiet_for: Duration,
-    ) -> Result<(), HandoffError> {
+    ) -> Result<(), Error> {
+        let raft = &replica.raft;
         {
             let metrics = raft.metrics().borrow().clone();
             if metrics.state != ServerState::Leader {
-                return Err(HandoffError::NotLeader);
+                return Err(Error::NotLeader { leader: replica.leader_peer() });
             }
             if !metrics.membership_config.membership().voter_ids().any(|id| id == target) {
-                return Err(HandoffError::NotVoter(target));
+                return Err(Error::NotVoter { node: target });
             }
         }
         // Hold new writes first, so the target can catch up with a log that has stopped growing.
         if self.quiet.send_replace(true) {
-            return Err(HandoffError::Busy);
+            return Err(Error::HandoffBusy);
         }
         let caught_up = raft
             .wait(Some(catch_up))
@@ -99,7 +86,7 @@ impl Quiet {
             .await;
         if caught_up.is_err() {
             self.quiet.send_replace(false);
-            return Err(HandoffError::Lagging(target, catch_up));
+            return Err(Error::Lagging { node: target, waited: catch_up });
         }
         raft.runtime_config().heartbeat(false);
         tracing::info!(target, ?quiet_for, "handing leadership off: quiet until it moves");

@@ -1,5 +1,8 @@
-//! Coffer's replicated state: the openraft type configuration, the RocksDB log store and state
-//! machine, snapshots, and the read API the node serves from.
+//! Coffer's replicated state behind one front door, [`Replica`]: write an operation and get its
+//! outcome, wait for a read barrier, ask who leads and how fresh this node is, change membership.
+//! Behind it: openraft, the RocksDB log store and state machine (apply rules by domain in
+//! `state/`), snapshots, batching, forwarding and read-index rounds, and the peer transport.
+//! Nodes read the applied state through [`StateReader`]; they never see openraft.
 //!
 //! # Correctness
 //! - Everything here is ciphertext or metadata: the node seals values and wraps keys before it
@@ -16,25 +19,25 @@ mod handoff;
 mod log_store;
 mod network;
 mod reader;
+mod replica;
 mod service;
+mod state;
 mod state_machine;
 mod store;
 
 use std::io::Cursor;
 
-pub use coalesce::Coalescer;
+pub(crate) use coalesce::Coalescer;
 pub use command::{
-    ClusterRecord, Command, KeyVersionRecord, KeyringRecord, NamedKeyRecord, NamedKeyType, Rejection, RequestId,
-    Response, SealedValue, SecretMeta, VersionMeta, VersionState,
+    ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, Intent, KeyRule, KeyVersionRecord, KeyringRecord,
+    NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret, Rejection, RequestId, Response, RotateKey, SealedValue,
+    SecretMeta, SetVersionState, UpdateKeyConfig, VersionMeta, VersionState, Write,
 };
-pub use error::StoreError;
-pub use handoff::{HandoffError, Quiet};
+pub use error::{Error, JoinRefusal, Peer, StoreError};
 pub use log_store::LogStore;
-pub use network::{BadPeerAddr, GrpcNetwork, LocalMetrics, PeerChannels};
 pub use reader::StateReader;
-pub use service::{
-    leading_without_quorum, quorum_loss_threshold, BoxFuture, ForwardedWrites, LeaderContact, RaftService,
-};
+pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, ReplicaStatus, Role};
+pub use service::PeerService;
 pub use state_machine::StateMachine;
 pub use store::Store;
 
@@ -42,7 +45,8 @@ pub use store::Store;
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// The openraft type configuration of Coffer.
+    /// The openraft type configuration of Coffer (for this crate's storage tests; nodes use
+    /// [`Replica`]).
     pub TypeConfig:
         D = Command,
         R = Response,
@@ -53,15 +57,5 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// The Raft handle of a Coffer node.
-pub type Raft = openraft::Raft<TypeConfig>;
-
-/// What a leader's read-index round gives: (read log id, applied log id), or why it failed.
-pub type ReadIndexResult = Result<
-    (Option<openraft::LogId<NodeId>>, Option<openraft::LogId<NodeId>>),
-    openraft::error::RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, openraft::BasicNode>>,
->;
-
-/// The leader's shared read-index rounds: every linearizable read on the leader and every
-/// follower's `ReadIndex` request go through one [`Coalescer`].
-pub type ReadRounds = Coalescer<ReadIndexResult>;
+/// The openraft handle of a node.
+pub(crate) type Raft = openraft::Raft<TypeConfig>;

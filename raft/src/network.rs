@@ -26,8 +26,13 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::command::{Command, Response};
+use crate::error::{Error, Peer, Refusal};
 use crate::store::encode;
 use crate::{NodeId, TypeConfig};
+
+/// The largest message between nodes: log entries and snapshot chunks exceed tonic's 4 MiB default.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -35,35 +40,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// One shared channel per peer address. Cheap to clone. A std `Mutex`: held only to look up or
 /// insert a map entry, never across an `.await`.
 #[derive(Debug, Clone, Default)]
-pub struct PeerChannels {
+pub(crate) struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Peer address → the address dialled instead (drills put a TCP proxy on every link).
     dial_via: Arc<HashMap<String, String>>,
 }
 
-/// A peer address that is not a valid URI.
-#[derive(Debug, thiserror::Error)]
-#[error("peer address {0:?} is not a host:port")]
-pub struct BadPeerAddr(pub String);
-
 impl PeerChannels {
     /// Channels that dial `dial_via[addr]` instead of a peer address found in the map.
-    pub fn with_dial_via(dial_via: impl IntoIterator<Item = (String, String)>) -> Self {
+    pub(crate) fn with_dial_via(dial_via: impl IntoIterator<Item = (String, String)>) -> Self {
         PeerChannels { channels: Arc::default(), dial_via: Arc::new(dial_via.into_iter().collect()) }
     }
 
     /// The channel to `addr` (`host:port`), created on first use and reused afterwards.
     ///
     /// # Errors
-    /// [`BadPeerAddr`] when the address cannot be a URI.
-    pub fn channel(&self, addr: &str) -> Result<Channel, BadPeerAddr> {
+    /// [`Error::BadPeerAddr`] when the address cannot be a URI.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Error> {
         let mut map = self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(channel) = map.get(addr) {
             return Ok(channel.clone());
         }
         let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
         let endpoint = Endpoint::from_shared(format!("http://{dial}"))
-            .map_err(|_| BadPeerAddr(addr.to_owned()))?
+            .map_err(|_| Error::BadPeerAddr { addr: addr.to_owned() })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
@@ -75,19 +75,19 @@ impl PeerChannels {
     /// A `coffer.raft.v1` client for `addr`.
     ///
     /// # Errors
-    /// [`BadPeerAddr`] when the address cannot be a URI.
-    pub fn client(&self, addr: &str) -> Result<RaftClient<Channel>, BadPeerAddr> {
-        Ok(RaftClient::new(self.channel(addr)?).max_decoding_message_size(64 * 1024 * 1024))
+    /// [`Error::BadPeerAddr`] when the address cannot be a URI.
+    pub(crate) fn client(&self, addr: &str) -> Result<RaftClient<Channel>, Error> {
+        Ok(RaftClient::new(self.channel(addr)?).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 }
 
 /// The local Raft's metrics, once it exists: the network reads the leader's quorum-ack age from
 /// them to stamp each AppendEntries (see `Envelope.quorum_ack_age_ms`).
-pub type LocalMetrics = Arc<OnceLock<watch::Receiver<RaftMetrics<NodeId, BasicNode>>>>;
+pub(crate) type LocalMetrics = Arc<OnceLock<watch::Receiver<RaftMetrics<NodeId, BasicNode>>>>;
 
 /// openraft's network factory over gRPC.
 #[derive(Debug, Clone, Default)]
-pub struct GrpcNetwork {
+pub(crate) struct GrpcNetwork {
     channels: PeerChannels,
     metrics: LocalMetrics,
 }
@@ -95,14 +95,14 @@ pub struct GrpcNetwork {
 impl GrpcNetwork {
     /// A network sharing `channels` with the node's other node-to-node calls; `metrics` is set
     /// once the Raft is built.
-    pub fn new(channels: PeerChannels, metrics: LocalMetrics) -> Self {
+    pub(crate) fn new(channels: PeerChannels, metrics: LocalMetrics) -> Self {
         GrpcNetwork { channels, metrics }
     }
 }
 
 /// The client for one peer.
 #[derive(Debug)]
-pub struct Peer {
+pub(crate) struct PeerClient {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
@@ -110,10 +110,10 @@ pub struct Peer {
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
-    type Network = Peer;
+    type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        Peer { target, addr: node.addr.clone(), channels: self.channels.clone(), metrics: self.metrics.clone() }
+        PeerClient { target, addr: node.addr.clone(), channels: self.channels.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -122,7 +122,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 #[error("undecodable reply from peer: {0}")]
 struct BadReply(postcard::Error);
 
-impl Peer {
+impl PeerClient {
     async fn call<Req, Resp, E>(
         &self,
         req: &Req,
@@ -163,7 +163,7 @@ enum Method {
     InstallSnapshot,
 }
 
-impl RaftNetwork<TypeConfig> for Peer {
+impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -188,4 +188,78 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(&rpc, &option, Method::Vote).await
     }
+}
+
+// The node-to-node calls of the front door, client side. Refusals come back typed: the peer
+// service puts a postcard `Refusal` in the status details ([`refused`]), and [`status_error`]
+// turns it back into the same `Error` variant here.
+
+/// The status a peer service answers an error with: a code for tools, the words for people, and
+/// the typed refusal in the details for the calling node.
+pub(crate) fn refused(e: &Error) -> tonic::Status {
+    use tonic::Code;
+    let code = match e {
+        Error::JoinRefused(_) | Error::NotVoter { .. } | Error::LastVoter | Error::AlreadyInitialized => {
+            Code::FailedPrecondition
+        }
+        Error::BadMessage { .. } | Error::BadPeerAddr { .. } => Code::InvalidArgument,
+        e if e.is_retryable() || matches!(e, Error::NotInitialized) => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    let details = e.refusal().map(|r| encode(&r)).unwrap_or_default();
+    tonic::Status::with_details(code, e.to_string(), details.into())
+}
+
+/// The error a peer's status stands for.
+pub(crate) fn status_error(peer: &str, status: &tonic::Status) -> Error {
+    match postcard::from_bytes::<Refusal>(status.details()) {
+        Ok(refusal) if !status.details().is_empty() => refusal.into(),
+        _ => Error::PeerUnreachable {
+            peer: peer.to_owned(),
+            detail: format!("{:?}: {}", status.code(), status.message()),
+        },
+    }
+}
+
+/// Forwards a command to the leader and returns what applying it produced.
+pub(crate) async fn forward(channels: &PeerChannels, leader: &Peer, command: &Command) -> Result<Response, Error> {
+    let mut client = channels.client(&leader.addr)?;
+    let reply = client
+        .client_write(Envelope { payload: encode(command), quorum_ack_age_ms: None })
+        .await
+        .map_err(|s| status_error(&leader.addr, &s))?;
+    postcard::from_bytes(&reply.into_inner().payload).map_err(|source| Error::BadMessage { source })
+}
+
+/// Asks the leader for a read index.
+pub(crate) async fn read_index(channels: &PeerChannels, leader: &Peer) -> Result<u64, Error> {
+    let mut client = channels.client(&leader.addr)?;
+    client
+        .read_index(coffer_proto::raft::v1::ReadIndexRequest {})
+        .await
+        .map(|r| r.into_inner().index)
+        .map_err(|s| status_error(&leader.addr, &s))
+}
+
+/// Asks the cluster `peer` belongs to to admit this node; returns the cluster id.
+pub(crate) async fn join(
+    channels: &PeerChannels,
+    peer: &str,
+    node_id: NodeId,
+    addr: &str,
+    kcv: &str,
+) -> Result<String, Error> {
+    let mut client = channels.client(peer)?;
+    let request = coffer_proto::raft::v1::JoinRequest { node_id, addr: addr.to_owned(), kcv: kcv.to_owned() };
+    client.join(request).await.map(|r| r.into_inner().cluster_id).map_err(|s| status_error(peer, &s))
+}
+
+/// Asks the leader to hand leadership to `target`; returns how long it stays quiet.
+pub(crate) async fn handoff(channels: &PeerChannels, leader: &Peer, target: NodeId) -> Result<Duration, Error> {
+    let mut client = channels.client(&leader.addr)?;
+    let reply = client
+        .handoff(coffer_proto::raft::v1::HandoffRequest { node_id: target })
+        .await
+        .map_err(|s| status_error(&leader.addr, &s))?;
+    Ok(Duration::from_millis(reply.into_inner().quiet_ms))
 }

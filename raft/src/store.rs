@@ -8,7 +8,8 @@
 //! | `secrets` | path | postcard [`SecretMeta`](crate::SecretMeta) |
 //! | `versions` | path, 0x00, version u64 big-endian | postcard [`SealedValue`](crate::SealedValue) |
 //! | `cluster` | `cluster`, `keyring/` + version u32 big-endian | postcard records |
-//! | `requests` | request id | postcard [`Response`](crate::Response) of the applied write |
+//! | `requests` | request id | format 1: postcard [`Response`](crate::Response) of an applied put |
+//! | `request_ids` | request id | postcard (intent, outcome) of the write it was first applied with |
 //! | `keys` | named key name | postcard [`NamedKeyRecord`](crate::NamedKeyRecord) (versions wrapped) |
 //!
 //! Paths never contain 0x00 (the node validates them), so `path 0x00` prefixes one secret's versions.
@@ -24,17 +25,20 @@ use crate::error::StoreError;
 
 /// Column family names.
 pub(crate) mod cf {
-    pub const LOGS: &str = "logs";
-    pub const RAFT_META: &str = "raft_meta";
-    pub const SM_META: &str = "sm_meta";
-    pub const SECRETS: &str = "secrets";
-    pub const VERSIONS: &str = "versions";
-    pub const CLUSTER: &str = "cluster";
-    pub const REQUESTS: &str = "requests";
-    pub const KEYS: &str = "keys";
-    /// The column families that make up the state machine's data, in snapshot order.
-    pub const STATE: [&str; 5] = [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS];
-    pub const ALL: [&str; 8] = [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS];
+    pub(crate) const LOGS: &str = "logs";
+    pub(crate) const RAFT_META: &str = "raft_meta";
+    pub(crate) const SM_META: &str = "sm_meta";
+    pub(crate) const SECRETS: &str = "secrets";
+    pub(crate) const VERSIONS: &str = "versions";
+    pub(crate) const CLUSTER: &str = "cluster";
+    pub(crate) const REQUESTS: &str = "requests";
+    pub(crate) const KEYS: &str = "keys";
+    pub(crate) const REQUEST_IDS: &str = "request_ids";
+    /// The column families that make up the state machine's data, in snapshot order (a snapshot
+    /// row names its family by index here: only ever append).
+    pub(crate) const STATE: [&str; 6] = [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS];
+    pub(crate) const ALL: [&str; 9] =
+        [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS];
 }
 
 /// One RocksDB database shared by a node's log store, state machine and readers.
@@ -59,8 +63,10 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Arc<Store>, StoreError> {
         let path = dir.join("db");
         let snapshot_dir = dir.join("snapshots");
-        std::fs::create_dir_all(&snapshot_dir)
-            .map_err(|source| StoreError::SnapshotIo { path: snapshot_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&snapshot_dir).map_err(|source| StoreError::SnapshotIo {
+            path: snapshot_dir.display().to_string(),
+            source: source.into(),
+        })?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);

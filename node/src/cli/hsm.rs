@@ -39,8 +39,9 @@ pub enum HsmCommand {
     },
 }
 
-/// Runs an HSM command. PKCS#11 calls block, which is fine for a one-shot command.
-pub async fn run(command: HsmCommand) -> anyhow::Result<ExitCode> {
+/// Runs an HSM command. PKCS#11 calls block, which is fine for a one-shot command (on a worker of
+/// the multi-threaded runtime, which `block_in_place` hands its other tasks away from).
+pub fn run(command: HsmCommand) -> anyhow::Result<ExitCode> {
     tokio::task::block_in_place(|| match command {
         HsmCommand::InitRootKey { config } => {
             let config = Config::load(&config)?;

@@ -15,7 +15,7 @@ use coffer_proto::v1::{
 use serde_json::json;
 
 use super::client::{connect, describe_status, DEFAULT_ADDR};
-use super::secret::{millis, read_value};
+use super::secret::{millis, random_request_id, read_value};
 use super::Output;
 
 /// Options shared by every key command.
@@ -56,6 +56,9 @@ enum KeyCommand {
         /// Allow export of the key material (fixed at creation; default: never).
         #[arg(long)]
         exportable: bool,
+        /// Idempotency key: retrying with the same id creates the key once. Default: a random id.
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Show a key: type, versions, primary version, config, public keys.
     Get {
@@ -68,28 +71,34 @@ enum KeyCommand {
     Rotate {
         /// The key name.
         name: String,
+        /// Idempotency key: retrying with the same id changes the key once. Default: a random id.
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Change a key's config.
     Config {
         /// The key name.
         name: String,
-        /// Versions below this can no longer decrypt or verify.
+        /// Versions below this can no longer decrypt or verify. Only moves forward.
         #[arg(long)]
         min_decryption_version: Option<u32>,
-        /// Versions below this can no longer encrypt or sign.
-        #[arg(long)]
-        min_encryption_version: Option<u32>,
         /// Allow or forbid `coffer key delete`.
         #[arg(long)]
         deletion_allowed: Option<bool>,
         /// Rotate automatically this often (e.g. 30d); 0 turns it off.
         #[arg(long, value_parser = humantime::parse_duration)]
         auto_rotate_period: Option<std::time::Duration>,
+        /// Idempotency key: retrying with the same id changes the key once. Default: a random id.
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Delete a key whose config allows deletion.
     Delete {
         /// The key name.
         name: String,
+        /// Idempotency key: retrying with the same id changes the key once. Default: a random id.
+        #[arg(long)]
+        request_id: Option<String>,
     },
     /// Encrypt: prints coffer:v<N>:<base64>. Plaintext from --file, the argument, or stdin.
     Encrypt {
@@ -177,7 +186,6 @@ fn describe(key: &Key) -> serde_json::Value {
         "exportable": key.exportable,
         "primary_version": key.primary_version,
         "min_decryption_version": config.min_decryption_version,
-        "min_encryption_version": config.min_encryption_version,
         "deletion_allowed": config.deletion_allowed,
         "auto_rotate_period_seconds": config.auto_rotate_period.map(|d| d.seconds),
         "created_at": millis(key.created_at.as_ref()),
@@ -197,14 +205,13 @@ fn describe(key: &Key) -> serde_json::Value {
 fn key_text(key: &Key) -> String {
     let j = describe(key);
     let mut out = format!(
-        "usage from {} of {} nodes\nname:            {}\ntype:            {}\nprimary version: {}\nmin decryption:  {}\nmin encryption:  {}\ndeletion allowed: {}\nexportable:      {}\nversions:",
+        "usage from {} of {} nodes\nname:            {}\ntype:            {}\nprimary version: {}\nmin decryption:  {}\ndeletion allowed: {}\nexportable:      {}\nversions:",
         key.usage_nodes_answered,
         key.usage_nodes_total,
         j["name"].as_str().unwrap_or_default(),
         j["type"].as_str().unwrap_or_default(),
         key.primary_version,
         j["min_decryption_version"],
-        j["min_encryption_version"],
         j["deletion_allowed"],
         key.exportable
     );
@@ -230,14 +237,15 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
     let json_out = args.output == Output::Json;
     let mut out = std::io::stdout().lock();
     let result: Result<Vec<u8>, tonic::Status> = match args.command {
-        KeyCommand::Create { name, key_type, exportable } => {
+        KeyCommand::Create { name, key_type, exportable, request_id } => {
+            let request_id = request_id.map_or_else(random_request_id, Ok)?;
             let t = match key_type {
                 CliKeyType::Aes256Gcm => KeyType::Aes256Gcm,
                 CliKeyType::Ed25519 => KeyType::Ed25519,
                 CliKeyType::EcdsaP256 => KeyType::EcdsaP256,
                 CliKeyType::HmacSha256 => KeyType::HmacSha256,
             };
-            c.create_key(CreateKeyRequest { name, r#type: t as i32, exportable })
+            c.create_key(CreateKeyRequest { name, r#type: t as i32, exportable, request_id })
                 .await
                 .map(|r| r.into_inner())
                 .map(|k| if json_out { describe(&k).to_string() } else { key_text(&k) }.into_bytes())
@@ -264,26 +272,23 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        KeyCommand::Rotate { name } => c.rotate_key(RotateKeyRequest { name }).await.map(|r| {
-            let k = r.into_inner();
-            if json_out {
-                describe(&k).to_string()
-            } else {
-                format!("{}: version {} is primary", k.name, k.primary_version)
-            }
-            .into_bytes()
-        }),
-        KeyCommand::Config {
-            name,
-            min_decryption_version,
-            min_encryption_version,
-            deletion_allowed,
-            auto_rotate_period,
-        } => {
+        KeyCommand::Rotate { name, request_id } => {
+            let request_id = request_id.map_or_else(random_request_id, Ok)?;
+            c.rotate_key(RotateKeyRequest { name, request_id }).await.map(|r| {
+                let k = r.into_inner();
+                if json_out {
+                    describe(&k).to_string()
+                } else {
+                    format!("{}: version {} is primary", k.name, k.primary_version)
+                }
+                .into_bytes()
+            })
+        }
+        KeyCommand::Config { name, min_decryption_version, deletion_allowed, auto_rotate_period, request_id } => {
             let req = UpdateKeyConfigRequest {
                 name,
                 min_decryption_version,
-                min_encryption_version,
+                request_id: request_id.map_or_else(random_request_id, Ok)?,
                 deletion_allowed,
                 auto_rotate_period: auto_rotate_period.map(|d| prost_types::Duration {
                     seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -295,9 +300,12 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
                 if json_out { describe(&k).to_string() } else { key_text(&k) }.into_bytes()
             })
         }
-        KeyCommand::Delete { name } => c.delete_key(DeleteKeyRequest { name: name.clone() }).await.map(|_| {
-            if json_out { json!({"deleted": name}).to_string() } else { format!("deleted key {name}") }.into_bytes()
-        }),
+        KeyCommand::Delete { name, request_id } => {
+            let request_id = request_id.map_or_else(random_request_id, Ok)?;
+            c.delete_key(DeleteKeyRequest { name: name.clone(), request_id }).await.map(|_| {
+                if json_out { json!({"deleted": name}).to_string() } else { format!("deleted key {name}") }.into_bytes()
+            })
+        }
         KeyCommand::Encrypt { name, plaintext, file, associated_data } => {
             let plaintext = read_value(plaintext, file)?;
             let req =

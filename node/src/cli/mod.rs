@@ -70,7 +70,7 @@ impl Cli {
         let result = match self.command {
             Commands::Server { config, addr_file } => run_server(config, addr_file).await,
             Commands::Dev(args) => dev::run(args).await,
-            Commands::Hsm(cmd) => hsm::run(cmd).await,
+            Commands::Hsm(cmd) => hsm::run(cmd),
             Commands::Secret(args) => secret::run(args).await,
             Commands::Operator(args) => operator::run(args).await,
             Commands::Key(args) => key::run(args).await,

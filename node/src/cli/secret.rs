@@ -90,9 +90,18 @@ enum SecretCommand {
 struct VersionsArgs {
     /// The secret path.
     path: String,
-    /// Versions, comma-separated (default: the current version).
+    /// Versions, comma-separated (default: the current version, resolved when the call is taken).
     #[arg(long, value_delimiter = ',')]
     versions: Vec<u64>,
+    /// Idempotency key: retrying with the same id changes the state once. Default: a random id.
+    #[arg(long)]
+    request_id: Option<String>,
+}
+
+impl VersionsArgs {
+    fn request_id(&self) -> anyhow::Result<String> {
+        self.request_id.clone().map_or_else(random_request_id, Ok)
+    }
 }
 
 pub(crate) fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -293,15 +302,18 @@ async fn execute(mut client: SecretsClient<Channel>, command: SecretCommand, out
             }
         }
         SecretCommand::Delete(v) => {
-            client.delete(DeleteRequest { path: v.path.clone(), versions: v.versions.clone() }).await?;
+            let request_id = v.request_id()?;
+            client.delete(DeleteRequest { path: v.path.clone(), versions: v.versions.clone(), request_id }).await?;
             report(&mut out, output, "deleted", &v)?;
         }
         SecretCommand::Undelete(v) => {
-            client.undelete(UndeleteRequest { path: v.path.clone(), versions: v.versions.clone() }).await?;
+            let request_id = v.request_id()?;
+            client.undelete(UndeleteRequest { path: v.path.clone(), versions: v.versions.clone(), request_id }).await?;
             report(&mut out, output, "undeleted", &v)?;
         }
         SecretCommand::Destroy(v) => {
-            client.destroy(DestroyRequest { path: v.path.clone(), versions: v.versions.clone() }).await?;
+            let request_id = v.request_id()?;
+            client.destroy(DestroyRequest { path: v.path.clone(), versions: v.versions.clone(), request_id }).await?;
             report(&mut out, output, "destroyed", &v)?;
         }
     }

@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ServerState;
-
 use crate::node::{now_ms, Node};
 use crate::op::manage_keys;
 
@@ -19,7 +17,7 @@ pub async fn run(node: Arc<Node>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if node.raft.metrics().borrow().state != ServerState::Leader {
+        if node.replica.role() != coffer_raft::Role::Leader {
             continue;
         }
         if let Err(e) = rotate_due(&node).await {
@@ -31,14 +29,14 @@ pub async fn run(node: Arc<Node>) {
 async fn rotate_due(node: &Node) -> Result<(), crate::error::Error> {
     let mut after: Option<String> = None;
     loop {
-        let names = node.reader.named_keys(after.as_deref(), 1000)?;
+        let names = node.reader().named_keys(after.as_deref(), 1000)?;
         let Some(last) = names.last().cloned() else { return Ok(()) };
         for name in names {
-            let Some(record) = node.reader.named_key(&name)? else { continue };
+            let Some(record) = node.reader().named_key(&name)? else { continue };
             let period = record.auto_rotate_period_ms;
             let primary_at = record.versions.values().next_back().map_or(0, |v| v.created_at_ms);
             if period > 0 && now_ms().saturating_sub(primary_at) >= period {
-                let rotated = manage_keys::rotate_key(node, &name).await?;
+                let rotated = manage_keys::rotate_key(node, &name, "").await?;
                 tracing::info!(key = %name, version = rotated.primary(), "rotated key automatically");
             }
         }

@@ -13,5 +13,5 @@ use crate::validate;
 pub async fn describe_secret(node: &Node, path: &str) -> Result<SecretMeta, Error> {
     validate::path(path)?;
     node.read_barrier(None).await?;
-    node.reader.secret(path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_owned() })
+    node.reader().secret(path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_owned() })
 }

@@ -47,7 +47,7 @@ pub async fn get_secret(
         return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
     }
     let ready = node.read_barrier(max_staleness).await?;
-    let Some((meta, version, sealed)) = node.reader.secret_version(path, version)? else {
+    let Some((meta, version, sealed)) = node.reader().secret_version(path, version)? else {
         return Err(Error::SecretNotFound { path: path.to_owned() });
     };
     let not_found = || Error::VersionNotFound { path: path.to_owned(), version };

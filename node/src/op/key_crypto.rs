@@ -18,7 +18,7 @@ async fn loaded(node: &Node, name: &str) -> Result<Arc<LoadedKey>, Error> {
     validate_name(name)?;
     let ready = node.ready().await?;
     node.fresh_within(node.config.crypto_staleness)?;
-    let record = node.reader.named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
+    let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
     node.keys.load(&ready.keyring, name, record)
 }
 
@@ -29,7 +29,7 @@ async fn with_key<T>(node: &Node, name: &str, f: impl Fn(&LoadedKey) -> Result<T
     let key = loaded(node, name).await?;
     match f(&key) {
         Err(Error::KeyVersionNotFound { version, .. }) if version > key.record.primary() => {
-            node.linearizable().await?;
+            node.read_barrier(None).await?;
             f(&*loaded(node, name).await?)
         }
         other => other,

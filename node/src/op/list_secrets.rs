@@ -38,7 +38,7 @@ pub async fn list_secrets(node: &Node, prefix: &str, page_size: u32, page_token:
     };
     node.read_barrier(None).await?;
     // One extra row tells whether another page follows.
-    let mut paths = node.reader.list(prefix, after, size + 1)?;
+    let mut paths = node.reader().list(prefix, after, size + 1)?;
     let next_page_token = if paths.len() > size {
         paths.truncate(size);
         paths.last().cloned()

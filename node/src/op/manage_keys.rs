@@ -1,11 +1,14 @@
 //! Keys service management: create, read, list, rotate, configure and delete named keys. Every
 //! change goes through Raft; material is generated and wrapped by the node that takes the request.
 
-use coffer_raft::{Command, NamedKeyRecord, NamedKeyType, Rejection, Response};
+use coffer_raft::{
+    CreateKey, DeleteKey, NamedKeyRecord, NamedKeyType, Op, Outcome, Rejection, RotateKey, UpdateKeyConfig, Write,
+};
 
 use crate::error::Error;
 use crate::keys;
 use crate::node::{now_ms, Node};
+use crate::validate;
 
 /// How many times a rotation retries after a concurrent rotation took its version number.
 const MAX_ATTEMPTS: usize = 8;
@@ -26,15 +29,6 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn rejected(rejection: Rejection) -> Error {
-    match rejection {
-        Rejection::KeyExists { name } => Error::KeyExists { name },
-        Rejection::KeyNotFound { name } => Error::KeyNotFound { name },
-        Rejection::KeyConfigRefused { rule } => Error::KeyRefused { rule },
-        other => Error::Internal(format!("unexpected rejection: {other}").into()),
-    }
-}
-
 /// Creates a key with its first version.
 ///
 /// # Errors
@@ -44,8 +38,10 @@ pub async fn create_key(
     name: &str,
     key_type: NamedKeyType,
     exportable: bool,
+    request_id: &str,
 ) -> Result<NamedKeyRecord, Error> {
     validate_name(name)?;
+    let request_id = validate::request_id(request_id)?;
     let ready = node.ready().await?;
     let at_ms = now_ms();
     let first = keys::new_version(&ready.keyring, name, 1, key_type, at_ms)?;
@@ -60,10 +56,12 @@ pub async fn create_key(
         versions: [(1, first)].into(),
         generation: 0,
     };
-    match node.propose(Command::CreateKey { name: name.to_owned(), record: record.clone() }).await? {
-        Response::Applied => Ok(record),
-        Response::Rejected(r) => Err(rejected(r)),
-        other => Err(Error::Internal(format!("unexpected response to CreateKey: {other:?}").into())),
+    let op = Op::CreateKey(CreateKey { name: name.to_owned(), record });
+    match node.propose(Write { request_id, op }).await? {
+        // A retry answered as the first time returns the key as it is now.
+        Outcome::Applied => get_key(node, name).await,
+        Outcome::Rejected(r) => Err(Error::rejected(r)),
+        other => Err(Error::Unexpected { what: "CreateKey", outcome: other }),
     }
 }
 
@@ -74,7 +72,7 @@ pub async fn create_key(
 pub async fn get_key(node: &Node, name: &str) -> Result<NamedKeyRecord, Error> {
     validate_name(name)?;
     node.read_barrier(None).await?;
-    node.reader.named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })
+    node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })
 }
 
 /// Lists key names, one page at a time; the token is the last name of the previous page.
@@ -95,7 +93,7 @@ pub async fn list_keys(node: &Node, page_size: u32, page_token: &str) -> Result<
         Some(page_token)
     };
     node.read_barrier(None).await?;
-    let mut names = node.reader.named_keys(after, size + 1)?;
+    let mut names = node.reader().named_keys(after, size + 1)?;
     let next = if names.len() > size {
         names.truncate(size);
         names.last().cloned()
@@ -108,69 +106,86 @@ pub async fn list_keys(node: &Node, page_size: u32, page_token: &str) -> Result<
 /// Adds a version and makes it primary.
 ///
 /// # Errors
-/// `InvalidArgument`, `KeyNotFound`, `Contended`, `Unavailable`.
-pub async fn rotate_key(node: &Node, name: &str) -> Result<NamedKeyRecord, Error> {
+/// `InvalidArgument`, `KeyNotFound`, `VersionsExhausted`, `Contended`, `RequestIdReused`, or a
+/// retryable replica error.
+pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<NamedKeyRecord, Error> {
     validate_name(name)?;
+    let request_id = validate::request_id(request_id)?;
     let ready = node.ready().await?;
     node.read_barrier(None).await?;
     for _ in 0..MAX_ATTEMPTS {
-        let record = node.reader.named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
-        let version = record.primary() + 1;
+        let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
+        let version =
+            record.primary().checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("key {name}") })?;
         let material = keys::new_version(&ready.keyring, name, version, record.key_type, now_ms())?;
-        match node.propose(Command::RotateKey { name: name.to_owned(), version, material }).await? {
-            Response::Applied => return get_key(node, name).await,
-            Response::Rejected(Rejection::VersionTaken { .. }) => {
+        let op = Op::RotateKey(RotateKey { name: name.to_owned(), version, material });
+        match node.propose(Write { request_id: request_id.clone(), op }).await? {
+            Outcome::Applied => return get_key(node, name).await,
+            Outcome::Rejected(Rejection::VersionTaken { .. }) => {
                 node.read_barrier(None).await?;
             }
-            Response::Rejected(r) => return Err(rejected(r)),
-            other => return Err(Error::Internal(format!("unexpected response to RotateKey: {other:?}").into())),
+            Outcome::Rejected(r) => return Err(Error::rejected(r)),
+            other => return Err(Error::Unexpected { what: "RotateKey", outcome: other }),
         }
     }
-    Err(Error::Contended { path: name.to_owned() })
+    Err(Error::Contended { target: name.to_owned() })
 }
 
-/// Changes a key's config; `None` leaves a setting as it is.
+/// A change to a key's config; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConfigChange {
+    /// Versions below it stop decrypting and verifying; only moves forward.
+    pub min_decryption_version: Option<u32>,
+    /// Whether DeleteKey is allowed.
+    pub deletion_allowed: Option<bool>,
+    /// How often the leader rotates the key (zero: never).
+    pub auto_rotate_period: Option<std::time::Duration>,
+}
+
+/// Changes a key's config.
 ///
 /// # Errors
-/// `InvalidArgument`, `KeyNotFound`, `KeyRefused` (a rule of the config), `Unavailable`.
+/// `InvalidArgument`, `KeyNotFound`, `KeyRule` (a rule of the config), `RequestIdReused`, or a
+/// retryable replica error.
 pub async fn update_key_config(
     node: &Node,
     name: &str,
-    min_decryption_version: Option<u32>,
-    min_encryption_version: Option<u32>,
-    deletion_allowed: Option<bool>,
-    auto_rotate_period_ms: Option<u64>,
+    change: ConfigChange,
+    request_id: &str,
 ) -> Result<NamedKeyRecord, Error> {
     validate_name(name)?;
+    let request_id = validate::request_id(request_id)?;
     node.ready().await?;
-    let command = Command::UpdateKeyConfig {
+    let op = Op::UpdateKeyConfig(UpdateKeyConfig {
         name: name.to_owned(),
-        min_decryption_version,
-        min_encryption_version,
-        deletion_allowed,
-        auto_rotate_period_ms,
-    };
-    match node.propose(command).await? {
-        Response::Applied => get_key(node, name).await,
-        Response::Rejected(r) => Err(rejected(r)),
-        other => Err(Error::Internal(format!("unexpected response to UpdateKeyConfig: {other:?}").into())),
+        min_decryption_version: change.min_decryption_version,
+        min_encryption_version: None,
+        deletion_allowed: change.deletion_allowed,
+        auto_rotate_period_ms: change.auto_rotate_period.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    });
+    match node.propose(Write { request_id, op }).await? {
+        Outcome::Applied => get_key(node, name).await,
+        Outcome::Rejected(r) => Err(Error::rejected(r)),
+        other => Err(Error::Unexpected { what: "UpdateKeyConfig", outcome: other }),
     }
 }
 
 /// Deletes a key whose config allows it.
 ///
 /// # Errors
-/// `InvalidArgument`, `KeyNotFound`, `KeyRefused` (deletion not allowed), `Unavailable`.
-pub async fn delete_key(node: &Node, name: &str) -> Result<(), Error> {
+/// `InvalidArgument`, `KeyNotFound`, `KeyRule` (deletion not allowed), `RequestIdReused`, or a
+/// retryable replica error.
+pub async fn delete_key(node: &Node, name: &str, request_id: &str) -> Result<(), Error> {
     validate_name(name)?;
+    let request_id = validate::request_id(request_id)?;
     node.ready().await?;
-    match node.propose(Command::DeleteKey { name: name.to_owned() }).await? {
-        Response::Applied => {
+    match node.propose(Write { request_id, op: Op::DeleteKey(DeleteKey { name: name.to_owned() }) }).await? {
+        Outcome::Applied => {
             node.keys.forget(name);
             Ok(())
         }
-        Response::Rejected(r) => Err(rejected(r)),
-        other => Err(Error::Internal(format!("unexpected response to DeleteKey: {other:?}").into())),
+        Outcome::Rejected(r) => Err(Error::rejected(r)),
+        other => Err(Error::Unexpected { what: "DeleteKey", outcome: other }),
     }
 }
 
@@ -201,15 +216,7 @@ pub async fn cluster_usage(node: &Node, name: &str) -> (std::collections::BTreeM
         u.decrypts += decrypts;
         u.last_used_ms = u.last_used_ms.max(last);
     };
-    let members: Vec<(u64, String)> = node
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, n)| (*id, n.addr.clone()))
-        .collect();
+    let members: Vec<(u64, String)> = node.replica.members().into_iter().map(|m| (m.id, m.addr)).collect();
     let total = members.len().max(1) as u32;
     let mut answered = 0;
     for (id, addr) in members {
@@ -220,7 +227,7 @@ pub async fn cluster_usage(node: &Node, name: &str) -> (std::collections::BTreeM
             answered += 1;
             continue;
         }
-        let Ok(channel) = node.channels.channel(&addr) else { continue };
+        let Ok(channel) = node.replica.peer_channel(&addr) else { continue };
         let mut request = tonic::Request::new(KeyUsageRequest { name: name.to_owned() });
         request.set_timeout(USAGE_TIMEOUT);
         if let Ok(reply) = NodeStatsClient::new(channel).key_usage(request).await {

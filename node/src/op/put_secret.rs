@@ -2,7 +2,7 @@
 //! Put: validate, seal for the next version, propose, and reseal when a concurrent write took
 //! that version.
 
-use coffer_raft::{Command, Rejection, Response};
+use coffer_raft::{Op, Outcome, Rejection, Write};
 use zeroize::Zeroizing;
 
 use crate::error::Error;
@@ -22,8 +22,8 @@ pub struct PutSecret {
     pub cas: Option<u64>,
     /// A new `max_versions` for the secret.
     pub max_versions: Option<u32>,
-    /// The client's idempotency key, if any.
-    pub request_id: Option<String>,
+    /// The client's idempotency key; empty: none.
+    pub request_id: String,
 }
 
 impl std::fmt::Debug for PutSecret {
@@ -50,29 +50,32 @@ pub struct Written {
 /// Writes a new version.
 ///
 /// # Errors
-/// `InvalidArgument` (path, size, max_versions, request id), `CasMismatch`, `Contended`, or
-/// `Unavailable` when no leader can take the write.
+/// `InvalidArgument` (path, size, max_versions, cas, request id), `CasMismatch`,
+/// `VersionsExhausted`, `Contended`, `RequestIdReused`, or a retryable replica error when no leader
+/// can take the write.
 pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
     validate::path(&req.path)?;
     validate::value(&req.value, node.config.max_value_bytes)?;
     validate::max_versions(req.max_versions)?;
-    if let Some(id) = &req.request_id {
-        if id.len() > 128 {
-            return Err(Error::InvalidArgument { rule: "request_id is longer than 128 bytes".into() });
-        }
+    let request_id = validate::request_id(&req.request_id)?;
+    if req.cas == Some(u64::MAX) {
+        return Err(Error::InvalidArgument {
+            rule: format!("cas {} is the largest version number; no version can follow it", u64::MAX),
+        });
     }
     let ready = node.ready().await?;
     // Without CAS, the next version is a guess: the local current version, then whatever the state
     // machine reported as current when a concurrent write took the guessed one.
     let mut current = match req.cas {
         Some(cas) => cas,
-        None => node.reader.secret(&req.path)?.map_or(0, |m| m.current_version),
+        None => node.reader().secret(&req.path)?.map_or(0, |m| m.current_version),
     };
     for _ in 0..MAX_ATTEMPTS {
-        let version = current + 1;
+        let version =
+            current.checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("secret {}", req.path) })?;
         let sealed = ready.keyring.seal(&req.path, version, &req.value)?;
-        let command = Command::PutSecret {
-            request_id: req.request_id.clone(),
+        let op = Op::PutSecret(coffer_raft::PutSecret {
+            request_id: None,
             path: req.path.clone(),
             version,
             cas: req.cas,
@@ -80,16 +83,14 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
             default_max_versions: node.config.default_max_versions,
             sealed,
             at_ms: now_ms(),
-        };
-        match node.propose(command).await? {
-            Response::Put { version, created_at_ms } => return Ok(Written { version, created_at_ms }),
-            Response::Rejected(Rejection::CasMismatch { expected, current }) => {
-                return Err(Error::CasMismatch { expected, current })
-            }
+        });
+        match node.propose(Write { request_id: request_id.clone(), op }).await? {
+            Outcome::Put { version, created_at_ms } => return Ok(Written { version, created_at_ms }),
             // A concurrent write took the version: reseal for the one after the current.
-            Response::Rejected(Rejection::VersionTaken { current: now, .. }) => current = now,
-            other => return Err(Error::Internal(format!("unexpected response to PutSecret: {other:?}").into())),
+            Outcome::Rejected(Rejection::VersionTaken { current: now, .. }) => current = now,
+            Outcome::Rejected(r) => return Err(Error::rejected(r)),
+            other => return Err(Error::Unexpected { what: "PutSecret", outcome: other }),
         }
     }
-    Err(Error::Contended { path: req.path })
+    Err(Error::Contended { target: req.path })
 }

@@ -1,30 +1,41 @@
 //! Delete, Undelete and Destroy: change the state of versions through Raft.
 
-use coffer_raft::{Command, Rejection, Response, VersionState};
+use coffer_raft::{Op, Outcome, SetVersionState, VersionState, Write};
 
 use crate::error::Error;
 use crate::node::{now_ms, Node};
 use crate::validate;
 
-/// Changes the state of versions (the current version when `versions` is empty).
+/// Changes the state of versions; with no versions named, of the current version, resolved to
+/// its number before proposing (after a linearizable read), so a retry never reaches a version
+/// written after the call.
 ///
 /// # Errors
 /// `InvalidArgument`, `SecretNotFound`, `VersionNotFound`, `VersionDestroyed` (undelete of a
-/// destroyed version; reported as NOT_FOUND), or `Unavailable`. On error nothing changed.
-pub async fn set_version_state(node: &Node, path: &str, versions: Vec<u64>, state: VersionState) -> Result<(), Error> {
+/// destroyed version; reported as NOT_FOUND), `RequestIdReused`, or a retryable replica error. On
+/// error nothing changed.
+pub async fn set_version_state(
+    node: &Node,
+    path: &str,
+    versions: Vec<u64>,
+    state: VersionState,
+    request_id: &str,
+) -> Result<(), Error> {
     validate::path(path)?;
     validate::versions(&versions)?;
-    node.ready().await?;
-    let command = Command::SetVersionState { path: path.to_owned(), versions, state, at_ms: now_ms() };
-    match node.propose(command).await? {
-        Response::Applied => Ok(()),
-        Response::Rejected(Rejection::SecretNotFound { path }) => Err(Error::SecretNotFound { path }),
-        Response::Rejected(Rejection::VersionNotFound { path, version }) => {
-            Err(Error::VersionNotFound { path, version })
-        }
-        Response::Rejected(Rejection::VersionDestroyed { path, version }) => {
-            Err(Error::VersionDestroyed { path, version })
-        }
-        other => Err(Error::Internal(format!("unexpected response to SetVersionState: {other:?}").into())),
+    let request_id = validate::request_id(request_id)?;
+    let versions = if versions.is_empty() {
+        node.read_barrier(None).await?;
+        let meta = node.reader().secret(path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_owned() })?;
+        vec![meta.current_version]
+    } else {
+        node.ready().await?;
+        versions
+    };
+    let op = Op::SetVersionState(SetVersionState { path: path.to_owned(), versions, state, at_ms: now_ms() });
+    match node.propose(Write { request_id, op }).await? {
+        Outcome::Applied => Ok(()),
+        Outcome::Rejected(r) => Err(Error::rejected(r)),
+        other => Err(Error::Unexpected { what: "SetVersionState", outcome: other }),
     }
 }

@@ -16,7 +16,7 @@ use coffer_proto::v1::{
 use coffer_raft::{NamedKeyRecord, NamedKeyType};
 use tonic::{Request, Response, Status};
 
-use super::timestamp;
+use super::{duration, timestamp};
 use crate::error::Error;
 use crate::node::Node;
 use crate::op::{key_crypto, manage_keys};
@@ -61,7 +61,6 @@ fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
         primary_version: record.primary(),
         config: Some(KeyConfig {
             min_decryption_version: record.min_decryption_version,
-            min_encryption_version: record.min_encryption_version,
             deletion_allowed: record.deletion_allowed,
             auto_rotate_period: (period > 0).then(|| prost_types::Duration {
                 seconds: (period / 1000) as i64,
@@ -86,61 +85,74 @@ fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
     }
 }
 
-/// Runs one crypto call; `Err` is what the unary RPC would have returned.
-async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Status> {
+async fn encrypt(node: &Node, req: EncryptRequest) -> Result<EncryptResponse, Error> {
+    let (ciphertext, key_version) = key_crypto::encrypt(node, &req.name, &req.plaintext, &req.associated_data).await?;
+    Ok(EncryptResponse { ciphertext, key_version })
+}
+
+async fn decrypt(node: &Node, req: DecryptRequest) -> Result<DecryptResponse, Error> {
+    let (plaintext, key_version) = key_crypto::decrypt(node, &req.name, &req.ciphertext, &req.associated_data).await?;
+    Ok(DecryptResponse { plaintext: plaintext.to_vec(), key_version })
+}
+
+async fn rewrap(node: &Node, req: RewrapRequest) -> Result<RewrapResponse, Error> {
+    let (ciphertext, key_version) = key_crypto::rewrap(node, &req.name, &req.ciphertext, &req.associated_data).await?;
+    Ok(RewrapResponse { ciphertext, key_version })
+}
+
+async fn generate_data_key(node: &Node, req: GenerateDataKeyRequest) -> Result<GenerateDataKeyResponse, Error> {
+    let (ciphertext, plaintext, key_version) =
+        key_crypto::generate_data_key(node, &req.name, req.bits, req.with_plaintext).await?;
+    Ok(GenerateDataKeyResponse {
+        ciphertext,
+        plaintext: plaintext.map(|p| p.to_vec()).unwrap_or_default(),
+        key_version,
+    })
+}
+
+async fn sign(node: &Node, req: SignRequest) -> Result<SignResponse, Error> {
+    let (signature, key_version) = key_crypto::sign(node, &req.name, &req.message).await?;
+    Ok(SignResponse { signature, key_version })
+}
+
+async fn verify(node: &Node, req: VerifyRequest) -> Result<VerifyResponse, Error> {
+    Ok(VerifyResponse { valid: key_crypto::verify(node, &req.name, &req.message, &req.signature).await? })
+}
+
+async fn hmac(node: &Node, req: HmacRequest) -> Result<HmacResponse, Error> {
+    let (hmac, key_version) = key_crypto::hmac(node, &req.name, &req.message).await?;
+    Ok(HmacResponse { hmac, key_version })
+}
+
+async fn verify_hmac(node: &Node, req: VerifyHmacRequest) -> Result<VerifyResponse, Error> {
+    Ok(VerifyResponse { valid: key_crypto::verify_hmac(node, &req.name, &req.message, &req.hmac).await? })
+}
+
+/// Runs one crypto call of a batch or stream; `Err` is what the unary RPC would have returned.
+async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Error> {
     Ok(match call {
-        Call::Encrypt(req) => {
-            let (ciphertext, key_version) =
-                key_crypto::encrypt(node, &req.name, &req.plaintext, &req.associated_data).await?;
-            CryptoOutcome::Encrypt(EncryptResponse { ciphertext, key_version })
-        }
-        Call::Decrypt(req) => {
-            let (plaintext, key_version) =
-                key_crypto::decrypt(node, &req.name, &req.ciphertext, &req.associated_data).await?;
-            CryptoOutcome::Decrypt(DecryptResponse { plaintext: plaintext.to_vec(), key_version })
-        }
-        Call::Rewrap(req) => {
-            let (ciphertext, key_version) =
-                key_crypto::rewrap(node, &req.name, &req.ciphertext, &req.associated_data).await?;
-            CryptoOutcome::Rewrap(RewrapResponse { ciphertext, key_version })
-        }
-        Call::GenerateDataKey(req) => {
-            let (ciphertext, plaintext, key_version) =
-                key_crypto::generate_data_key(node, &req.name, req.bits, req.with_plaintext).await?;
-            CryptoOutcome::GenerateDataKey(GenerateDataKeyResponse {
-                ciphertext,
-                plaintext: plaintext.map(|p| p.to_vec()).unwrap_or_default(),
-                key_version,
-            })
-        }
-        Call::Sign(req) => {
-            let (signature, key_version) = key_crypto::sign(node, &req.name, &req.message).await?;
-            CryptoOutcome::Sign(SignResponse { signature, key_version })
-        }
-        Call::Verify(req) => {
-            let valid = key_crypto::verify(node, &req.name, &req.message, &req.signature).await?;
-            CryptoOutcome::Verify(VerifyResponse { valid })
-        }
-        Call::Hmac(req) => {
-            let (hmac, key_version) = key_crypto::hmac(node, &req.name, &req.message).await?;
-            CryptoOutcome::Hmac(HmacResponse { hmac, key_version })
-        }
-        Call::VerifyHmac(req) => {
-            let valid = key_crypto::verify_hmac(node, &req.name, &req.message, &req.hmac).await?;
-            CryptoOutcome::VerifyHmac(VerifyResponse { valid })
-        }
+        Call::Encrypt(req) => CryptoOutcome::Encrypt(encrypt(node, req).await?),
+        Call::Decrypt(req) => CryptoOutcome::Decrypt(decrypt(node, req).await?),
+        Call::Rewrap(req) => CryptoOutcome::Rewrap(rewrap(node, req).await?),
+        Call::GenerateDataKey(req) => CryptoOutcome::GenerateDataKey(generate_data_key(node, req).await?),
+        Call::Sign(req) => CryptoOutcome::Sign(sign(node, req).await?),
+        Call::Verify(req) => CryptoOutcome::Verify(verify(node, req).await?),
+        Call::Hmac(req) => CryptoOutcome::Hmac(hmac(node, req).await?),
+        Call::VerifyHmac(req) => CryptoOutcome::VerifyHmac(verify_hmac(node, req).await?),
     })
 }
 
 /// One item of a batch or stream, as a per-item result.
 async fn execute_item(node: &Node, request: Option<CryptoRequest>) -> CryptoResult {
     let result = match request.and_then(|r| r.call) {
-        None => Err(Status::invalid_argument("the item names no call")),
+        None => Err(Error::InvalidArgument { rule: "the item names no call".into() }),
         Some(call) => execute(node, call).await,
     };
     CryptoResult {
-        result: Some(result.unwrap_or_else(|s| {
-            CryptoOutcome::Error(ItemError { code: s.code() as i32, message: s.message().to_owned() })
+        result: Some(result.unwrap_or_else(|e| {
+            // The item's error is what the unary call would have answered: the one mapping.
+            let status = Status::from(e);
+            CryptoOutcome::Error(ItemError { code: status.code() as i32, message: status.message().to_owned() })
         })),
     }
 }
@@ -156,10 +168,10 @@ impl Keys for KeysService {
         let items = request.into_inner().items;
         let max = self.node.config.max_batch_items;
         if items.len() > max {
-            return Err(Status::invalid_argument(format!(
-                "a batch carries at most {max} items (max-batch-items); this one has {}",
-                items.len()
-            )));
+            return Err(Error::InvalidArgument {
+                rule: format!("a batch carries at most {max} items (max-batch-items); this one has {}", items.len()),
+            }
+            .into());
         }
         let mut results = Vec::with_capacity(items.len());
         for item in items {
@@ -199,7 +211,9 @@ impl Keys for KeysService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<Key>, Status> {
         let req = request.into_inner();
-        let record = manage_keys::create_key(&self.node, &req.name, key_type(req.r#type)?, req.exportable).await?;
+        let record =
+            manage_keys::create_key(&self.node, &req.name, key_type(req.r#type)?, req.exportable, &req.request_id)
+                .await?;
         Ok(Response::new(wire_key(req.name, &record)))
     }
 
@@ -230,96 +244,62 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<Key>, Status> {
-        let name = request.into_inner().name;
-        let record = manage_keys::rotate_key(&self.node, &name).await?;
-        Ok(Response::new(wire_key(name, &record)))
+        let req = request.into_inner();
+        let record = manage_keys::rotate_key(&self.node, &req.name, &req.request_id).await?;
+        Ok(Response::new(wire_key(req.name, &record)))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn update_key_config(&self, request: Request<UpdateKeyConfigRequest>) -> Result<Response<Key>, Status> {
         let req = request.into_inner();
-        let period = match req.auto_rotate_period {
-            None => None,
-            Some(d) => Some(
-                std::time::Duration::try_from(d)
-                    .map_err(|_| Status::invalid_argument("auto_rotate_period must be a non-negative duration"))?
-                    .as_millis() as u64,
-            ),
+        let change = manage_keys::ConfigChange {
+            min_decryption_version: req.min_decryption_version,
+            deletion_allowed: req.deletion_allowed,
+            auto_rotate_period: req.auto_rotate_period.map(|d| duration("auto_rotate_period", d)).transpose()?,
         };
-        let record = manage_keys::update_key_config(
-            &self.node,
-            &req.name,
-            req.min_decryption_version,
-            req.min_encryption_version,
-            req.deletion_allowed,
-            period,
-        )
-        .await?;
+        let record = manage_keys::update_key_config(&self.node, &req.name, change, &req.request_id).await?;
         Ok(Response::new(wire_key(req.name, &record)))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete_key(&self, request: Request<DeleteKeyRequest>) -> Result<Response<DeleteKeyResponse>, Status> {
-        manage_keys::delete_key(&self.node, &request.into_inner().name).await?;
+        let req = request.into_inner();
+        manage_keys::delete_key(&self.node, &req.name, &req.request_id).await?;
         Ok(Response::new(DeleteKeyResponse {}))
     }
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
-        match execute(&self.node, Call::Encrypt(request.into_inner())).await? {
-            CryptoOutcome::Encrypt(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(encrypt(&self.node, request.into_inner()).await?))
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
-        match execute(&self.node, Call::Decrypt(request.into_inner())).await? {
-            CryptoOutcome::Decrypt(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(decrypt(&self.node, request.into_inner()).await?))
     }
 
     async fn rewrap(&self, request: Request<RewrapRequest>) -> Result<Response<RewrapResponse>, Status> {
-        match execute(&self.node, Call::Rewrap(request.into_inner())).await? {
-            CryptoOutcome::Rewrap(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(rewrap(&self.node, request.into_inner()).await?))
     }
 
     async fn generate_data_key(
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        match execute(&self.node, Call::GenerateDataKey(request.into_inner())).await? {
-            CryptoOutcome::GenerateDataKey(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(generate_data_key(&self.node, request.into_inner()).await?))
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        match execute(&self.node, Call::Sign(request.into_inner())).await? {
-            CryptoOutcome::Sign(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(sign(&self.node, request.into_inner()).await?))
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
-        match execute(&self.node, Call::Verify(request.into_inner())).await? {
-            CryptoOutcome::Verify(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(verify(&self.node, request.into_inner()).await?))
     }
 
     async fn hmac(&self, request: Request<HmacRequest>) -> Result<Response<HmacResponse>, Status> {
-        match execute(&self.node, Call::Hmac(request.into_inner())).await? {
-            CryptoOutcome::Hmac(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(hmac(&self.node, request.into_inner()).await?))
     }
 
     async fn verify_hmac(&self, request: Request<VerifyHmacRequest>) -> Result<Response<VerifyResponse>, Status> {
-        match execute(&self.node, Call::VerifyHmac(request.into_inner())).await? {
-            CryptoOutcome::VerifyHmac(reply) => Ok(Response::new(reply)),
-            _ => Err(Status::internal("a call answered with another call's result")),
-        }
+        Ok(Response::new(verify_hmac(&self.node, request.into_inner()).await?))
     }
 }

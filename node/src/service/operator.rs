@@ -7,7 +7,6 @@ use coffer_proto::v1::{
     InitRequest, InitResponse, JoinRequest, JoinResponse, MemberStatus, RemoveRequest, RemoveResponse, StatusRequest,
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
-use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -61,44 +60,26 @@ impl Operator for OperatorService {
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let node = &self.node;
-        let m = node.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let lag = |id: u64| {
-            let matched = m.replication.as_ref()?.get(&id)?.as_ref().map_or(0, |l| l.index);
-            Some(m.last_log_index.unwrap_or(0).saturating_sub(matched))
-        };
-        let members = membership
-            .nodes()
-            .map(|(id, n)| MemberStatus {
-                node_id: *id,
-                addr: n.addr.clone(),
-                voter: voters.contains(id),
-                lag: lag(*id),
-            })
+        let status = node.replica.status().await;
+        let members = status
+            .members
+            .into_iter()
+            .map(|m| MemberStatus { node_id: m.id, addr: m.addr, voter: m.voter, lag: m.lag })
             .collect();
-        let role = match m.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
-        };
         let hsm = match node.hsm().probe().await {
             Ok(kcv) if kcv == *node.hsm().kcv() => "ok".to_owned(),
             Ok(kcv) => format!("root key changed: KCV now {kcv}"),
             Err(e) => format!("failing: {e}"),
         };
-        let committed_index = node.raft.with_raft_state(|st| st.committed.map(|l| l.index)).await.ok().flatten();
         let cluster_id = node.reader().cluster().map_err(Error::from)?.map(|c| c.cluster_id).unwrap_or_default();
         Ok(Response::new(StatusResponse {
-            node_id: m.id,
-            role: role.into(),
-            term: m.current_term,
-            leader_id: m.current_leader,
-            last_log_index: m.last_log_index,
-            committed_index,
-            applied_index: m.last_applied.map(|l| l.index),
+            node_id: status.node_id,
+            role: status.role.as_str().into(),
+            term: status.term,
+            leader_id: status.leader,
+            last_log_index: status.last_log_index,
+            committed_index: status.committed_index,
+            applied_index: status.applied_index,
             members,
             cluster_id,
             kcv: node.hsm().kcv().to_string(),

@@ -12,7 +12,7 @@ use coffer_raft::VersionState;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::timestamp;
+use super::{duration, timestamp};
 use crate::node::Node;
 use crate::op::{describe_secret, get_secret, list_secrets, put_secret, set_version_state};
 
@@ -39,7 +39,7 @@ impl Secrets for SecretsService {
             value: Zeroizing::new(req.value),
             cas: req.cas,
             max_versions: req.max_versions,
-            request_id: Some(req.request_id).filter(|id| !id.is_empty()),
+            request_id: req.request_id,
         };
         let written = put_secret::put_secret(&self.node, put).await?;
         Ok(Response::new(PutResponse { version: written.version, created_at: Some(timestamp(written.created_at_ms)) }))
@@ -48,13 +48,7 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let req = request.into_inner();
-        let max_staleness = match req.max_staleness {
-            None => None,
-            Some(d) => Some(
-                std::time::Duration::try_from(d)
-                    .map_err(|_| Status::invalid_argument("max_staleness must be a non-negative duration"))?,
-            ),
-        };
+        let max_staleness = req.max_staleness.map(|d| duration("max_staleness", d)).transpose()?;
         let secret = get_secret::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
         // The reply owns a copy for encoding; tonic drops it after writing, unzeroized (a limit of
         // prost's `Vec<u8>` fields).
@@ -99,21 +93,42 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let req = request.into_inner();
-        set_version_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Deleted).await?;
+        set_version_state::set_version_state(
+            &self.node,
+            &req.path,
+            req.versions,
+            VersionState::Deleted,
+            &req.request_id,
+        )
+        .await?;
         Ok(Response::new(DeleteResponse {}))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn undelete(&self, request: Request<UndeleteRequest>) -> Result<Response<UndeleteResponse>, Status> {
         let req = request.into_inner();
-        set_version_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Undeleted).await?;
+        set_version_state::set_version_state(
+            &self.node,
+            &req.path,
+            req.versions,
+            VersionState::Undeleted,
+            &req.request_id,
+        )
+        .await?;
         Ok(Response::new(UndeleteResponse {}))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn destroy(&self, request: Request<DestroyRequest>) -> Result<Response<DestroyResponse>, Status> {
         let req = request.into_inner();
-        set_version_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed).await?;
+        set_version_state::set_version_state(
+            &self.node,
+            &req.path,
+            req.versions,
+            VersionState::Destroyed,
+            &req.request_id,
+        )
+        .await?;
         Ok(Response::new(DestroyResponse {}))
     }
 }

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use crate::{coffer_bin, TestNode};
 
-pub struct ClusterNode {
+pub(crate) struct ClusterNode {
     pub id: u64,
     pub dir: PathBuf,
     pub port: u16,
@@ -20,16 +20,16 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         self.child.is_some()
     }
 }
 
-pub struct TestCluster {
+pub(crate) struct TestCluster {
     pub root: tempfile::TempDir,
     pub nodes: Vec<ClusterNode>,
 }
@@ -37,7 +37,7 @@ pub struct TestCluster {
 impl TestCluster {
     /// Prepares `n` nodes (`extra` is appended to each config), starts them, initialises the
     /// cluster on node 1 and joins the others.
-    pub fn must_start(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
+    pub(crate) fn must_start(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
         let mut cluster = Self::must_prepare(n, extra)?;
         for i in 0..n {
             cluster.must_restart(i)?;
@@ -52,7 +52,7 @@ impl TestCluster {
 
     /// Writes every node's directory without starting anything. With `COFFER_KEEP_TEST_DIRS` set,
     /// the directory (node logs included) is kept after the test and its path printed.
-    pub fn must_prepare(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
+    pub(crate) fn must_prepare(n: usize, extra: &str) -> anyhow::Result<TestCluster> {
         let mut root = tempfile::tempdir()?;
         if std::env::var_os("COFFER_KEEP_TEST_DIRS").is_some() {
             root.disable_cleanup(true);
@@ -66,7 +66,7 @@ impl TestCluster {
     }
 
     /// Prepares one more node (not started, not joined); returns its index.
-    pub fn must_add_node(&mut self, extra: &str) -> anyhow::Result<usize> {
+    pub(crate) fn must_add_node(&mut self, extra: &str) -> anyhow::Result<usize> {
         let id = self.nodes.len() as u64 + 1;
         let dir = self.root.path().join(format!("node{id}"));
         if id == 1 {
@@ -90,13 +90,13 @@ impl TestCluster {
         Ok(self.nodes.len() - 1)
     }
 
-    pub fn must_restart(&mut self, i: usize) -> anyhow::Result<()> {
+    pub(crate) fn must_restart(&mut self, i: usize) -> anyhow::Result<()> {
         let (child, _) = TestNode::spawn(&self.nodes[i].dir)?;
         self.nodes[i].child = Some(child);
         Ok(())
     }
 
-    pub fn must_kill9(&mut self, i: usize) -> anyhow::Result<()> {
+    pub(crate) fn must_kill9(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(mut child) = self.nodes[i].child.take() {
             child.kill()?;
             child.wait()?;
@@ -104,7 +104,7 @@ impl TestCluster {
         Ok(())
     }
 
-    pub fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
+    pub(crate) fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
         Ok(Command::new(coffer_bin())
             .args(args)
             .env("COFFER_ADDR", self.nodes[i].url())
@@ -112,7 +112,7 @@ impl TestCluster {
             .output()?)
     }
 
-    pub fn must_cli_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+    pub(crate) fn must_cli_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
         let out = self.cli(i, args)?;
         if !out.status.success() {
             bail!("node {}: coffer {args:?} failed: {}", i + 1, String::from_utf8_lossy(&out.stderr));
@@ -121,7 +121,7 @@ impl TestCluster {
     }
 
     /// The index of the leader as seen by running node `i`, waiting up to 10 s for one to exist.
-    pub fn must_leader(&self) -> anyhow::Result<usize> {
+    pub(crate) fn must_leader(&self) -> anyhow::Result<usize> {
         let started = Instant::now();
         loop {
             for (i, node) in self.nodes.iter().enumerate() {
@@ -143,23 +143,23 @@ impl TestCluster {
         }
     }
 
-    pub async fn client(&self, i: usize) -> anyhow::Result<SecretsClient<Channel>> {
+    pub(crate) fn client(&self, i: usize) -> anyhow::Result<SecretsClient<Channel>> {
         let channel = tonic::transport::Endpoint::from_shared(self.nodes[i].url())?
             .timeout(Duration::from_secs(5))
             .connect_lazy();
         Ok(SecretsClient::new(channel))
     }
 
-    pub fn data_dir(&self, i: usize) -> PathBuf {
+    pub(crate) fn data_dir(&self, i: usize) -> PathBuf {
         self.nodes[i].dir.join("data")
     }
 
-    pub fn node_dir(&self, i: usize) -> &Path {
+    pub(crate) fn node_dir(&self, i: usize) -> &Path {
         &self.nodes[i].dir
     }
 
     /// Waits until node `i` has been told about node membership (used after a restart).
-    pub fn must_wait_member(&self, i: usize) -> anyhow::Result<()> {
+    pub(crate) fn must_wait_member(&self, i: usize) -> anyhow::Result<()> {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
             if let Ok(text) = self.must_cli_ok(i, &["operator", "status", "-o", "json"]) {

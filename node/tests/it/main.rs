@@ -6,6 +6,7 @@
 mod cluster;
 mod t10_secrets_api;
 mod t20_bad_input;
+mod t25_forged_and_retried;
 mod t30_cli;
 mod t40_crash;
 mod t50_at_rest;

@@ -30,19 +30,22 @@ async fn put_get_versions_cas_delete_undelete_destroy() -> anyhow::Result<()> {
     assert_eq!(c.get(get("db/password", None)).await?.into_inner().version, 3);
 
     // Soft delete, then undelete.
-    c.delete(DeleteRequest { path: "db/password".into(), versions: vec![] }).await?;
+    c.delete(DeleteRequest { path: "db/password".into(), versions: vec![], ..Default::default() }).await?;
     let err = c.get(get("db/password", None)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("deleted"), "{}", err.message());
-    c.undelete(UndeleteRequest { path: "db/password".into(), versions: vec![3] }).await?;
+    c.undelete(UndeleteRequest { path: "db/password".into(), versions: vec![3], ..Default::default() }).await?;
     assert_eq!(c.get(get("db/password", None)).await?.into_inner().value, b"three");
 
     // Destroy: gone for good, and undelete cannot bring it back.
-    c.destroy(DestroyRequest { path: "db/password".into(), versions: vec![1] }).await?;
+    c.destroy(DestroyRequest { path: "db/password".into(), versions: vec![1], ..Default::default() }).await?;
     let err = c.get(get("db/password", Some(1))).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("destroyed"), "{}", err.message());
-    let err = c.undelete(UndeleteRequest { path: "db/password".into(), versions: vec![1] }).await.unwrap_err();
+    let err = c
+        .undelete(UndeleteRequest { path: "db/password".into(), versions: vec![1], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     let d = c.describe(DescribeRequest { path: "db/password".into() }).await?.into_inner();

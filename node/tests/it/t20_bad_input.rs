@@ -36,9 +36,15 @@ async fn bad_paths_and_sizes_are_refused_and_nothing_is_written() -> anyhow::Res
 
     let err = c.get(get("big/value-ok", Some(0))).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = c.delete(DeleteRequest { path: "big/value-ok".into(), versions: vec![0] }).await.unwrap_err();
+    let err = c
+        .delete(DeleteRequest { path: "big/value-ok".into(), versions: vec![0], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = c.delete(DeleteRequest { path: "big/value-ok".into(), versions: vec![1, 5] }).await.unwrap_err();
+    let err = c
+        .delete(DeleteRequest { path: "big/value-ok".into(), versions: vec![1, 5], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "a missing version refuses the whole call");
     let err =
         c.list(ListRequest { prefix: "bad prefix".into(), page_size: 0, page_token: String::new() }).await.unwrap_err();

@@ -14,7 +14,7 @@ type Acked = (String, u64, Vec<u8>);
 /// Reads every acknowledged write back from node `i`, linearizably. Like any client, it retries
 /// `UNAVAILABLE` (an election under way) for a bounded time.
 async fn must_all_present(cluster: &TestCluster, i: usize, acked: &[Acked]) -> anyhow::Result<()> {
-    let mut c = cluster.client(i).await?;
+    let mut c = cluster.client(i)?;
     for (path, version, value) in acked {
         let started = Instant::now();
         loop {
@@ -76,24 +76,24 @@ async fn a_write_on_a_follower_is_readable_linearizably_on_every_node() -> anyho
     let cluster = TestCluster::must_start(3, "")?;
     let leader = cluster.must_leader()?;
     let follower = (leader + 1) % 3;
-    let mut c = cluster.client(follower).await?;
+    let mut c = cluster.client(follower)?;
     let v = c.put(put("app/db", b"s3cret", Some(0))).await?.into_inner().version;
     assert_eq!(v, 1);
     // Linearizable: every node sees it at once, no waiting.
     for i in 0..3 {
-        let got = cluster.client(i).await?.get(get("app/db", None)).await?.into_inner();
+        let got = cluster.client(i)?.get(get("app/db", None)).await?.into_inner();
         assert_eq!((got.value.as_slice(), got.version), (&b"s3cret"[..], 1), "node {}", i + 1);
     }
     // A retried write (same request id) through another follower is applied once.
     let other = (leader + 2) % 3;
     let req = PutRequest { request_id: "retry-1".into(), ..put("app/db", b"two", None) };
-    let first = cluster.client(follower).await?.put(req.clone()).await?.into_inner();
-    let again = cluster.client(other).await?.put(req).await?.into_inner();
+    let first = cluster.client(follower)?.put(req.clone()).await?.into_inner();
+    let again = cluster.client(other)?.put(req).await?.into_inner();
     assert_eq!(first.version, again.version);
-    let d = cluster.client(leader).await?.describe(coffer_proto::v1::DescribeRequest { path: "app/db".into() }).await?;
+    let d = cluster.client(leader)?.describe(coffer_proto::v1::DescribeRequest { path: "app/db".into() }).await?;
     assert_eq!(d.into_inner().current_version, 2);
     // CAS through a follower.
-    let err = cluster.client(other).await?.put(put("app/db", b"x", Some(1))).await.unwrap_err();
+    let err = cluster.client(other)?.put(put("app/db", b"x", Some(1))).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     Ok(())
 }
@@ -110,7 +110,7 @@ async fn concurrent_puts_share_log_entries_and_each_gets_its_own_answer() -> any
     // Connected first, so the puts below arrive together.
     let mut clients = Vec::new();
     for w in 0..64usize {
-        let mut c = cluster.client(w % 3).await?;
+        let mut c = cluster.client(w % 3)?;
         c.describe(coffer_proto::v1::DescribeRequest { path: "batch/none".into() }).await.ok();
         clients.push(c);
     }
@@ -140,7 +140,7 @@ async fn concurrent_puts_share_log_entries_and_each_gets_its_own_answer() -> any
             (_, Err(e)) => anyhow::bail!("put {w} failed: {e}"),
             (_, Ok(reply)) => {
                 assert_eq!(reply.into_inner().version, 1);
-                let got = cluster.client(leader).await?.get(get(&path, None)).await?.into_inner();
+                let got = cluster.client(leader)?.get(get(&path, None)).await?.into_inner();
                 assert_eq!(got.value, value, "put {w} reads back as written");
             }
         }
@@ -158,7 +158,7 @@ async fn concurrent_puts_share_log_entries_and_each_gets_its_own_answer() -> any
     let versions: Vec<u64> = hot.iter().map(|(v, _)| *v).collect();
     assert_eq!(versions, (1..=16).collect::<Vec<u64>>(), "every hot put got its own version");
     // Older versions are pruned by max_versions; the newest holds the value its put was told of.
-    let newest = cluster.client(leader).await?.get(get("batch/hot", None)).await?.into_inner();
+    let newest = cluster.client(leader)?.get(get("batch/hot", None)).await?.into_inner();
     assert_eq!((newest.version, &newest.value), (16, &hot[15].1));
     Ok(())
 }
@@ -208,17 +208,17 @@ async fn kill_9_of_the_leader_during_writes_loses_nothing_acknowledged() -> anyh
 #[tokio::test(flavor = "multi_thread")]
 async fn without_quorum_writes_and_linearizable_reads_are_unavailable() -> anyhow::Result<()> {
     let mut cluster = TestCluster::must_start(3, "")?;
-    cluster.client(0).await?.put(put("q/x", b"v", None)).await?;
+    cluster.client(0)?.put(put("q/x", b"v", None)).await?;
     // Make every node apply the write before quorum goes away.
     for i in 0..3 {
-        cluster.client(i).await?.get(get("q/x", None)).await?;
+        cluster.client(i)?.get(get("q/x", None)).await?;
     }
     let last = 2;
     cluster.must_kill9(0)?;
     cluster.must_kill9(1)?;
     // Past the election timeout (600 ms), the survivor knows there is no leader it can reach.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut c = cluster.client(last).await?;
+    let mut c = cluster.client(last)?;
 
     let err = c.put(put("q/y", b"v", None)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
@@ -253,7 +253,7 @@ async fn a_wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
     let victim = (leader + 1) % 3;
     cluster.must_kill9(victim)?;
     std::fs::remove_dir_all(cluster.data_dir(victim))?;
-    let mut c = cluster.client(leader).await?;
+    let mut c = cluster.client(leader)?;
     let mut acked = Vec::new();
     for i in 0..120 {
         let path = format!("snap/{i}");
@@ -340,7 +340,7 @@ async fn a_node_with_another_root_key_is_refused_and_leadership_can_move() -> an
     let said = cluster.must_cli_ok(target, &["operator", "transfer-leader"])?;
     assert!(said.contains(&format!("node {} is the leader", cluster.nodes[target].id)), "{said}");
     assert_eq!(cluster.must_leader()?, target);
-    cluster.client(leader).await?.put(put("after/transfer", b"v", None)).await?;
+    cluster.client(leader)?.put(put("after/transfer", b"v", None)).await?;
     Ok(())
 }
 
@@ -383,7 +383,7 @@ async fn drill_kill_leader_restarted_node_serves_no_stale_reads() -> anyhow::Res
     let leader = cluster.must_leader()?;
     let victim = (leader + 1) % 3;
     cluster.must_kill9(victim)?;
-    let mut c = cluster.client(leader).await?;
+    let mut c = cluster.client(leader)?;
     let mut last = 0;
     for i in 0..300 {
         last = c.put(put("stale/k", format!("v{i}").as_bytes(), None)).await?.into_inner().version;
@@ -391,7 +391,7 @@ async fn drill_kill_leader_restarted_node_serves_no_stale_reads() -> anyhow::Res
     // Every write is now older than twice the staleness bound asked for below.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     cluster.must_restart(victim)?;
-    let mut v = cluster.client(victim).await?;
+    let mut v = cluster.client(victim)?;
     let req = GetRequest {
         max_staleness: Some(prost_types::Duration { seconds: 0, nanos: 500_000_000 }),
         ..get("stale/k", None)
@@ -427,7 +427,7 @@ async fn drill_hsm_outage_a_member_waits_for_its_hsm_at_start() -> anyhow::Resul
     let fault = dir.join("hsm-fault");
     std::fs::write(&fault, "drill")?;
     cluster.must_kill9(member)?;
-    cluster.client(leader).await?.put(put("hsm/outage", b"written while the member was down", None)).await?;
+    cluster.client(leader)?.put(put("hsm/outage", b"written while the member was down", None)).await?;
 
     // Heal only once the member says it is waiting; a restart that exits fails `must_restart`.
     let log = dir.join("server.log");
@@ -445,7 +445,7 @@ async fn drill_hsm_outage_a_member_waits_for_its_hsm_at_start() -> anyhow::Resul
     });
     cluster.must_restart(member)?;
     assert!(healer.join().map_err(|_| anyhow::anyhow!("healer panicked"))??, "the member never said it waits");
-    let got = cluster.client(member).await?.get(get("hsm/outage", None)).await?.into_inner();
+    let got = cluster.client(member)?.get(get("hsm/outage", None)).await?.into_inner();
     assert_eq!(got.value, b"written while the member was down");
 
     // An outage on a running node: reported, and reads and writes go on.
@@ -453,7 +453,7 @@ async fn drill_hsm_outage_a_member_waits_for_its_hsm_at_start() -> anyhow::Resul
     let status: serde_json::Value =
         serde_json::from_str(&cluster.must_cli_ok(member, &["operator", "status", "-o", "json"])?)?;
     assert!(status["hsm"].as_str().is_some_and(|h| h.contains("unavailable")), "{status}");
-    let v = cluster.client(member).await?.put(put("hsm/outage", b"again", None)).await?.into_inner().version;
+    let v = cluster.client(member)?.put(put("hsm/outage", b"again", None)).await?.into_inner().version;
     assert_eq!(v, 2);
     std::fs::remove_file(dir.join("hsm-fault"))?;
     let status: serde_json::Value =

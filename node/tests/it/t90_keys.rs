@@ -17,7 +17,7 @@ async fn keys(addr: &str) -> anyhow::Result<KeysClient<Channel>> {
 }
 
 fn create(name: &str, t: KeyType) -> CreateKeyRequest {
-    CreateKeyRequest { name: name.into(), r#type: t as i32, exportable: false }
+    CreateKeyRequest { name: name.into(), r#type: t as i32, exportable: false, ..Default::default() }
 }
 
 fn enc(name: &str, plaintext: &[u8], ad: &[u8]) -> EncryptRequest {
@@ -118,7 +118,7 @@ async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result
     let mut k = keys(&node.addr).await?;
     k.create_key(create("app", KeyType::Aes256Gcm)).await?;
     let old = k.encrypt(enc("app", b"v1 data", b"")).await?.into_inner();
-    let key = k.rotate_key(RotateKeyRequest { name: "app".into() }).await?.into_inner();
+    let key = k.rotate_key(RotateKeyRequest { name: "app".into(), ..Default::default() }).await?.into_inner();
     assert_eq!(key.primary_version, 2);
     let new = k.encrypt(enc("app", b"v2 data", b"")).await?.into_inner();
     assert!(new.ciphertext.starts_with("coffer:v2:"));
@@ -133,7 +133,7 @@ async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result
     let update = |min: u32| UpdateKeyConfigRequest {
         name: "app".into(),
         min_decryption_version: Some(min),
-        min_encryption_version: None,
+        request_id: String::new(),
         deletion_allowed: None,
         auto_rotate_period: None,
     };
@@ -155,10 +155,10 @@ async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result
     assert_eq!(k.decrypt(dec("app", &new.ciphertext, b"")).await?.into_inner().plaintext, b"v2 data");
 
     // Deletion only when allowed.
-    let err = k.delete_key(DeleteKeyRequest { name: "app".into() }).await.unwrap_err();
+    let err = k.delete_key(DeleteKeyRequest { name: "app".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     k.update_key_config(UpdateKeyConfigRequest { deletion_allowed: Some(true), ..update(2) }).await?;
-    k.delete_key(DeleteKeyRequest { name: "app".into() }).await?;
+    k.delete_key(DeleteKeyRequest { name: "app".into(), ..Default::default() }).await?;
     assert_eq!(k.decrypt(dec("app", &new.ciphertext, b"")).await.unwrap_err().code(), Code::NotFound);
     Ok(())
 }
@@ -170,7 +170,7 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
     let mut on_leader = keys(&cluster.nodes[leader].url()).await?;
     on_leader.create_key(create("shared", KeyType::Aes256Gcm)).await?;
     let ct = on_leader.encrypt(enc("shared", b"hello", b"")).await?.into_inner();
-    on_leader.rotate_key(RotateKeyRequest { name: "shared".into() }).await?;
+    on_leader.rotate_key(RotateKeyRequest { name: "shared".into(), ..Default::default() }).await?;
     let ct2 = on_leader.encrypt(enc("shared", b"hello2", b"")).await?.into_inner();
     for i in 0..3 {
         let mut k = keys(&cluster.nodes[i].url()).await?;
@@ -198,7 +198,7 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
         .update_key_config(UpdateKeyConfigRequest {
             name: "shared".into(),
             min_decryption_version: Some(2),
-            min_encryption_version: None,
+            request_id: String::new(),
             deletion_allowed: None,
             auto_rotate_period: None,
         })
@@ -379,7 +379,7 @@ async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
     let mut on_leader = keys(&urls[leader]).await?;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        on_leader.rotate_key(RotateKeyRequest { name: "hot".into() }).await?;
+        on_leader.rotate_key(RotateKeyRequest { name: "hot".into(), ..Default::default() }).await?;
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -451,7 +451,7 @@ async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
     k.update_key_config(UpdateKeyConfigRequest {
         name: "auto".into(),
         min_decryption_version: None,
-        min_encryption_version: None,
+        request_id: String::new(),
         deletion_allowed: None,
         auto_rotate_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
     })
@@ -506,7 +506,7 @@ async fn key_material_never_at_rest_in_plaintext() -> anyhow::Result<()> {
         ("m-mac", KeyType::HmacSha256),
     ] {
         k.create_key(create(name, t)).await?;
-        k.rotate_key(RotateKeyRequest { name: name.into() }).await?;
+        k.rotate_key(RotateKeyRequest { name: name.into(), ..Default::default() }).await?;
     }
     drop(k);
     node.must_stop()?;

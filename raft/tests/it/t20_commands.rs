@@ -1,6 +1,6 @@
 use coffer_raft::{
-    ClusterRecord, Command, KeyringRecord, Rejection, Response, SealedValue, StateMachine, StateReader, Store,
-    TypeConfig, VersionState,
+    ClusterRecord, Command, InitCluster, KeyringRecord, Op, Outcome, PutSecret, Rejection, Response, SealedValue,
+    SetVersionState, StateMachine, StateReader, Store, TypeConfig, VersionState, Write,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -37,8 +37,8 @@ fn sealed(tag: u8) -> SealedValue {
     SealedValue { keyring_version: 1, wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
 }
 
-fn put(path: &str, version: u64, cas: Option<u64>, id: Option<&str>) -> Command {
-    Command::PutSecret {
+fn put(path: &str, version: u64, cas: Option<u64>, id: Option<&str>) -> PutSecret {
+    PutSecret {
         request_id: id.map(str::to_owned),
         path: path.to_owned(),
         version,
@@ -50,121 +50,86 @@ fn put(path: &str, version: u64, cas: Option<u64>, id: Option<&str>) -> Command 
     }
 }
 
+/// The apply rules of each domain are unit-tested beside them (`raft/src/state/`); these tests
+/// drive openraft's `apply` with whole entries, as a node does.
 #[tokio::test]
-async fn versions_cas_and_pruning() -> anyhow::Result<()> {
+async fn entries_of_writes_apply_in_order_each_on_its_own() -> anyhow::Result<()> {
     let mut f = Fixture::new()?;
-    let r = f.apply(vec![put("a/b", 1, Some(0), None), put("a/b", 2, None, None), put("a/b", 2, None, None)]).await?;
-    assert_eq!(r[0], Response::Put { version: 1, created_at_ms: 1001 });
-    assert_eq!(r[1], Response::Put { version: 2, created_at_ms: 1002 });
-    assert_eq!(
-        r[2],
-        Response::Rejected(Rejection::VersionTaken { version: 2, current: 2 }),
-        "same batch sees earlier writes"
-    );
-
-    let r = f.apply(vec![put("a/b", 3, Some(1), None), put("a/b", 1, Some(0), None)]).await?;
-    assert_eq!(r[0], Response::Rejected(Rejection::CasMismatch { expected: 1, current: 2 }));
-    assert_eq!(r[1], Response::Rejected(Rejection::CasMismatch { expected: 0, current: 2 }));
-    assert_eq!(f.reader.secret("a/b")?.map(|m| m.current_version), Some(2), "rejections wrote nothing");
-
-    f.apply(vec![put("a/b", 3, Some(2), None), put("a/b", 4, None, None)]).await?;
-    let meta = f.reader.secret("a/b")?.expect("secret exists");
-    assert_eq!(meta.versions.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4], "max_versions 3 pruned version 1");
-    let (_, _, gone) = f.reader.secret_version("a/b", Some(1))?.expect("meta");
-    assert!(gone.is_none(), "pruned ciphertext is removed");
-    let (_, v, kept) = f.reader.secret_version("a/b", None)?.expect("meta");
-    assert_eq!((v, kept), (4, Some(sealed(4))));
-    Ok(())
-}
-
-#[tokio::test]
-async fn request_id_applies_once() -> anyhow::Result<()> {
-    let mut f = Fixture::new()?;
-    let first = f.apply(vec![put("x", 1, None, Some("req-1"))]).await?;
-    // The retry was sealed for the next version, as a client retry after a lost answer would be.
-    let retry = f.apply(vec![put("x", 2, None, Some("req-1"))]).await?;
-    assert_eq!(first, retry);
-    assert_eq!(f.reader.secret("x")?.map(|m| m.current_version), Some(1));
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_batch_applies_its_items_in_order_each_on_its_own() -> anyhow::Result<()> {
-    let mut f = Fixture::new()?;
-    f.apply(vec![put("done", 1, None, Some("req-9"))]).await?;
-    let batch = Command::Batch(vec![
-        put("p", 1, None, None),
-        put("p", 1, None, None),
-        put("p", 2, Some(1), None),
-        put("q", 1, Some(5), None),
-        put("done", 2, None, Some("req-9")),
-        Command::Batch(vec![put("r", 1, None, None)]),
+    let writes = Command::Writes(vec![
+        Write::new(Op::PutSecret(put("p", 1, None, None))),
+        Write::new(Op::PutSecret(put("p", 1, None, None))),
+        Write { request_id: Some("r".into()), op: Op::PutSecret(put("p", 2, Some(1), None)) },
+        Write::new(Op::PutSecret(put("q", 1, Some(5), None))),
     ]);
-    let r = f.apply(vec![batch]).await?;
+    let retry =
+        Command::Writes(vec![Write { request_id: Some("r".into()), op: Op::PutSecret(put("p", 3, None, None)) }]);
+    let r = f.apply(vec![writes, retry]).await?;
     assert_eq!(
         r,
-        vec![Response::Batch(vec![
-            Response::Put { version: 1, created_at_ms: 1001 },
-            Response::Rejected(Rejection::VersionTaken { version: 1, current: 1 }),
-            Response::Put { version: 2, created_at_ms: 1002 },
-            Response::Rejected(Rejection::CasMismatch { expected: 5, current: 0 }),
-            Response::Put { version: 1, created_at_ms: 1001 },
-            Response::Rejected(Rejection::NestedBatch),
-        ])]
+        vec![
+            Response::Batch(vec![
+                Outcome::Put { version: 1, created_at_ms: 1001 },
+                Outcome::Rejected(Rejection::VersionTaken { version: 1, current: 1 }),
+                Outcome::Put { version: 2, created_at_ms: 1002 },
+                Outcome::Rejected(Rejection::CasMismatch { expected: 5, current: 0 }),
+            ]),
+            Response::Batch(vec![Outcome::Put { version: 2, created_at_ms: 1002 }]),
+        ]
     );
-    assert_eq!(f.reader.secret("p")?.map(|m| m.current_version), Some(2), "later items see earlier ones");
+    assert_eq!(f.reader.secret("p")?.map(|m| m.current_version), Some(2), "the retry wrote nothing");
     assert!(f.reader.secret("q")?.is_none(), "a rejected item wrote nothing");
-    assert_eq!(f.reader.secret("done")?.map(|m| m.current_version), Some(1), "the request id held inside a batch");
-    assert!(f.reader.secret("r")?.is_none(), "a nested batch is refused whole");
     Ok(())
 }
 
+/// Entries written by the first release (one command per entry, or a batch of them, a put's
+/// request id inside the put) still apply as they did.
 #[tokio::test]
-async fn delete_undelete_destroy() -> anyhow::Result<()> {
+async fn format_1_entries_still_apply() -> anyhow::Result<()> {
     let mut f = Fixture::new()?;
-    f.apply(vec![put("s", 1, None, None), put("s", 2, None, None)]).await?;
-    let set = |versions: Vec<u64>, state| Command::SetVersionState { path: "s".into(), versions, state, at_ms: 5000 };
-
-    let r = f.apply(vec![set(vec![1, 9], VersionState::Deleted)]).await?;
-    assert_eq!(r[0], Response::Rejected(Rejection::VersionNotFound { path: "s".into(), version: 9 }));
-    assert_eq!(f.reader.secret("s")?.expect("meta").versions[&1].deleted_at_ms, None, "nothing changed");
-
-    f.apply(vec![set(vec![], VersionState::Deleted)]).await?;
-    assert_eq!(f.reader.secret("s")?.expect("meta").versions[&2].deleted_at_ms, Some(5000), "empty list means current");
-    f.apply(vec![set(vec![2], VersionState::Undeleted)]).await?;
-    assert_eq!(f.reader.secret("s")?.expect("meta").versions[&2].deleted_at_ms, None);
-
-    f.apply(vec![set(vec![1], VersionState::Destroyed)]).await?;
-    let (meta, _, value) = f.reader.secret_version("s", Some(1))?.expect("meta");
-    assert!(meta.versions[&1].destroyed && value.is_none());
-    let r = f.apply(vec![set(vec![1], VersionState::Undeleted)]).await?;
-    assert_eq!(r[0], Response::Rejected(Rejection::VersionDestroyed { path: "s".into(), version: 1 }));
-
-    let r = f
-        .apply(vec![Command::SetVersionState {
-            path: "nope".into(),
-            versions: vec![],
-            state: VersionState::Deleted,
-            at_ms: 1,
-        }])
-        .await?;
-    assert_eq!(r[0], Response::Rejected(Rejection::SecretNotFound { path: "nope".into() }));
-    Ok(())
-}
-
-#[tokio::test]
-async fn init_once_and_list_pages() -> anyhow::Result<()> {
-    let mut f = Fixture::new()?;
-    let init = Command::InitCluster {
+    let init = Command::InitCluster(InitCluster {
         cluster: ClusterRecord { cluster_id: "c1".into(), root_kcv: "00".into(), created_at_ms: 1 },
         keyring: KeyringRecord { version: 1, wrapped: vec![1; 40], created_at_ms: 1 },
-    };
-    let r = f.apply(vec![init.clone(), init]).await?;
-    assert_eq!(r, vec![Response::Applied, Response::Rejected(Rejection::AlreadyInitialized)]);
+    });
+    let r = f
+        .apply(vec![
+            init.clone(),
+            init,
+            Command::PutSecret(put("x", 1, None, Some("req-1"))),
+            Command::PutSecret(put("x", 2, None, Some("req-1"))),
+            Command::Batch(vec![
+                Op::PutSecret(put("x", 2, None, None)),
+                Op::PutSecret(put("done", 1, None, Some("req-9"))),
+            ]),
+            Command::Batch(vec![Op::PutSecret(put("done", 2, None, Some("req-9")))]),
+            Command::SetVersionState(SetVersionState {
+                path: "x".into(),
+                versions: vec![],
+                state: VersionState::Deleted,
+                at_ms: 5000,
+            }),
+        ])
+        .await?;
+    assert_eq!(r[0], Response::Applied);
+    assert_eq!(r[1], Response::Rejected(Rejection::AlreadyInitialized));
+    assert_eq!(r[2], r[3], "a format-1 request id applies once");
+    assert_eq!(
+        r[5],
+        Response::Batch(vec![Outcome::Put { version: 1, created_at_ms: 1001 }]),
+        "inside a format-1 batch too"
+    );
+    assert_eq!(f.reader.secret("done")?.map(|m| m.current_version), Some(1));
+    let x = f.reader.secret("x")?.expect("the secret");
+    assert_eq!(x.versions[&2].deleted_at_ms, Some(5000), "an empty list meant the current version");
     assert_eq!(f.reader.cluster()?.map(|c| c.cluster_id), Some("c1".into()));
-    assert_eq!(f.reader.keyrings()?.len(), 1);
+    Ok(())
+}
 
-    f.apply(["app/a", "app/b", "app/c", "apq", "db/x"].iter().map(|p| put(p, 1, None, None)).collect()).await?;
+#[tokio::test]
+async fn list_pages() -> anyhow::Result<()> {
+    let mut f = Fixture::new()?;
+    let puts =
+        ["app/a", "app/b", "app/c", "apq", "db/x"].iter().map(|p| Write::new(Op::PutSecret(put(p, 1, None, None))));
+    f.apply(vec![Command::Writes(puts.collect())]).await?;
     assert_eq!(f.reader.list("app/", None, 2)?, vec!["app/a", "app/b"]);
     assert_eq!(f.reader.list("app/", Some("app/b"), 2)?, vec!["app/c"]);
     assert_eq!(f.reader.list("", Some("apq"), 10)?, vec!["db/x"]);

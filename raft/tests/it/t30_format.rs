@@ -10,8 +10,9 @@
 use std::path::PathBuf;
 
 use coffer_raft::{
-    ClusterRecord, Command, KeyVersionRecord, KeyringRecord, NamedKeyRecord, NamedKeyType, Rejection, Response,
-    SealedValue, StateMachine, StateReader, Store, TypeConfig, VersionState,
+    ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, KeyVersionRecord, KeyringRecord, NamedKeyRecord,
+    NamedKeyType, Op, Outcome, PutSecret, Rejection, Response, RotateKey, SealedValue, SetVersionState, StateMachine,
+    StateReader, Store, TypeConfig, UpdateKeyConfig, VersionState,
 };
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -46,18 +47,18 @@ fn key_record() -> NamedKeyRecord {
     }
 }
 
-/// Every kind of command, in one batch entry, as a node proposes them.
-fn commands() -> Vec<Command> {
+/// Every kind of operation, in one batch entry, as format 1 proposed them.
+fn commands() -> Vec<Op> {
     vec![
-        Command::InitCluster {
+        Op::InitCluster(InitCluster {
             cluster: ClusterRecord {
                 cluster_id: "c0ffee".into(),
                 root_kcv: "0011223344556677".into(),
                 created_at_ms: 1,
             },
             keyring: KeyringRecord { version: 1, wrapped: vec![1; 40], created_at_ms: 1 },
-        },
-        Command::PutSecret {
+        }),
+        Op::PutSecret(PutSecret {
             request_id: Some("req-1".into()),
             path: "app/db".into(),
             version: 1,
@@ -66,8 +67,8 @@ fn commands() -> Vec<Command> {
             default_max_versions: 10,
             sealed: sealed(1),
             at_ms: 1001,
-        },
-        Command::PutSecret {
+        }),
+        Op::PutSecret(PutSecret {
             request_id: None,
             path: "app/db".into(),
             version: 2,
@@ -76,15 +77,15 @@ fn commands() -> Vec<Command> {
             default_max_versions: 10,
             sealed: sealed(2),
             at_ms: 1002,
-        },
-        Command::SetVersionState {
+        }),
+        Op::SetVersionState(SetVersionState {
             path: "app/db".into(),
             versions: vec![1],
             state: VersionState::Deleted,
             at_ms: 1003,
-        },
-        Command::CreateKey { name: "orders".into(), record: key_record() },
-        Command::RotateKey {
+        }),
+        Op::CreateKey(CreateKey { name: "orders".into(), record: key_record() }),
+        Op::RotateKey(RotateKey {
             name: "orders".into(),
             version: 2,
             material: KeyVersionRecord {
@@ -93,16 +94,19 @@ fn commands() -> Vec<Command> {
                 wrapped: vec![8; 60],
                 public_key: vec![],
             },
-        },
-        Command::UpdateKeyConfig {
+        }),
+        Op::UpdateKeyConfig(UpdateKeyConfig {
             name: "orders".into(),
             min_decryption_version: Some(1),
             min_encryption_version: None,
             deletion_allowed: Some(true),
             auto_rotate_period_ms: Some(86_400_000),
-        },
-        Command::CreateKey { name: "gone".into(), record: NamedKeyRecord { deletion_allowed: true, ..key_record() } },
-        Command::DeleteKey { name: "gone".into() },
+        }),
+        Op::CreateKey(CreateKey {
+            name: "gone".into(),
+            record: NamedKeyRecord { deletion_allowed: true, ..key_record() },
+        }),
+        Op::DeleteKey(DeleteKey { name: "gone".into() }),
     ]
 }
 
@@ -133,7 +137,8 @@ fn a_log_entry_of_every_command_keeps_its_encoding() -> anyhow::Result<()> {
     }
     assert_eq!(postcard::to_allocvec(&expected)?, stored, "today's encoding differs from the committed one");
     // A lone command is its own entry.
-    let lone = entry(8, commands().remove(1));
+    let Op::PutSecret(put) = commands().remove(1) else { anyhow::bail!("the second fixture op is a put") };
+    let lone = entry(8, Command::PutSecret(put));
     let stored = check_bytes("entry-put-v1.postcard", &postcard::to_allocvec(&lone)?)?;
     assert_eq!(postcard::to_allocvec(&lone)?, stored);
     Ok(())
@@ -143,17 +148,17 @@ fn a_log_entry_of_every_command_keeps_its_encoding() -> anyhow::Result<()> {
 fn a_batch_reply_keeps_its_encoding() -> anyhow::Result<()> {
     // What the leader answers a forwarded batch with, and what the requests column family holds.
     let expected = Response::Batch(vec![
-        Response::Applied,
-        Response::Put { version: 1, created_at_ms: 1001 },
-        Response::Rejected(Rejection::CasMismatch { expected: 0, current: 1 }),
-        Response::Rejected(Rejection::VersionTaken { version: 2, current: 2 }),
-        Response::Rejected(Rejection::SecretNotFound { path: "p".into() }),
-        Response::Rejected(Rejection::VersionNotFound { path: "p".into(), version: 4 }),
-        Response::Rejected(Rejection::VersionDestroyed { path: "p".into(), version: 4 }),
-        Response::Rejected(Rejection::AlreadyInitialized),
-        Response::Rejected(Rejection::KeyExists { name: "k".into() }),
-        Response::Rejected(Rejection::KeyNotFound { name: "k".into() }),
-        Response::Rejected(Rejection::NestedBatch),
+        Outcome::Applied,
+        Outcome::Put { version: 1, created_at_ms: 1001 },
+        Outcome::Rejected(Rejection::CasMismatch { expected: 0, current: 1 }),
+        Outcome::Rejected(Rejection::VersionTaken { version: 2, current: 2 }),
+        Outcome::Rejected(Rejection::SecretNotFound { path: "p".into() }),
+        Outcome::Rejected(Rejection::VersionNotFound { path: "p".into(), version: 4 }),
+        Outcome::Rejected(Rejection::VersionDestroyed { path: "p".into(), version: 4 }),
+        Outcome::Rejected(Rejection::AlreadyInitialized),
+        Outcome::Rejected(Rejection::KeyExists { name: "k".into() }),
+        Outcome::Rejected(Rejection::KeyNotFound { name: "k".into() }),
+        Outcome::Rejected(Rejection::NestedBatch),
     ]);
     let stored = check_bytes("response-batch-v1.postcard", &postcard::to_allocvec(&expected)?)?;
     assert_eq!(postcard::from_bytes::<Response>(&stored)?, expected);
@@ -169,7 +174,7 @@ async fn a_snapshot_file_still_installs() -> anyhow::Result<()> {
         let mut sm = StateMachine::new(Store::open(dir.path())?);
         let responses = sm.apply(vec![entry(1, Command::Batch(commands()))]).await?;
         anyhow::ensure!(
-            matches!(&responses[..], [Response::Batch(items)] if items.iter().all(|r| !matches!(r, Response::Rejected(_)))),
+            matches!(&responses[..], [Response::Batch(items)] if items.iter().all(|r| !matches!(r, Outcome::Rejected(_)))),
             "every fixture command applies: {responses:?}"
         );
         sm.get_snapshot_builder().await.build_snapshot().await?;

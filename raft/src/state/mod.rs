@@ -1,0 +1,174 @@
+//! The replicated state's apply rules, one module per domain, over one [`Txn`] per `apply` call.
+//!
+//! | module | rules for |
+//! |---|---|
+//! | [`cluster`] | the cluster record and keyring keys |
+//! | [`secrets`] | secret versions: put (CAS, version numbers, pruning), delete, undelete, destroy |
+//! | [`keys`] | named keys: create, rotate, config, delete |
+//! | [`requests`] | request ids: a write applied once, an id bound to its first write |
+//! | [`snapshot`] | snapshot files: build, install, read back |
+//!
+//! # Correctness
+//! - Deterministic: an outcome depends only on the state and the command; no clock, RNG, HSM or
+//!   network here. Arithmetic on numbers that came from a proposer is checked: a crafted command
+//!   is rejected, never a panic on every node.
+//! - A rejected operation writes nothing; the operations after it in the same entry see the state
+//!   as if it had never been proposed.
+
+pub(crate) mod cluster;
+pub(crate) mod keys;
+pub(crate) mod requests;
+pub(crate) mod secrets;
+pub(crate) mod snapshot;
+
+use std::collections::HashMap;
+
+use rocksdb::WriteBatch;
+use serde::Serialize;
+
+use crate::command::{Command, Op, Outcome, Response, Write};
+use crate::error::StoreError;
+use crate::store::{decode, encode, Store};
+
+/// Pending writes of one `apply` call, with reads that see them.
+pub(crate) struct Txn<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) batch: WriteBatch,
+    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl<'a> Txn<'a> {
+    pub(crate) fn new(store: &'a Store) -> Self {
+        Txn { store, batch: WriteBatch::default(), overlay: HashMap::new() }
+    }
+
+    pub(crate) fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        cf_name: &'static str,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.overlay.get(&(cf_name, key.to_vec())) {
+            Some(Some(bytes)) => Ok(Some(decode(bytes, what)?)),
+            Some(None) => Ok(None),
+            None => self.store.get(cf_name, key, what),
+        }
+    }
+
+    pub(crate) fn put<T: Serialize>(&mut self, cf_name: &'static str, key: Vec<u8>, value: &T) {
+        let bytes = encode(value);
+        self.batch.put_cf(self.store.cf(cf_name), &key, &bytes);
+        self.overlay.insert((cf_name, key), Some(bytes));
+    }
+
+    pub(crate) fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
+        self.batch.delete_cf(self.store.cf(cf_name), &key);
+        self.overlay.insert((cf_name, key), None);
+    }
+
+    /// Applies one entry's command.
+    ///
+    /// # Errors
+    /// Only storage failures (a stored record that does not decode); refusals are outcomes.
+    pub(crate) fn apply(&mut self, command: &Command) -> Result<Response, StoreError> {
+        Ok(match command {
+            Command::InitCluster(c) => cluster::init(self, c)?.into(),
+            Command::PutSecret(p) => requests::legacy_put(self, p)?.into(),
+            Command::CreateKey(c) => keys::create(self, c)?.into(),
+            Command::RotateKey(r) => keys::rotate(self, r)?.into(),
+            Command::UpdateKeyConfig(u) => keys::update_config(self, u)?.into(),
+            Command::DeleteKey(d) => keys::delete(self, d)?.into(),
+            Command::SetVersionState(s) => secrets::set_version_state(self, s)?.into(),
+            Command::Batch(ops) => {
+                let mut outcomes = Vec::with_capacity(ops.len());
+                for op in ops {
+                    outcomes.push(match op {
+                        Op::PutSecret(p) => requests::legacy_put(self, p)?,
+                        other => self.apply_op(other)?,
+                    });
+                }
+                Response::Batch(outcomes)
+            }
+            Command::Writes(writes) => {
+                let mut outcomes = Vec::with_capacity(writes.len());
+                for write in writes {
+                    outcomes.push(self.apply_write(write)?);
+                }
+                Response::Batch(outcomes)
+            }
+        })
+    }
+
+    /// Applies one write: once per request id, and only with the intent the id was first used for.
+    fn apply_write(&mut self, write: &Write) -> Result<Outcome, StoreError> {
+        let Some(id) = &write.request_id else { return self.apply_op(&write.op) };
+        if let Some(earlier) = requests::lookup(self, id, &write.op.intent())? {
+            return Ok(earlier);
+        }
+        let outcome = self.apply_op(&write.op)?;
+        if !matches!(outcome, Outcome::Rejected(_)) {
+            requests::record(self, id, write.op.intent(), &outcome);
+        }
+        Ok(outcome)
+    }
+
+    fn apply_op(&mut self, op: &Op) -> Result<Outcome, StoreError> {
+        match op {
+            Op::InitCluster(c) => cluster::init(self, c),
+            Op::PutSecret(p) => secrets::put(self, p),
+            Op::CreateKey(c) => keys::create(self, c),
+            Op::RotateKey(r) => keys::rotate(self, r),
+            Op::UpdateKeyConfig(u) => keys::update_config(self, u),
+            Op::DeleteKey(d) => keys::delete(self, d),
+            Op::SetVersionState(s) => secrets::set_version_state(self, s),
+        }
+    }
+}
+
+/// Test support for the domain modules: a store in a temporary directory and a way to apply
+/// operations to it, each call one `apply` (one RocksDB batch).
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::command::SealedValue;
+
+    pub(crate) struct Scratch {
+        _dir: tempfile::TempDir,
+        pub(crate) store: Arc<Store>,
+    }
+
+    impl Scratch {
+        pub(crate) fn must_new() -> Scratch {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let store = Store::open(dir.path()).expect("a store in a new directory");
+            Scratch { _dir: dir, store }
+        }
+
+        /// Applies `command` as one entry and commits its batch.
+        pub(crate) fn apply(&self, command: &Command) -> Result<Response, StoreError> {
+            let mut txn = Txn::new(&self.store);
+            let response = txn.apply(command)?;
+            let Txn { batch, .. } = txn;
+            self.store.db.write(batch).map_err(|e| self.store.rocks_err(e))?;
+            Ok(response)
+        }
+
+        /// Applies `ops` as one entry of writes without request ids.
+        pub(crate) fn apply_ops(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, StoreError> {
+            match self.apply(&Command::Writes(ops.into_iter().map(Write::new).collect()))? {
+                Response::Batch(outcomes) => Ok(outcomes),
+                other => panic!("a Writes entry answered {other:?}"),
+            }
+        }
+
+        pub(crate) fn reader(&self) -> crate::StateReader {
+            crate::StateReader::new(self.store.clone())
+        }
+    }
+
+    pub(crate) fn sealed(tag: u8) -> SealedValue {
+        SealedValue { keyring_version: 1, wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
+    }
+}
