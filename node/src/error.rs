@@ -165,7 +165,9 @@ impl Error {
             R::KeyRule(rule) => Error::KeyRule(rule),
             R::SecretVersionsExhausted { path } => Error::VersionsExhausted { what: format!("secret {path}") },
             R::KeyVersionsExhausted { name } => Error::VersionsExhausted { what: format!("key {name}") },
-            R::RequestIdReused { request_id, first, now } => Error::RequestIdReused { request_id, first, now },
+            R::RequestIdReused { request_id, first, now } => {
+                Error::RequestIdReused { request_id: request_id.into(), first, now }
+            }
             // Proposers retry these themselves, or never cause them (format 1 only).
             other @ (R::VersionTaken { .. } | R::KeyConfigRefused { .. } | R::NestedBatch) => {
                 Error::Unexpected { what: "a write", outcome: coffer_raft::Outcome::Rejected(other) }
@@ -219,7 +221,7 @@ impl From<Error> for tonic::Status {
                 R::AlreadyInitialized | R::JoinRefused(_) | R::NotVoter { .. } | R::LastVoter => {
                     Code::FailedPrecondition
                 }
-                R::BadPeerAddr { .. } => Code::InvalidArgument,
+                R::BadPeerAddr { .. } | R::InvalidInput { .. } => Code::InvalidArgument,
                 R::Rocks { .. } | R::Decode { .. } | R::SnapshotIo { .. } | R::BadMessage { .. } | R::Raft { .. } => {
                     Code::Internal
                 }

@@ -1,19 +1,29 @@
-//! The Coffer server and the `coffer` command-line client.
+//! The Coffer server and the `coffer` command-line client, organised by domain.
 //!
-//! `node` starts the pieces in order (HSM, store, Raft, keyring); `op/` holds one use case per
-//! file; `service/` holds the thin tonic services; `error` maps every failure to a gRPC status in
-//! one place; `cli/` is the `coffer` binary's commands.
+//! | module | what |
+//! |---|---|
+//! | [`secrets`] | the Secrets service, its use cases (put, get, describe, list, delete/undelete/destroy), `coffer secret` |
+//! | [`keys`] | the Keys service, key management and crypto, key material in memory, automatic rotation, usage stats, `coffer key` |
+//! | [`cluster`] | the Operator service, membership and leadership, `coffer operator` |
+//! | [`node`] | a running node: HSM, store, replica and keyring, started in order |
+//! | [`envelope`] | the keyring and envelope encryption of secret values |
+//! | [`error`] | the one error type and its one mapping to a gRPC status |
+//! | [`cli`] | the `coffer` binary's dispatch, dev cluster and HSM set-up |
+//!
+//! In each domain, `service.rs` is a thin tonic adapter (parse the wire request, call one use
+//! case, build the reply), the use cases are the other files, and `cli.rs` is its commands.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod keys;
 pub mod node;
-pub mod op;
+pub mod secrets;
 pub mod server;
-pub mod service;
 pub mod validate;
+mod wire;
 
 pub use config::Config;
 pub use error::Error;

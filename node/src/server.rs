@@ -9,13 +9,13 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 
+use crate::cluster::OperatorService;
 use crate::config::Config;
 use crate::error::Error;
+use crate::keys::KeysService;
+use crate::keys::StatsService;
 use crate::node::Node;
-use crate::service::keys::KeysService;
-use crate::service::operator::OperatorService;
-use crate::service::secrets::SecretsService;
-use crate::service::stats::StatsService;
+use crate::secrets::SecretsService;
 
 /// Starts a node from `config` and serves the public API (Secrets, Keys, Operator, gRPC health, server
 /// reflection) and the node-to-node Raft service on `listener` until `shutdown` completes. Tests call this with a listener bound to
@@ -40,7 +40,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .build_v1()
         .map_err(|e| Error::Serve(Box::new(e)))?;
     tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats)");
-    let rotator = tokio::spawn(crate::op::auto_rotate::run(node.clone()));
+    let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

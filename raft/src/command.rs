@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A client-chosen idempotency key: a retried write carrying the same id is applied once, and an
-/// id is bound to the write it was first applied with (see [`Intent`]).
-pub type RequestId = String;
+use crate::types::{KeyName, RequestId, SecretPath, UnixMillis};
 
 /// A log entry's payload: built and stamped (times, ids) by the proposing node, applied
 /// deterministically by every node.
@@ -98,10 +96,14 @@ impl Op {
     /// Bytes the operation adds to an entry, roughly: what makes batches large.
     pub(crate) fn weight(&self) -> usize {
         match self {
-            Op::PutSecret(p) => p.path.len() + p.sealed.ciphertext.len() + p.sealed.wrapped_data_key.len() + 64,
-            Op::CreateKey(c) => c.name.len() + c.record.versions.values().map(|v| v.wrapped.len() + 64).sum::<usize>(),
-            Op::RotateKey(r) => r.name.len() + r.material.wrapped.len() + 64,
-            Op::SetVersionState(s) => s.path.len() + s.versions.len() * 8 + 32,
+            Op::PutSecret(p) => {
+                p.path.as_str().len() + p.sealed.ciphertext.len() + p.sealed.wrapped_data_key.len() + 64
+            }
+            Op::CreateKey(c) => {
+                c.name.as_str().len() + c.record.versions.values().map(|v| v.wrapped.len() + 64).sum::<usize>()
+            }
+            Op::RotateKey(r) => r.name.as_str().len() + r.material.wrapped.len() + 64,
+            Op::SetVersionState(s) => s.path.as_str().len() + s.versions.len() * 8 + 32,
             Op::InitCluster(_) | Op::UpdateKeyConfig(_) | Op::DeleteKey(_) => 256,
         }
     }
@@ -116,32 +118,32 @@ pub enum Intent {
     /// Put a version of the secret at `path`.
     PutSecret {
         /// The secret path.
-        path: String,
+        path: SecretPath,
     },
     /// Create the key `name`.
     CreateKey {
         /// The key name.
-        name: String,
+        name: KeyName,
     },
     /// Rotate the key `name`.
     RotateKey {
         /// The key name.
-        name: String,
+        name: KeyName,
     },
     /// Change the config of the key `name`.
     UpdateKeyConfig {
         /// The key name.
-        name: String,
+        name: KeyName,
     },
     /// Delete the key `name`.
     DeleteKey {
         /// The key name.
-        name: String,
+        name: KeyName,
     },
     /// Delete, undelete or destroy versions of the secret at `path`.
     SetVersionState {
         /// The secret path.
-        path: String,
+        path: SecretPath,
         /// The target state.
         state: VersionState,
     },
@@ -174,11 +176,11 @@ pub struct InitCluster {
 /// Writes a new version of a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutSecret {
-    /// Format 1's idempotency key (bound to nothing); proposers now leave it `None` and set
-    /// [`Write::request_id`].
-    pub request_id: Option<RequestId>,
-    /// The secret path (validated by the proposer).
-    pub path: String,
+    /// Format 1's idempotency key (bound to nothing, and any string of up to 128 bytes then);
+    /// proposers now leave it `None` and set [`Write::request_id`].
+    pub request_id: Option<String>,
+    /// The secret path.
+    pub path: SecretPath,
     /// The version this write creates. The proposer sealed the value for this number, so it
     /// applies only if the secret's current version is exactly `version - 1`.
     pub version: u64,
@@ -190,15 +192,15 @@ pub struct PutSecret {
     pub default_max_versions: u32,
     /// The sealed value.
     pub sealed: SealedValue,
-    /// Proposer's wall-clock time, milliseconds since the Unix epoch.
-    pub at_ms: u64,
+    /// Proposer's wall-clock time.
+    pub at_ms: UnixMillis,
 }
 
 /// Creates a named key (Keys service) with its first version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateKey {
-    /// The key name (validated by the proposer).
-    pub name: String,
+    /// The key name.
+    pub name: KeyName,
     /// The key's record, its version 1 wrapped by a keyring key.
     pub record: NamedKeyRecord,
 }
@@ -207,7 +209,7 @@ pub struct CreateKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotateKey {
     /// The key name.
-    pub name: String,
+    pub name: KeyName,
     /// The new version number; applies only if the key's newest version is `version - 1`.
     pub version: u32,
     /// The new version, wrapped by a keyring key.
@@ -218,7 +220,7 @@ pub struct RotateKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateKeyConfig {
     /// The key name.
-    pub name: String,
+    pub name: KeyName,
     /// New minimum version that may decrypt or verify; only ever moves forward.
     pub min_decryption_version: Option<u32>,
     /// Format 1 only, and ignored: encryption and signing always use the primary version, so a
@@ -234,22 +236,22 @@ pub struct UpdateKeyConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteKey {
     /// The key name.
-    pub name: String,
+    pub name: KeyName,
 }
 
 /// Changes the state of versions of a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetVersionState {
     /// The secret path.
-    pub path: String,
+    pub path: SecretPath,
     /// The versions to change. Proposers resolve "the current version" to its number before
     /// proposing, so a retried delete never reaches a version written after it; format 1 used an
     /// empty list for the current version, which still applies that way.
     pub versions: Vec<u64>,
     /// The new state.
     pub state: VersionState,
-    /// Proposer's wall-clock time, milliseconds since the Unix epoch.
-    pub at_ms: u64,
+    /// Proposer's wall-clock time.
+    pub at_ms: UnixMillis,
 }
 
 /// The target state of a [`SetVersionState`].

@@ -61,6 +61,12 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// Input broke a rule of the domain (a secret path, a key name, a request id).
+    #[error("{rule}")]
+    InvalidInput {
+        /// The rule, in words.
+        rule: String,
+    },
     /// The operation must run on the leader, and this node is not it.
     #[error("this node is not the leader{}", leader_hint(.leader))]
     NotLeader {

@@ -24,14 +24,15 @@ mod service;
 mod state;
 mod state_machine;
 mod store;
+mod types;
 
 use std::io::Cursor;
 
 pub(crate) use coalesce::Coalescer;
 pub use command::{
     ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, Intent, KeyRule, KeyVersionRecord, KeyringRecord,
-    NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret, Rejection, RequestId, Response, RotateKey, SealedValue,
-    SecretMeta, SetVersionState, UpdateKeyConfig, VersionMeta, VersionState, Write,
+    NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret, Rejection, Response, RotateKey, SealedValue, SecretMeta,
+    SetVersionState, UpdateKeyConfig, VersionMeta, VersionState, Write,
 };
 pub use error::{Error, JoinRefusal, Peer, StoreError};
 pub use log_store::LogStore;
@@ -40,6 +41,7 @@ pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, Repli
 pub use service::PeerService;
 pub use state_machine::StateMachine;
 pub use store::Store;
+pub use types::{KeyName, RequestId, SecretPath, UnixMillis, MAX_KEY_NAME_BYTES, MAX_PATH_BYTES, MAX_REQUEST_ID_BYTES};
 
 /// A Raft node id.
 pub type NodeId = u64;

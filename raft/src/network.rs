@@ -202,7 +202,7 @@ pub(crate) fn refused(e: &Error) -> tonic::Status {
         Error::JoinRefused(_) | Error::NotVoter { .. } | Error::LastVoter | Error::AlreadyInitialized => {
             Code::FailedPrecondition
         }
-        Error::BadMessage { .. } | Error::BadPeerAddr { .. } => Code::InvalidArgument,
+        Error::BadMessage { .. } | Error::BadPeerAddr { .. } | Error::InvalidInput { .. } => Code::InvalidArgument,
         e if e.is_retryable() || matches!(e, Error::NotInitialized) => Code::Unavailable,
         _ => Code::Internal,
     };

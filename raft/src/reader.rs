@@ -8,6 +8,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions};
 use crate::command::{ClusterRecord, KeyringRecord, NamedKeyRecord, SealedValue, SecretMeta};
 use crate::error::StoreError;
 use crate::store::{cf, decode, keyring_key, version_key, Store, CLUSTER_KEY, KEYRING_PREFIX};
+use crate::{KeyName, SecretPath};
 
 /// A read handle on the state machine's data. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -61,8 +62,8 @@ impl StateReader {
     ///
     /// # Errors
     /// RocksDB or decoding failures.
-    pub fn secret(&self, path: &str) -> Result<Option<SecretMeta>, StoreError> {
-        self.store.get(cf::SECRETS, path.as_bytes(), "secret metadata")
+    pub fn secret(&self, path: &SecretPath) -> Result<Option<SecretMeta>, StoreError> {
+        self.store.get(cf::SECRETS, path.as_str().as_bytes(), "secret metadata")
     }
 
     /// A secret's metadata and the sealed value of one version (the current one when `version` is
@@ -73,19 +74,19 @@ impl StateReader {
     /// RocksDB or decoding failures.
     pub fn secret_version(
         &self,
-        path: &str,
+        path: &SecretPath,
         version: Option<u64>,
     ) -> Result<Option<(SecretMeta, u64, Option<SealedValue>)>, StoreError> {
         let view = self.store.db.snapshot();
         let Some(bytes) =
-            view.get_cf(self.store.cf(cf::SECRETS), path.as_bytes()).map_err(|e| self.store.rocks_err(e))?
+            view.get_cf(self.store.cf(cf::SECRETS), path.as_str().as_bytes()).map_err(|e| self.store.rocks_err(e))?
         else {
             return Ok(None);
         };
         let meta: SecretMeta = decode(&bytes, "secret metadata")?;
         let version = version.unwrap_or(meta.current_version);
         let sealed = match view
-            .get_cf(self.store.cf(cf::VERSIONS), version_key(path, version))
+            .get_cf(self.store.cf(cf::VERSIONS), version_key(path.as_str(), version))
             .map_err(|e| self.store.rocks_err(e))?
         {
             Some(bytes) => Some(decode(&bytes, "sealed value")?),
@@ -134,15 +135,15 @@ impl StateReader {
     ///
     /// # Errors
     /// RocksDB or decoding failures.
-    pub fn named_key(&self, name: &str) -> Result<Option<NamedKeyRecord>, StoreError> {
-        self.store.get(cf::KEYS, name.as_bytes(), "named key")
+    pub fn named_key(&self, name: &KeyName) -> Result<Option<NamedKeyRecord>, StoreError> {
+        self.store.get(cf::KEYS, name.as_str().as_bytes(), "named key")
     }
 
     /// Up to `limit` named key names that sort after `start_after`, in order.
     ///
     /// # Errors
     /// RocksDB failures.
-    pub fn named_keys(&self, start_after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub fn named_keys(&self, start_after: Option<&str>, limit: usize) -> Result<Vec<KeyName>, StoreError> {
         let mut from = Vec::new();
         if let Some(after) = start_after {
             from = after.as_bytes().to_vec();
@@ -152,8 +153,9 @@ impl StateReader {
         let mut out = Vec::new();
         for item in iter.take(limit) {
             let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
-            if let Ok(name) = std::str::from_utf8(&key) {
-                out.push(name.to_owned());
+            // Keys are names the node parsed; anything else is skipped, not trusted.
+            if let Some(name) = std::str::from_utf8(&key).ok().and_then(|n| KeyName::parse(n).ok()) {
+                out.push(name);
             }
         }
         Ok(out)

@@ -61,15 +61,12 @@ impl PeerService {
 /// The writes a forwarded command carries, and whether it was a lone format-1 command (answered
 /// with a single response, as format 1 expects).
 fn into_writes(command: Command) -> (Vec<Write>, bool) {
-    let with_legacy_id = |op: Op| match op {
-        Op::PutSecret(mut put) => Write { request_id: put.request_id.take(), op: Op::PutSecret(put) },
-        other => Write::new(other),
-    };
+    // A format-1 put keeps its own request id in the op, where apply honours it.
     match command {
         Command::Writes(writes) => (writes, false),
-        Command::Batch(ops) => (ops.into_iter().map(with_legacy_id).collect(), false),
+        Command::Batch(ops) => (ops.into_iter().map(Write::new).collect(), false),
         Command::InitCluster(c) => (vec![Write::new(Op::InitCluster(c))], true),
-        Command::PutSecret(p) => (vec![with_legacy_id(Op::PutSecret(p))], true),
+        Command::PutSecret(p) => (vec![Write::new(Op::PutSecret(p))], true),
         Command::CreateKey(c) => (vec![Write::new(Op::CreateKey(c))], true),
         Command::RotateKey(r) => (vec![Write::new(Op::RotateKey(r))], true),
         Command::UpdateKeyConfig(u) => (vec![Write::new(Op::UpdateKeyConfig(u))], true),

@@ -4,9 +4,10 @@
 pub mod client;
 pub mod dev;
 pub mod hsm;
-pub mod key;
-pub mod operator;
-pub mod secret;
+
+use crate::cluster::cli as operator;
+use crate::keys::cli as key;
+use crate::secrets::cli as secret;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

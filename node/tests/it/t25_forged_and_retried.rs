@@ -8,7 +8,10 @@ use coffer_proto::v1::keys_client::KeysClient;
 use coffer_proto::v1::{
     CreateKeyRequest, DeleteRequest, DescribeRequest, GetKeyRequest, KeyType, RotateKeyRequest, UpdateKeyConfigRequest,
 };
-use coffer_raft::{CreateKey, KeyVersionRecord, NamedKeyRecord, NamedKeyType, Op, Write};
+use coffer_raft::{
+    CreateKey, KeyVersionRecord, NamedKeyRecord, NamedKeyType, Op, PutSecret, SealedValue, SecretPath, UnixMillis,
+    Write,
+};
 use tonic::Code;
 
 use crate::{get, put, TestNode};
@@ -36,8 +39,26 @@ async fn a_deeply_nested_batch_from_outside_is_refused_and_the_node_stays_up() -
     let err = forge(&node, nested).await.expect_err("a nested batch is refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().contains("undecodable"), "{}", err.message());
+    // A forged put whose path holds a 0x00 (which would alias another secret's version keys in
+    // the store): the path's rules are checked while decoding, so it is refused whole.
+    let put_op = Op::PutSecret(PutSecret {
+        request_id: None,
+        path: SecretPath::parse("beforeX1")?,
+        version: 1,
+        cas: None,
+        max_versions: None,
+        default_max_versions: 5,
+        sealed: SealedValue { keyring_version: 1, wrapped_data_key: vec![0; 60], ciphertext: vec![0; 20] },
+        at_ms: UnixMillis(1),
+    });
+    let mut bytes = forged_writes(vec![put_op])?;
+    let at = bytes.windows(8).position(|w| w == b"beforeX1").ok_or_else(|| anyhow::anyhow!("path not found"))?;
+    bytes[at + 6] = 0;
+    let err = forge(&node, bytes).await.expect_err("a path with 0x00 is refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     // Still serving, and nothing changed.
     assert_eq!(c.get(get("before", None)).await?.into_inner().value, b"v1");
+    assert_eq!(c.describe(DescribeRequest { path: "before".into() }).await?.into_inner().current_version, 1);
     c.put(put("after", b"v2", None)).await?;
     assert_eq!(c.get(get("after", None)).await?.into_inner().version, 1);
     Ok(())
@@ -74,7 +95,8 @@ async fn versions_at_their_limits_are_refused_not_overflowed() -> anyhow::Result
         .into(),
         generation: u64::MAX,
     };
-    forge(&node, forged_writes(vec![Op::CreateKey(CreateKey { name: "max".into(), record })])?).await?;
+    forge(&node, forged_writes(vec![Op::CreateKey(CreateKey { name: coffer_raft::KeyName::parse("max")?, record })])?)
+        .await?;
     let mut k = KeysClient::connect(node.addr.clone()).await?;
     let err = k
         .rotate_key(RotateKeyRequest { name: "max".into(), ..Default::default() })

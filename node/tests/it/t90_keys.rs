@@ -547,7 +547,8 @@ async fn helper_scan_data_dir_for_key_material() -> anyhow::Result<()> {
     for name in reader.named_keys(None, 100)? {
         let record = reader.named_key(&name)?.expect("listed key exists");
         for (version, v) in &record.versions {
-            materials.push((coffer_node::keys::unwrap_version(&keyring, &name, *version, v)?, v.public_key.clone()));
+            materials
+                .push((coffer_node::keys::unwrap_version(&keyring, name.as_str(), *version, v)?, v.public_key.clone()));
         }
     }
     drop(reader);

@@ -50,7 +50,7 @@ struct Group {
 
 impl Group {
     fn weight(&self) -> usize {
-        self.writes.iter().map(|w| w.op.weight() + w.request_id.as_ref().map_or(0, String::len)).sum()
+        self.writes.iter().map(|w| w.op.weight() + w.request_id.as_ref().map_or(0, |id| id.as_str().len())).sum()
     }
 }
 

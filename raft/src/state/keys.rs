@@ -7,21 +7,22 @@ use crate::command::{CreateKey, DeleteKey, KeyRule, NamedKeyRecord, Outcome, Rej
 use crate::error::StoreError;
 use crate::state::Txn;
 use crate::store::cf;
+use crate::KeyName;
 
-fn load(txn: &Txn<'_>, name: &str) -> Result<Option<NamedKeyRecord>, StoreError> {
-    txn.get::<NamedKeyRecord>(cf::KEYS, name.as_bytes(), "named key")
+fn load(txn: &Txn<'_>, name: &KeyName) -> Result<Option<NamedKeyRecord>, StoreError> {
+    txn.get::<NamedKeyRecord>(cf::KEYS, name.as_str().as_bytes(), "named key")
 }
 
-fn not_found(name: &str) -> Outcome {
-    Outcome::Rejected(Rejection::KeyNotFound { name: name.to_owned() })
+fn not_found(name: &KeyName) -> Outcome {
+    Outcome::Rejected(Rejection::KeyNotFound { name: name.to_string() })
 }
 
 /// Creates a key, unless one of that name exists.
 pub(crate) fn create(txn: &mut Txn<'_>, create: &CreateKey) -> Result<Outcome, StoreError> {
     if load(txn, &create.name)?.is_some() {
-        return Ok(Outcome::Rejected(Rejection::KeyExists { name: create.name.clone() }));
+        return Ok(Outcome::Rejected(Rejection::KeyExists { name: create.name.to_string() }));
     }
-    txn.put(cf::KEYS, create.name.as_bytes().to_vec(), &create.record);
+    txn.put(cf::KEYS, create.name.as_str().as_bytes().to_vec(), &create.record);
     Ok(Outcome::Applied)
 }
 
@@ -30,7 +31,7 @@ pub(crate) fn rotate(txn: &mut Txn<'_>, rotate: &RotateKey) -> Result<Outcome, S
     let Some(mut record) = load(txn, &rotate.name)? else { return Ok(not_found(&rotate.name)) };
     let current = record.primary();
     let Some(next) = current.checked_add(1) else {
-        return Ok(Outcome::Rejected(Rejection::KeyVersionsExhausted { name: rotate.name.clone() }));
+        return Ok(Outcome::Rejected(Rejection::KeyVersionsExhausted { name: rotate.name.to_string() }));
     };
     if rotate.version != next {
         return Ok(Outcome::Rejected(Rejection::VersionTaken {
@@ -40,7 +41,7 @@ pub(crate) fn rotate(txn: &mut Txn<'_>, rotate: &RotateKey) -> Result<Outcome, S
     }
     record.versions.insert(next, rotate.material.clone());
     record.generation = record.generation.wrapping_add(1);
-    txn.put(cf::KEYS, rotate.name.as_bytes().to_vec(), &record);
+    txn.put(cf::KEYS, rotate.name.as_str().as_bytes().to_vec(), &record);
     Ok(Outcome::Applied)
 }
 
@@ -52,11 +53,11 @@ pub(crate) fn update_config(txn: &mut Txn<'_>, update: &UpdateKeyConfig) -> Resu
     if let Some(min) = update.min_decryption_version {
         let primary = record.primary();
         if min > primary {
-            return Ok(refused(KeyRule::MinAbovePrimary { name: name.clone(), min, primary }));
+            return Ok(refused(KeyRule::MinAbovePrimary { name: name.to_string(), min, primary }));
         }
         if min < record.min_decryption_version {
             return Ok(refused(KeyRule::MinDecryptionBackwards {
-                name: name.clone(),
+                name: name.to_string(),
                 current: record.min_decryption_version,
                 asked: min,
             }));
@@ -67,7 +68,7 @@ pub(crate) fn update_config(txn: &mut Txn<'_>, update: &UpdateKeyConfig) -> Resu
     record.deletion_allowed = update.deletion_allowed.unwrap_or(record.deletion_allowed);
     record.auto_rotate_period_ms = update.auto_rotate_period_ms.unwrap_or(record.auto_rotate_period_ms);
     record.generation = record.generation.wrapping_add(1);
-    txn.put(cf::KEYS, name.as_bytes().to_vec(), &record);
+    txn.put(cf::KEYS, name.as_str().as_bytes().to_vec(), &record);
     Ok(Outcome::Applied)
 }
 
@@ -75,9 +76,9 @@ pub(crate) fn update_config(txn: &mut Txn<'_>, update: &UpdateKeyConfig) -> Resu
 pub(crate) fn delete(txn: &mut Txn<'_>, delete: &DeleteKey) -> Result<Outcome, StoreError> {
     let Some(record) = load(txn, &delete.name)? else { return Ok(not_found(&delete.name)) };
     if !record.deletion_allowed {
-        return Ok(refused(KeyRule::DeletionNotAllowed { name: delete.name.clone() }));
+        return Ok(refused(KeyRule::DeletionNotAllowed { name: delete.name.to_string() }));
     }
-    txn.delete(cf::KEYS, delete.name.as_bytes().to_vec());
+    txn.delete(cf::KEYS, delete.name.as_str().as_bytes().to_vec());
     Ok(Outcome::Applied)
 }
 
@@ -89,7 +90,7 @@ fn refused(rule: KeyRule) -> Outcome {
 mod tests {
     use super::*;
     use crate::command::{KeyVersionRecord, NamedKeyType, Op};
-    use crate::state::testing::Scratch;
+    use crate::state::testing::{must_name, Scratch};
 
     fn version(tag: u8) -> KeyVersionRecord {
         KeyVersionRecord {
@@ -115,16 +116,16 @@ mod tests {
     }
 
     fn create(name: &str, primary: u32) -> Op {
-        Op::CreateKey(CreateKey { name: name.into(), record: record(primary) })
+        Op::CreateKey(CreateKey { name: must_name(name), record: record(primary) })
     }
 
     fn rotate(name: &str, v: u32) -> Op {
-        Op::RotateKey(RotateKey { name: name.into(), version: v, material: version(v as u8) })
+        Op::RotateKey(RotateKey { name: must_name(name), version: v, material: version(v as u8) })
     }
 
     fn config(name: &str, min: Option<u32>, deletion: Option<bool>) -> Op {
         Op::UpdateKeyConfig(UpdateKeyConfig {
-            name: name.into(),
+            name: must_name(name),
             min_decryption_version: min,
             min_encryption_version: None,
             deletion_allowed: deletion,
@@ -145,7 +146,7 @@ mod tests {
         assert_eq!(r[2], Outcome::Applied);
         assert_eq!(r[3], Outcome::Rejected(Rejection::VersionTaken { version: 2, current: 2 }));
         assert_eq!(r[4], Outcome::Rejected(Rejection::KeyNotFound { name: "nope".into() }));
-        let key = s.reader().named_key("k")?.expect("the key");
+        let key = s.reader().named_key(&must_name("k"))?.expect("the key");
         assert_eq!((key.primary(), key.generation), (2, 1));
         Ok(())
     }
@@ -157,7 +158,7 @@ mod tests {
         let r = s.apply_ops(vec![create("max", u32::MAX), rotate("max", 0), rotate("max", u32::MAX)])?;
         let exhausted = Outcome::Rejected(Rejection::KeyVersionsExhausted { name: "max".into() });
         assert_eq!(r, vec![Outcome::Applied, exhausted.clone(), exhausted]);
-        assert_eq!(s.reader().named_key("max")?.expect("the key").versions.len(), 1);
+        assert_eq!(s.reader().named_key(&must_name("max"))?.expect("the key").versions.len(), 1);
         Ok(())
     }
 
@@ -170,7 +171,7 @@ mod tests {
         assert_eq!(r[0], Outcome::Applied);
         assert_eq!(r[1], rule(KeyRule::MinDecryptionBackwards { name: "k".into(), current: 2, asked: 1 }));
         assert_eq!(r[2], rule(KeyRule::MinAbovePrimary { name: "k".into(), min: 4, primary: 3 }));
-        let key = s.reader().named_key("k")?.expect("the key");
+        let key = s.reader().named_key(&must_name("k"))?.expect("the key");
         assert_eq!(key.min_decryption_version, 2, "the refused changes wrote nothing");
         assert_eq!(s.apply_ops(vec![config("k", Some(2), Some(true))])?, vec![Outcome::Applied], "same value: fine");
         Ok(())
@@ -179,12 +180,12 @@ mod tests {
     #[test]
     fn a_key_is_deleted_only_when_its_config_allows_it() -> Result<(), StoreError> {
         let s = Scratch::must_new();
-        let delete = || Op::DeleteKey(DeleteKey { name: "k".into() });
+        let delete = || Op::DeleteKey(DeleteKey { name: must_name("k") });
         let r = s.apply_ops(vec![create("k", 1), delete(), config("k", None, Some(true)), delete(), delete()])?;
         assert_eq!(r[1], rule(KeyRule::DeletionNotAllowed { name: "k".into() }));
         assert_eq!(r[3], Outcome::Applied);
         assert_eq!(r[4], Outcome::Rejected(Rejection::KeyNotFound { name: "k".into() }));
-        assert!(s.reader().named_key("k")?.is_none());
+        assert!(s.reader().named_key(&must_name("k"))?.is_none());
         Ok(())
     }
 }

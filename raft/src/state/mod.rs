@@ -82,10 +82,7 @@ impl<'a> Txn<'a> {
             Command::Batch(ops) => {
                 let mut outcomes = Vec::with_capacity(ops.len());
                 for op in ops {
-                    outcomes.push(match op {
-                        Op::PutSecret(p) => requests::legacy_put(self, p)?,
-                        other => self.apply_op(other)?,
-                    });
+                    outcomes.push(self.apply_op(op)?);
                 }
                 Response::Batch(outcomes)
             }
@@ -115,7 +112,8 @@ impl<'a> Txn<'a> {
     fn apply_op(&mut self, op: &Op) -> Result<Outcome, StoreError> {
         match op {
             Op::InitCluster(c) => cluster::init(self, c),
-            Op::PutSecret(p) => secrets::put(self, p),
+            // A put's own (format-1) request id, if it has one, is honoured as it was.
+            Op::PutSecret(p) => requests::legacy_put(self, p),
             Op::CreateKey(c) => keys::create(self, c),
             Op::RotateKey(r) => keys::rotate(self, r),
             Op::UpdateKeyConfig(u) => keys::update_config(self, u),
@@ -166,6 +164,14 @@ pub(crate) mod testing {
         pub(crate) fn reader(&self) -> crate::StateReader {
             crate::StateReader::new(self.store.clone())
         }
+    }
+
+    pub(crate) fn must_path(path: &str) -> crate::SecretPath {
+        crate::SecretPath::parse(path).expect("a valid test path")
+    }
+
+    pub(crate) fn must_name(name: &str) -> crate::KeyName {
+        crate::KeyName::parse(name).expect("a valid test key name")
     }
 
     pub(crate) fn sealed(tag: u8) -> SealedValue {

@@ -8,10 +8,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Intent, Outcome, PutSecret, Rejection, RequestId, Response};
+use crate::command::{Intent, Outcome, PutSecret, Rejection, Response};
 use crate::error::StoreError;
 use crate::state::{secrets, Txn};
 use crate::store::cf;
+use crate::RequestId;
 
 /// What `request_ids` holds for one id.
 #[derive(Debug, Serialize, Deserialize)]
@@ -23,7 +24,7 @@ struct Record {
 /// The outcome to answer with if `id` was applied before: the first outcome for the same intent,
 /// a [`Rejection::RequestIdReused`] for another one; `None` if the id is new.
 pub(crate) fn lookup(txn: &Txn<'_>, id: &RequestId, intent: &Intent) -> Result<Option<Outcome>, StoreError> {
-    let Some(record) = txn.get::<Record>(cf::REQUEST_IDS, id.as_bytes(), "request id record")? else {
+    let Some(record) = txn.get::<Record>(cf::REQUEST_IDS, id.as_str().as_bytes(), "request id record")? else {
         return Ok(None);
     };
     if record.intent == *intent {
@@ -38,7 +39,7 @@ pub(crate) fn lookup(txn: &Txn<'_>, id: &RequestId, intent: &Intent) -> Result<O
 
 /// Binds `id` to the write just applied.
 pub(crate) fn record(txn: &mut Txn<'_>, id: &RequestId, intent: Intent, outcome: &Outcome) {
-    txn.put(cf::REQUEST_IDS, id.as_bytes().to_vec(), &Record { intent, outcome: outcome.clone() });
+    txn.put(cf::REQUEST_IDS, id.as_str().as_bytes().to_vec(), &Record { intent, outcome: outcome.clone() });
 }
 
 /// A format-1 put: its own request id, checked against the format-1 records.
@@ -67,23 +68,24 @@ pub(crate) fn legacy_put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, 
 mod tests {
     use super::*;
     use crate::command::{Command, DeleteKey, Op, VersionState, Write};
-    use crate::state::testing::{sealed, Scratch};
+    use crate::state::testing::{must_name, must_path, sealed, Scratch};
+    use crate::UnixMillis;
 
     fn put(path: &str, version: u64) -> Op {
         Op::PutSecret(PutSecret {
             request_id: None,
-            path: path.into(),
+            path: must_path(path),
             version,
             cas: None,
             max_versions: None,
             default_max_versions: 10,
             sealed: sealed(version as u8),
-            at_ms: 1000 + version,
+            at_ms: UnixMillis(1000 + version),
         })
     }
 
     fn with_id(id: &str, op: Op) -> Write {
-        Write { request_id: Some(id.into()), op }
+        Write { request_id: RequestId::parse(id).expect("a test request id"), op }
     }
 
     fn writes(s: &Scratch, writes: Vec<Write>) -> Result<Vec<Outcome>, StoreError> {
@@ -100,7 +102,7 @@ mod tests {
         // The retry was resealed for the next version, as a retry after a lost answer would be.
         let retry = writes(&s, vec![with_id("r1", put("a", 2))])?;
         assert_eq!(first, retry);
-        assert_eq!(s.reader().secret("a")?.map(|m| m.current_version), Some(1));
+        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(1));
         Ok(())
     }
 
@@ -112,21 +114,21 @@ mod tests {
         assert_eq!(
             other_path,
             vec![Outcome::Rejected(Rejection::RequestIdReused {
-                request_id: "r1".into(),
-                first: Intent::PutSecret { path: "a".into() },
-                now: Intent::PutSecret { path: "b".into() },
+                request_id: RequestId::parse("r1").expect("an id").expect("not empty"),
+                first: Intent::PutSecret { path: must_path("a") },
+                now: Intent::PutSecret { path: must_path("b") },
             })]
         );
-        assert!(s.reader().secret("b")?.is_none());
+        assert!(s.reader().secret(&must_path("b"))?.is_none());
         let delete = Op::SetVersionState(crate::command::SetVersionState {
-            path: "a".into(),
+            path: must_path("a"),
             versions: vec![1],
             state: VersionState::Destroyed,
-            at_ms: 5,
+            at_ms: UnixMillis(5),
         });
         let other_command = writes(&s, vec![with_id("r1", delete)])?;
         assert!(matches!(&other_command[..], [Outcome::Rejected(Rejection::RequestIdReused { .. })]));
-        let (_, _, value) = s.reader().secret_version("a", Some(1))?.expect("the secret");
+        let (_, _, value) = s.reader().secret_version(&must_path("a"), Some(1))?.expect("the secret");
         assert!(value.is_some(), "the version was not destroyed");
         Ok(())
     }
@@ -134,7 +136,7 @@ mod tests {
     #[test]
     fn a_rejected_write_does_not_bind_its_id() -> Result<(), StoreError> {
         let s = Scratch::must_new();
-        let missing = writes(&s, vec![with_id("r2", Op::DeleteKey(DeleteKey { name: "k".into() }))])?;
+        let missing = writes(&s, vec![with_id("r2", Op::DeleteKey(DeleteKey { name: must_name("k") }))])?;
         assert!(matches!(&missing[..], [Outcome::Rejected(Rejection::KeyNotFound { .. })]));
         assert_eq!(writes(&s, vec![with_id("r2", put("a", 1))])?[0], Outcome::Put { version: 1, created_at_ms: 1001 });
         Ok(())
@@ -148,7 +150,7 @@ mod tests {
         let first = s.apply(&Command::PutSecret(p.clone()))?;
         p.version = 2;
         assert_eq!(s.apply(&Command::PutSecret(p))?, first);
-        assert_eq!(s.reader().secret("a")?.map(|m| m.current_version), Some(1));
+        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(1));
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use crate::store::{cf, version_key};
 
 /// Writes a new version, if the check-and-set holds and the version is the next one.
 pub(crate) fn put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, StoreError> {
-    let meta = txn.get::<SecretMeta>(cf::SECRETS, put.path.as_bytes(), "secret metadata")?;
+    let meta = txn.get::<SecretMeta>(cf::SECRETS, put.path.as_str().as_bytes(), "secret metadata")?;
     let current = meta.as_ref().map_or(0, |m| m.current_version);
     if let Some(expected) = put.cas {
         if expected != current {
@@ -16,7 +16,7 @@ pub(crate) fn put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, StoreEr
         }
     }
     let Some(next) = current.checked_add(1) else {
-        return Ok(Outcome::Rejected(Rejection::SecretVersionsExhausted { path: put.path.clone() }));
+        return Ok(Outcome::Rejected(Rejection::SecretVersionsExhausted { path: put.path.to_string() }));
     };
     if put.version != next {
         return Ok(Outcome::Rejected(Rejection::VersionTaken { version: put.version, current }));
@@ -24,39 +24,41 @@ pub(crate) fn put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, StoreEr
     let mut meta = meta.unwrap_or(SecretMeta {
         current_version: 0,
         max_versions: put.default_max_versions,
-        created_at_ms: put.at_ms,
-        updated_at_ms: put.at_ms,
+        created_at_ms: put.at_ms.0,
+        updated_at_ms: put.at_ms.0,
         versions: Default::default(),
     });
     if let Some(max) = put.max_versions {
         meta.max_versions = max;
     }
     meta.current_version = next;
-    meta.updated_at_ms = put.at_ms;
-    meta.versions.insert(next, VersionMeta { created_at_ms: put.at_ms, deleted_at_ms: None, destroyed: false });
+    meta.updated_at_ms = put.at_ms.0;
+    meta.versions.insert(next, VersionMeta { created_at_ms: put.at_ms.0, deleted_at_ms: None, destroyed: false });
     while meta.versions.len() > meta.max_versions.max(1) as usize {
         if let Some((oldest, _)) = meta.versions.pop_first() {
-            txn.delete(cf::VERSIONS, version_key(&put.path, oldest));
+            txn.delete(cf::VERSIONS, version_key(put.path.as_str(), oldest));
         }
     }
-    txn.put(cf::VERSIONS, version_key(&put.path, next), &put.sealed);
-    txn.put(cf::SECRETS, put.path.as_bytes().to_vec(), &meta);
-    Ok(Outcome::Put { version: next, created_at_ms: put.at_ms })
+    txn.put(cf::VERSIONS, version_key(put.path.as_str(), next), &put.sealed);
+    txn.put(cf::SECRETS, put.path.as_str().as_bytes().to_vec(), &meta);
+    Ok(Outcome::Put { version: next, created_at_ms: put.at_ms.0 })
 }
 
 /// Changes the state of versions; every target is checked before any changes.
 pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Result<Outcome, StoreError> {
-    let path = &set.path;
+    let path = set.path.as_str();
     let Some(mut meta) = txn.get::<SecretMeta>(cf::SECRETS, path.as_bytes(), "secret metadata")? else {
-        return Ok(Outcome::Rejected(Rejection::SecretNotFound { path: path.clone() }));
+        return Ok(Outcome::Rejected(Rejection::SecretNotFound { path: path.to_owned() }));
     };
     // Format 1: an empty list meant the current version. Proposers now name it.
     let targets = if set.versions.is_empty() { vec![meta.current_version] } else { set.versions.clone() };
     for version in &targets {
         match meta.versions.get(version) {
-            None => return Ok(Outcome::Rejected(Rejection::VersionNotFound { path: path.clone(), version: *version })),
+            None => {
+                return Ok(Outcome::Rejected(Rejection::VersionNotFound { path: path.to_owned(), version: *version }))
+            }
             Some(v) if v.destroyed && set.state == VersionState::Undeleted => {
-                return Ok(Outcome::Rejected(Rejection::VersionDestroyed { path: path.clone(), version: *version }))
+                return Ok(Outcome::Rejected(Rejection::VersionDestroyed { path: path.to_owned(), version: *version }))
             }
             Some(_) => {}
         }
@@ -66,7 +68,7 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
         match set.state {
             VersionState::Deleted => {
                 if !v.destroyed && v.deleted_at_ms.is_none() {
-                    v.deleted_at_ms = Some(set.at_ms);
+                    v.deleted_at_ms = Some(set.at_ms.0);
                 }
             }
             VersionState::Undeleted => v.deleted_at_ms = None,
@@ -76,7 +78,7 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
             }
         }
     }
-    meta.updated_at_ms = set.at_ms;
+    meta.updated_at_ms = set.at_ms.0;
     txn.put(cf::SECRETS, path.as_bytes().to_vec(), &meta);
     Ok(Outcome::Applied)
 }
@@ -85,23 +87,24 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
 mod tests {
     use super::*;
     use crate::command::Op;
-    use crate::state::testing::{sealed, Scratch};
+    use crate::state::testing::{must_path, sealed, Scratch};
+    use crate::UnixMillis;
 
     fn put_op(path: &str, version: u64, cas: Option<u64>) -> Op {
         Op::PutSecret(PutSecret {
             request_id: None,
-            path: path.into(),
+            path: must_path(path),
             version,
             cas,
             max_versions: None,
             default_max_versions: 3,
             sealed: sealed(version as u8),
-            at_ms: version.saturating_add(1000),
+            at_ms: UnixMillis(version.saturating_add(1000)),
         })
     }
 
     fn set(path: &str, versions: Vec<u64>, state: VersionState) -> Op {
-        Op::SetVersionState(SetVersionState { path: path.into(), versions, state, at_ms: 5000 })
+        Op::SetVersionState(SetVersionState { path: must_path(path), versions, state, at_ms: UnixMillis(5000) })
     }
 
     #[test]
@@ -113,9 +116,12 @@ mod tests {
         let r = s.apply_ops(vec![put_op("a", 3, Some(1))])?;
         assert_eq!(r[0], Outcome::Rejected(Rejection::CasMismatch { expected: 1, current: 2 }));
         s.apply_ops(vec![put_op("a", 3, None), put_op("a", 4, None)])?;
-        let meta = s.reader().secret("a")?.expect("the secret");
+        let meta = s.reader().secret(&must_path("a"))?.expect("the secret");
         assert_eq!(meta.versions.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4], "max_versions 3 pruned 1");
-        assert!(s.reader().secret_version("a", Some(1))?.expect("meta").2.is_none(), "pruned ciphertext removed");
+        assert!(
+            s.reader().secret_version(&must_path("a"), Some(1))?.expect("meta").2.is_none(),
+            "pruned ciphertext removed"
+        );
         Ok(())
     }
 
@@ -145,7 +151,7 @@ mod tests {
         let r = s.apply_ops(vec![put_op("full", u64::MAX, None), put_op("full", 0, Some(u64::MAX))])?;
         let exhausted = Outcome::Rejected(Rejection::SecretVersionsExhausted { path: "full".into() });
         assert_eq!(r, vec![exhausted.clone(), exhausted]);
-        assert_eq!(s.reader().secret("full")?.map(|m| m.current_version), Some(u64::MAX));
+        assert_eq!(s.reader().secret(&must_path("full"))?.map(|m| m.current_version), Some(u64::MAX));
         Ok(())
     }
 
@@ -155,13 +161,17 @@ mod tests {
         s.apply_ops(vec![put_op("s", 1, None), put_op("s", 2, None)])?;
         let r = s.apply_ops(vec![set("s", vec![1, 9], VersionState::Deleted)])?;
         assert_eq!(r[0], Outcome::Rejected(Rejection::VersionNotFound { path: "s".into(), version: 9 }));
-        assert_eq!(s.reader().secret("s")?.expect("meta").versions[&1].deleted_at_ms, None, "nothing changed");
+        assert_eq!(
+            s.reader().secret(&must_path("s"))?.expect("meta").versions[&1].deleted_at_ms,
+            None,
+            "nothing changed"
+        );
         s.apply_ops(vec![set("s", vec![2], VersionState::Deleted)])?;
-        assert_eq!(s.reader().secret("s")?.expect("meta").versions[&2].deleted_at_ms, Some(5000));
+        assert_eq!(s.reader().secret(&must_path("s"))?.expect("meta").versions[&2].deleted_at_ms, Some(5000));
         s.apply_ops(vec![set("s", vec![2], VersionState::Undeleted)])?;
-        assert_eq!(s.reader().secret("s")?.expect("meta").versions[&2].deleted_at_ms, None);
+        assert_eq!(s.reader().secret(&must_path("s"))?.expect("meta").versions[&2].deleted_at_ms, None);
         s.apply_ops(vec![set("s", vec![1], VersionState::Destroyed)])?;
-        let (meta, _, value) = s.reader().secret_version("s", Some(1))?.expect("meta");
+        let (meta, _, value) = s.reader().secret_version(&must_path("s"), Some(1))?.expect("meta");
         assert!(meta.versions[&1].destroyed && value.is_none());
         let r =
             s.apply_ops(vec![set("s", vec![1], VersionState::Undeleted), set("nope", vec![1], VersionState::Deleted)])?;

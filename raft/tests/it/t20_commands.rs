@@ -1,6 +1,6 @@
 use coffer_raft::{
-    ClusterRecord, Command, InitCluster, KeyringRecord, Op, Outcome, PutSecret, Rejection, Response, SealedValue,
-    SetVersionState, StateMachine, StateReader, Store, TypeConfig, VersionState, Write,
+    ClusterRecord, Command, InitCluster, KeyringRecord, Op, Outcome, PutSecret, Rejection, RequestId, Response,
+    SealedValue, SetVersionState, StateMachine, StateReader, Store, TypeConfig, UnixMillis, VersionState, Write,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -40,13 +40,13 @@ fn sealed(tag: u8) -> SealedValue {
 fn put(path: &str, version: u64, cas: Option<u64>, id: Option<&str>) -> PutSecret {
     PutSecret {
         request_id: id.map(str::to_owned),
-        path: path.to_owned(),
+        path: crate::must_path(path),
         version,
         cas,
         max_versions: None,
         default_max_versions: 3,
         sealed: sealed(version as u8),
-        at_ms: 1000 + version,
+        at_ms: UnixMillis(1000 + version),
     }
 }
 
@@ -58,11 +58,11 @@ async fn entries_of_writes_apply_in_order_each_on_its_own() -> anyhow::Result<()
     let writes = Command::Writes(vec![
         Write::new(Op::PutSecret(put("p", 1, None, None))),
         Write::new(Op::PutSecret(put("p", 1, None, None))),
-        Write { request_id: Some("r".into()), op: Op::PutSecret(put("p", 2, Some(1), None)) },
+        Write { request_id: RequestId::parse("r")?, op: Op::PutSecret(put("p", 2, Some(1), None)) },
         Write::new(Op::PutSecret(put("q", 1, Some(5), None))),
     ]);
     let retry =
-        Command::Writes(vec![Write { request_id: Some("r".into()), op: Op::PutSecret(put("p", 3, None, None)) }]);
+        Command::Writes(vec![Write { request_id: RequestId::parse("r")?, op: Op::PutSecret(put("p", 3, None, None)) }]);
     let r = f.apply(vec![writes, retry]).await?;
     assert_eq!(
         r,
@@ -76,8 +76,8 @@ async fn entries_of_writes_apply_in_order_each_on_its_own() -> anyhow::Result<()
             Response::Batch(vec![Outcome::Put { version: 2, created_at_ms: 1002 }]),
         ]
     );
-    assert_eq!(f.reader.secret("p")?.map(|m| m.current_version), Some(2), "the retry wrote nothing");
-    assert!(f.reader.secret("q")?.is_none(), "a rejected item wrote nothing");
+    assert_eq!(f.reader.secret(&crate::must_path("p"))?.map(|m| m.current_version), Some(2), "the retry wrote nothing");
+    assert!(f.reader.secret(&crate::must_path("q"))?.is_none(), "a rejected item wrote nothing");
     Ok(())
 }
 
@@ -102,10 +102,10 @@ async fn format_1_entries_still_apply() -> anyhow::Result<()> {
             ]),
             Command::Batch(vec![Op::PutSecret(put("done", 2, None, Some("req-9")))]),
             Command::SetVersionState(SetVersionState {
-                path: "x".into(),
+                path: crate::must_path("x"),
                 versions: vec![],
                 state: VersionState::Deleted,
-                at_ms: 5000,
+                at_ms: UnixMillis(5000),
             }),
         ])
         .await?;
@@ -117,8 +117,8 @@ async fn format_1_entries_still_apply() -> anyhow::Result<()> {
         Response::Batch(vec![Outcome::Put { version: 1, created_at_ms: 1001 }]),
         "inside a format-1 batch too"
     );
-    assert_eq!(f.reader.secret("done")?.map(|m| m.current_version), Some(1));
-    let x = f.reader.secret("x")?.expect("the secret");
+    assert_eq!(f.reader.secret(&crate::must_path("done"))?.map(|m| m.current_version), Some(1));
+    let x = f.reader.secret(&crate::must_path("x"))?.expect("the secret");
     assert_eq!(x.versions[&2].deleted_at_ms, Some(5000), "an empty list meant the current version");
     assert_eq!(f.reader.cluster()?.map(|c| c.cluster_id), Some("c1".into()));
     Ok(())

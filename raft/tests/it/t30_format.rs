@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use coffer_raft::{
     ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, KeyVersionRecord, KeyringRecord, NamedKeyRecord,
     NamedKeyType, Op, Outcome, PutSecret, Rejection, Response, RotateKey, SealedValue, SetVersionState, StateMachine,
-    StateReader, Store, TypeConfig, UpdateKeyConfig, VersionState,
+    StateReader, Store, TypeConfig, UnixMillis, UpdateKeyConfig, VersionState,
 };
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -60,33 +60,33 @@ fn commands() -> Vec<Op> {
         }),
         Op::PutSecret(PutSecret {
             request_id: Some("req-1".into()),
-            path: "app/db".into(),
+            path: crate::must_path("app/db"),
             version: 1,
             cas: Some(0),
             max_versions: Some(5),
             default_max_versions: 10,
             sealed: sealed(1),
-            at_ms: 1001,
+            at_ms: UnixMillis(1001),
         }),
         Op::PutSecret(PutSecret {
             request_id: None,
-            path: "app/db".into(),
+            path: crate::must_path("app/db"),
             version: 2,
             cas: None,
             max_versions: None,
             default_max_versions: 10,
             sealed: sealed(2),
-            at_ms: 1002,
+            at_ms: UnixMillis(1002),
         }),
         Op::SetVersionState(SetVersionState {
-            path: "app/db".into(),
+            path: crate::must_path("app/db"),
             versions: vec![1],
             state: VersionState::Deleted,
-            at_ms: 1003,
+            at_ms: UnixMillis(1003),
         }),
-        Op::CreateKey(CreateKey { name: "orders".into(), record: key_record() }),
+        Op::CreateKey(CreateKey { name: crate::must_name("orders"), record: key_record() }),
         Op::RotateKey(RotateKey {
-            name: "orders".into(),
+            name: crate::must_name("orders"),
             version: 2,
             material: KeyVersionRecord {
                 created_at_ms: 3000,
@@ -96,17 +96,17 @@ fn commands() -> Vec<Op> {
             },
         }),
         Op::UpdateKeyConfig(UpdateKeyConfig {
-            name: "orders".into(),
+            name: crate::must_name("orders"),
             min_decryption_version: Some(1),
             min_encryption_version: None,
             deletion_allowed: Some(true),
             auto_rotate_period_ms: Some(86_400_000),
         }),
         Op::CreateKey(CreateKey {
-            name: "gone".into(),
+            name: crate::must_name("gone"),
             record: NamedKeyRecord { deletion_allowed: true, ..key_record() },
         }),
-        Op::DeleteKey(DeleteKey { name: "gone".into() }),
+        Op::DeleteKey(DeleteKey { name: crate::must_name("gone") }),
     ]
 }
 
@@ -195,16 +195,17 @@ async fn a_snapshot_file_still_installs() -> anyhow::Result<()> {
 
     assert_eq!(reader.cluster()?.map(|c| c.root_kcv), Some("0011223344556677".into()));
     assert_eq!(reader.keyrings()?.len(), 1);
-    let meta = reader.secret("app/db")?.ok_or_else(|| anyhow::anyhow!("secret missing"))?;
+    let meta = reader.secret(&crate::must_path("app/db"))?.ok_or_else(|| anyhow::anyhow!("secret missing"))?;
     assert_eq!((meta.current_version, meta.max_versions), (2, 5));
     assert_eq!(meta.versions[&1].deleted_at_ms, Some(1003));
-    let (_, version, value) = reader.secret_version("app/db", None)?.ok_or_else(|| anyhow::anyhow!("no version"))?;
+    let (_, version, value) =
+        reader.secret_version(&crate::must_path("app/db"), None)?.ok_or_else(|| anyhow::anyhow!("no version"))?;
     assert_eq!((version, value), (2, Some(sealed(2))));
-    let key = reader.named_key("orders")?.ok_or_else(|| anyhow::anyhow!("key missing"))?;
+    let key = reader.named_key(&crate::must_name("orders"))?.ok_or_else(|| anyhow::anyhow!("key missing"))?;
     assert_eq!(
         (key.primary(), key.deletion_allowed, key.auto_rotate_period_ms, key.generation),
         (2, true, 86_400_000, 3)
     );
-    assert!(reader.named_key("gone")?.is_none());
+    assert!(reader.named_key(&crate::must_name("gone"))?.is_none());
     Ok(())
 }

@@ -9,9 +9,9 @@ use coffer_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::cluster::ops as operator;
 use crate::error::Error;
 use crate::node::Node;
-use crate::op::operator;
 
 /// The Operator service over a started node.
 #[derive(Debug, Clone)]

@@ -32,7 +32,7 @@ pub async fn list_secrets(node: &Node, prefix: &str, page_size: u32, page_token:
     let after = if page_token.is_empty() {
         None
     } else {
-        validate::path(page_token)
+        coffer_raft::SecretPath::parse(page_token)
             .map_err(|_| Error::InvalidArgument { rule: "page_token is not a token from a previous List".into() })?;
         Some(page_token)
     };

@@ -12,9 +12,9 @@ use coffer_raft::VersionState;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{duration, timestamp};
 use crate::node::Node;
-use crate::op::{describe_secret, get_secret, list_secrets, put_secret, set_version_state};
+use crate::secrets::{describe, get, list, put, set_state};
+use crate::wire::{duration, timestamp};
 
 /// The Secrets service over a started node.
 #[derive(Debug, Clone)]
@@ -34,14 +34,14 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = request.into_inner();
-        let put = put_secret::PutSecret {
+        let put = put::PutSecret {
             path: req.path,
             value: Zeroizing::new(req.value),
             cas: req.cas,
             max_versions: req.max_versions,
             request_id: req.request_id,
         };
-        let written = put_secret::put_secret(&self.node, put).await?;
+        let written = put::put_secret(&self.node, put).await?;
         Ok(Response::new(PutResponse { version: written.version, created_at: Some(timestamp(written.created_at_ms)) }))
     }
 
@@ -49,7 +49,7 @@ impl Secrets for SecretsService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let req = request.into_inner();
         let max_staleness = req.max_staleness.map(|d| duration("max_staleness", d)).transpose()?;
-        let secret = get_secret::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
+        let secret = get::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
         // The reply owns a copy for encoding; tonic drops it after writing, unzeroized (a limit of
         // prost's `Vec<u8>` fields).
         Ok(Response::new(GetResponse {
@@ -62,7 +62,7 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
         let req = request.into_inner();
-        let meta = describe_secret::describe_secret(&self.node, &req.path).await?;
+        let meta = describe::describe_secret(&self.node, &req.path).await?;
         let versions = meta
             .versions
             .iter()
@@ -86,49 +86,31 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let req = request.into_inner();
-        let page = list_secrets::list_secrets(&self.node, &req.prefix, req.page_size, &req.page_token).await?;
+        let page = list::list_secrets(&self.node, &req.prefix, req.page_size, &req.page_token).await?;
         Ok(Response::new(ListResponse { paths: page.paths, next_page_token: page.next_page_token.unwrap_or_default() }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let req = request.into_inner();
-        set_version_state::set_version_state(
-            &self.node,
-            &req.path,
-            req.versions,
-            VersionState::Deleted,
-            &req.request_id,
-        )
-        .await?;
+        set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Deleted, &req.request_id)
+            .await?;
         Ok(Response::new(DeleteResponse {}))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn undelete(&self, request: Request<UndeleteRequest>) -> Result<Response<UndeleteResponse>, Status> {
         let req = request.into_inner();
-        set_version_state::set_version_state(
-            &self.node,
-            &req.path,
-            req.versions,
-            VersionState::Undeleted,
-            &req.request_id,
-        )
-        .await?;
+        set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Undeleted, &req.request_id)
+            .await?;
         Ok(Response::new(UndeleteResponse {}))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn destroy(&self, request: Request<DestroyRequest>) -> Result<Response<DestroyResponse>, Status> {
         let req = request.into_inner();
-        set_version_state::set_version_state(
-            &self.node,
-            &req.path,
-            req.versions,
-            VersionState::Destroyed,
-            &req.request_id,
-        )
-        .await?;
+        set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed, &req.request_id)
+            .await?;
         Ok(Response::new(DestroyResponse {}))
     }
 }

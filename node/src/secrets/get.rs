@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 
 use crate::error::Error;
 use crate::node::Node;
-use crate::validate;
+use coffer_raft::SecretPath;
 
 /// A readable secret version. Its `Debug` never shows the value.
 pub struct Secret {
@@ -42,23 +42,23 @@ pub async fn get_secret(
     version: Option<u64>,
     max_staleness: Option<Duration>,
 ) -> Result<Secret, Error> {
-    validate::path(path)?;
+    let path = &SecretPath::parse(path)?;
     if version == Some(0) {
         return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
     }
     let ready = node.read_barrier(max_staleness).await?;
     let Some((meta, version, sealed)) = node.reader().secret_version(path, version)? else {
-        return Err(Error::SecretNotFound { path: path.to_owned() });
+        return Err(Error::SecretNotFound { path: path.to_string() });
     };
-    let not_found = || Error::VersionNotFound { path: path.to_owned(), version };
+    let not_found = || Error::VersionNotFound { path: path.to_string(), version };
     let info = meta.versions.get(&version).ok_or_else(not_found)?;
     if info.destroyed {
-        return Err(Error::VersionDestroyed { path: path.to_owned(), version });
+        return Err(Error::VersionDestroyed { path: path.to_string(), version });
     }
     if info.deleted_at_ms.is_some() {
-        return Err(Error::VersionDeleted { path: path.to_owned(), version });
+        return Err(Error::VersionDeleted { path: path.to_string(), version });
     }
     let sealed = sealed.ok_or_else(not_found)?;
-    let value = ready.keyring.open(path, version, &sealed)?;
+    let value = ready.keyring.open(path.as_str(), version, &sealed)?;
     Ok(Secret { value, version, created_at_ms: info.created_at_ms })
 }

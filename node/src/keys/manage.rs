@@ -2,32 +2,16 @@
 //! change goes through Raft; material is generated and wrapped by the node that takes the request.
 
 use coffer_raft::{
-    CreateKey, DeleteKey, NamedKeyRecord, NamedKeyType, Op, Outcome, Rejection, RotateKey, UpdateKeyConfig, Write,
+    CreateKey, DeleteKey, KeyName, NamedKeyRecord, NamedKeyType, Op, Outcome, Rejection, RequestId, RotateKey,
+    UpdateKeyConfig, Write,
 };
 
 use crate::error::Error;
 use crate::keys;
 use crate::node::{now_ms, Node};
-use crate::validate;
 
 /// How many times a rotation retries after a concurrent rotation took its version number.
 const MAX_ATTEMPTS: usize = 8;
-
-/// Checks a key name: 1 to 128 characters of `[A-Za-z0-9._-]`.
-///
-/// # Errors
-/// `InvalidArgument` naming the rule.
-pub fn validate_name(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() > 128 {
-        return Err(Error::InvalidArgument { rule: "a key name is 1 to 128 characters long".into() });
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(Error::InvalidArgument {
-            rule: format!("the key name contains {c:?}; only A-Z a-z 0-9 . _ - are allowed"),
-        });
-    }
-    Ok(())
-}
 
 /// Creates a key with its first version.
 ///
@@ -40,11 +24,11 @@ pub async fn create_key(
     exportable: bool,
     request_id: &str,
 ) -> Result<NamedKeyRecord, Error> {
-    validate_name(name)?;
-    let request_id = validate::request_id(request_id)?;
+    let name = &KeyName::parse(name)?;
+    let request_id = RequestId::parse(request_id)?;
     let ready = node.ready().await?;
     let at_ms = now_ms();
-    let first = keys::new_version(&ready.keyring, name, 1, key_type, at_ms)?;
+    let first = keys::new_version(&ready.keyring, name.as_str(), 1, key_type, at_ms)?;
     let record = NamedKeyRecord {
         key_type,
         exportable,
@@ -56,10 +40,10 @@ pub async fn create_key(
         versions: [(1, first)].into(),
         generation: 0,
     };
-    let op = Op::CreateKey(CreateKey { name: name.to_owned(), record });
+    let op = Op::CreateKey(CreateKey { name: name.clone(), record });
     match node.propose(Write { request_id, op }).await? {
         // A retry answered as the first time returns the key as it is now.
-        Outcome::Applied => get_key(node, name).await,
+        Outcome::Applied => get_key(node, name.as_str()).await,
         Outcome::Rejected(r) => Err(Error::rejected(r)),
         other => Err(Error::Unexpected { what: "CreateKey", outcome: other }),
     }
@@ -70,9 +54,9 @@ pub async fn create_key(
 /// # Errors
 /// `InvalidArgument`, `KeyNotFound`, `Unavailable`.
 pub async fn get_key(node: &Node, name: &str) -> Result<NamedKeyRecord, Error> {
-    validate_name(name)?;
+    let name = &KeyName::parse(name)?;
     node.read_barrier(None).await?;
-    node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })
+    node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_string() })
 }
 
 /// Lists key names, one page at a time; the token is the last name of the previous page.
@@ -87,13 +71,13 @@ pub async fn list_keys(node: &Node, page_size: u32, page_token: &str) -> Result<
     let after = if page_token.is_empty() {
         None
     } else {
-        validate_name(page_token).map_err(|_| Error::InvalidArgument {
+        KeyName::parse(page_token).map_err(|_| Error::InvalidArgument {
             rule: "page_token is not a token from a previous ListKeys".into(),
         })?;
         Some(page_token)
     };
     node.read_barrier(None).await?;
-    let mut names = node.reader().named_keys(after, size + 1)?;
+    let mut names: Vec<String> = node.reader().named_keys(after, size + 1)?.into_iter().map(String::from).collect();
     let next = if names.len() > size {
         names.truncate(size);
         names.last().cloned()
@@ -109,18 +93,18 @@ pub async fn list_keys(node: &Node, page_size: u32, page_token: &str) -> Result<
 /// `InvalidArgument`, `KeyNotFound`, `VersionsExhausted`, `Contended`, `RequestIdReused`, or a
 /// retryable replica error.
 pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<NamedKeyRecord, Error> {
-    validate_name(name)?;
-    let request_id = validate::request_id(request_id)?;
+    let name = &KeyName::parse(name)?;
+    let request_id = RequestId::parse(request_id)?;
     let ready = node.ready().await?;
     node.read_barrier(None).await?;
     for _ in 0..MAX_ATTEMPTS {
-        let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
+        let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_string() })?;
         let version =
             record.primary().checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("key {name}") })?;
-        let material = keys::new_version(&ready.keyring, name, version, record.key_type, now_ms())?;
-        let op = Op::RotateKey(RotateKey { name: name.to_owned(), version, material });
+        let material = keys::new_version(&ready.keyring, name.as_str(), version, record.key_type, now_ms())?;
+        let op = Op::RotateKey(RotateKey { name: name.clone(), version, material });
         match node.propose(Write { request_id: request_id.clone(), op }).await? {
-            Outcome::Applied => return get_key(node, name).await,
+            Outcome::Applied => return get_key(node, name.as_str()).await,
             Outcome::Rejected(Rejection::VersionTaken { .. }) => {
                 node.read_barrier(None).await?;
             }
@@ -128,7 +112,7 @@ pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<Nam
             other => return Err(Error::Unexpected { what: "RotateKey", outcome: other }),
         }
     }
-    Err(Error::Contended { target: name.to_owned() })
+    Err(Error::Contended { target: name.to_string() })
 }
 
 /// A change to a key's config; `None` leaves a setting as it is.
@@ -153,18 +137,18 @@ pub async fn update_key_config(
     change: ConfigChange,
     request_id: &str,
 ) -> Result<NamedKeyRecord, Error> {
-    validate_name(name)?;
-    let request_id = validate::request_id(request_id)?;
+    let name = &KeyName::parse(name)?;
+    let request_id = RequestId::parse(request_id)?;
     node.ready().await?;
     let op = Op::UpdateKeyConfig(UpdateKeyConfig {
-        name: name.to_owned(),
+        name: name.clone(),
         min_decryption_version: change.min_decryption_version,
         min_encryption_version: None,
         deletion_allowed: change.deletion_allowed,
         auto_rotate_period_ms: change.auto_rotate_period.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     });
     match node.propose(Write { request_id, op }).await? {
-        Outcome::Applied => get_key(node, name).await,
+        Outcome::Applied => get_key(node, name.as_str()).await,
         Outcome::Rejected(r) => Err(Error::rejected(r)),
         other => Err(Error::Unexpected { what: "UpdateKeyConfig", outcome: other }),
     }
@@ -176,12 +160,12 @@ pub async fn update_key_config(
 /// `InvalidArgument`, `KeyNotFound`, `KeyRule` (deletion not allowed), `RequestIdReused`, or a
 /// retryable replica error.
 pub async fn delete_key(node: &Node, name: &str, request_id: &str) -> Result<(), Error> {
-    validate_name(name)?;
-    let request_id = validate::request_id(request_id)?;
+    let name = &KeyName::parse(name)?;
+    let request_id = RequestId::parse(request_id)?;
     node.ready().await?;
-    match node.propose(Write { request_id, op: Op::DeleteKey(DeleteKey { name: name.to_owned() }) }).await? {
+    match node.propose(Write { request_id, op: Op::DeleteKey(DeleteKey { name: name.clone() }) }).await? {
         Outcome::Applied => {
-            node.keys.forget(name);
+            node.keys.forget(name.as_str());
             Ok(())
         }
         Outcome::Rejected(r) => Err(Error::rejected(r)),

@@ -12,14 +12,13 @@ use zeroize::Zeroizing;
 use crate::error::Error;
 use crate::keys::LoadedKey;
 use crate::node::Node;
-use crate::op::manage_keys::validate_name;
 
 async fn loaded(node: &Node, name: &str) -> Result<Arc<LoadedKey>, Error> {
-    validate_name(name)?;
+    let name = &coffer_raft::KeyName::parse(name)?;
     let ready = node.ready().await?;
     node.fresh_within(node.config.crypto_staleness)?;
-    let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_owned() })?;
-    node.keys.load(&ready.keyring, name, record)
+    let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_string() })?;
+    node.keys.load(&ready.keyring, name.as_str(), record)
 }
 
 /// Runs `f` on the loaded key. A ciphertext or signature from a version newer than this node has

@@ -1,11 +1,6 @@
-//! Thin tonic services: parse the wire request, call one use case in `op/`, build the reply.
+//! Conversions between protobuf wire types and the domain's, shared by the services.
 
 use crate::error::Error;
-
-pub mod keys;
-pub mod operator;
-pub mod secrets;
-pub mod stats;
 
 /// A protobuf timestamp from milliseconds since the Unix epoch.
 pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {

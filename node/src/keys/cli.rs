@@ -14,9 +14,9 @@ use coffer_proto::v1::{
 };
 use serde_json::json;
 
-use super::client::{connect, describe_status, DEFAULT_ADDR};
-use super::secret::{millis, random_request_id, read_value};
-use super::Output;
+use crate::cli::client::{connect, describe_status, DEFAULT_ADDR};
+use crate::cli::Output;
+use crate::secrets::cli::{millis, random_request_id, read_value};
 
 /// Options shared by every key command.
 #[derive(Debug, Args)]

@@ -14,8 +14,8 @@ use serde_json::json;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use super::client::{connect, describe_status, DEFAULT_ADDR};
-use super::Output;
+use crate::cli::client::{connect, describe_status, DEFAULT_ADDR};
+use crate::cli::Output;
 
 /// Options shared by every secret command.
 #[derive(Debug, Args)]

@@ -1,9 +1,9 @@
 //! Delete, Undelete and Destroy: change the state of versions through Raft.
 
-use coffer_raft::{Op, Outcome, SetVersionState, VersionState, Write};
+use coffer_raft::{Op, Outcome, RequestId, SecretPath, SetVersionState, UnixMillis, VersionState, Write};
 
 use crate::error::Error;
-use crate::node::{now_ms, Node};
+use crate::node::Node;
 use crate::validate;
 
 /// Changes the state of versions; with no versions named, of the current version, resolved to
@@ -21,18 +21,18 @@ pub async fn set_version_state(
     state: VersionState,
     request_id: &str,
 ) -> Result<(), Error> {
-    validate::path(path)?;
+    let path = SecretPath::parse(path)?;
     validate::versions(&versions)?;
-    let request_id = validate::request_id(request_id)?;
+    let request_id = RequestId::parse(request_id)?;
     let versions = if versions.is_empty() {
         node.read_barrier(None).await?;
-        let meta = node.reader().secret(path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_owned() })?;
+        let meta = node.reader().secret(&path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_string() })?;
         vec![meta.current_version]
     } else {
         node.ready().await?;
         versions
     };
-    let op = Op::SetVersionState(SetVersionState { path: path.to_owned(), versions, state, at_ms: now_ms() });
+    let op = Op::SetVersionState(SetVersionState { path, versions, state, at_ms: UnixMillis::now() });
     match node.propose(Write { request_id, op }).await? {
         Outcome::Applied => Ok(()),
         Outcome::Rejected(r) => Err(Error::rejected(r)),

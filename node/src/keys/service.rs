@@ -16,10 +16,10 @@ use coffer_proto::v1::{
 use coffer_raft::{NamedKeyRecord, NamedKeyType};
 use tonic::{Request, Response, Status};
 
-use super::{duration, timestamp};
 use crate::error::Error;
+use crate::keys::{crypto as key_crypto, manage as manage_keys};
 use crate::node::Node;
-use crate::op::{key_crypto, manage_keys};
+use crate::wire::{duration, timestamp};
 
 /// The Keys service over a started node.
 #[derive(Debug, Clone)]

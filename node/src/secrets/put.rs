@@ -2,11 +2,11 @@
 //! Put: validate, seal for the next version, propose, and reseal when a concurrent write took
 //! that version.
 
-use coffer_raft::{Op, Outcome, Rejection, Write};
+use coffer_raft::{Op, Outcome, Rejection, RequestId, SecretPath, UnixMillis, Write};
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::node::{now_ms, Node};
+use crate::node::Node;
 use crate::validate;
 
 /// How many times a put without CAS reseals after losing its version to a concurrent write.
@@ -54,10 +54,10 @@ pub struct Written {
 /// `VersionsExhausted`, `Contended`, `RequestIdReused`, or a retryable replica error when no leader
 /// can take the write.
 pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
-    validate::path(&req.path)?;
+    let path = SecretPath::parse(&req.path)?;
     validate::value(&req.value, node.config.max_value_bytes)?;
     validate::max_versions(req.max_versions)?;
-    let request_id = validate::request_id(&req.request_id)?;
+    let request_id = RequestId::parse(&req.request_id)?;
     if req.cas == Some(u64::MAX) {
         return Err(Error::InvalidArgument {
             rule: format!("cas {} is the largest version number; no version can follow it", u64::MAX),
@@ -68,21 +68,21 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
     // machine reported as current when a concurrent write took the guessed one.
     let mut current = match req.cas {
         Some(cas) => cas,
-        None => node.reader().secret(&req.path)?.map_or(0, |m| m.current_version),
+        None => node.reader().secret(&path)?.map_or(0, |m| m.current_version),
     };
     for _ in 0..MAX_ATTEMPTS {
         let version =
-            current.checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("secret {}", req.path) })?;
-        let sealed = ready.keyring.seal(&req.path, version, &req.value)?;
+            current.checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("secret {path}") })?;
+        let sealed = ready.keyring.seal(path.as_str(), version, &req.value)?;
         let op = Op::PutSecret(coffer_raft::PutSecret {
             request_id: None,
-            path: req.path.clone(),
+            path: path.clone(),
             version,
             cas: req.cas,
             max_versions: req.max_versions,
             default_max_versions: node.config.default_max_versions,
             sealed,
-            at_ms: now_ms(),
+            at_ms: UnixMillis::now(),
         });
         match node.propose(Write { request_id: request_id.clone(), op }).await? {
             Outcome::Put { version, created_at_ms } => return Ok(Written { version, created_at_ms }),
@@ -92,5 +92,5 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
             other => return Err(Error::Unexpected { what: "PutSecret", outcome: other }),
         }
     }
-    Err(Error::Contended { target: req.path })
+    Err(Error::Contended { target: path.to_string() })
 }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::keys::manage as manage_keys;
 use crate::node::{now_ms, Node};
-use crate::op::manage_keys;
 
 /// How often the leader looks for keys that are due.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -36,10 +36,10 @@ async fn rotate_due(node: &Node) -> Result<(), crate::error::Error> {
             let period = record.auto_rotate_period_ms;
             let primary_at = record.versions.values().next_back().map_or(0, |v| v.created_at_ms);
             if period > 0 && now_ms().saturating_sub(primary_at) >= period {
-                let rotated = manage_keys::rotate_key(node, &name, "").await?;
+                let rotated = manage_keys::rotate_key(node, name.as_str(), "").await?;
                 tracing::info!(key = %name, version = rotated.primary(), "rotated key automatically");
             }
         }
-        after = Some(last);
+        after = Some(last.to_string());
     }
 }

@@ -8,8 +8,8 @@ use coffer_proto::v1::operator_client::OperatorClient;
 use coffer_proto::v1::{InitRequest, JoinRequest, RemoveRequest, StatusRequest, TransferLeaderRequest};
 use serde_json::json;
 
-use super::client::{connect, describe_status, DEFAULT_ADDR};
-use super::Output;
+use crate::cli::client::{connect, describe_status, DEFAULT_ADDR};
+use crate::cli::Output;
 
 /// Options shared by every operator command.
 #[derive(Debug, Args)]
