@@ -91,9 +91,9 @@ pub enum Error {
         /// The request id.
         request_id: String,
         /// What it was first used for.
-        first: coffer_raft::Intent,
+        first: Box<coffer_raft::Intent>,
         /// What it is used for now.
-        now: coffer_raft::Intent,
+        now: Box<coffer_raft::Intent>,
     },
     /// A secret or key has reached the largest version number.
     #[error("{what} has reached the largest version number; write to a new path or key")]
@@ -129,7 +129,7 @@ pub enum Error {
         /// The write.
         what: &'static str,
         /// What it was answered with.
-        outcome: coffer_raft::Outcome,
+        outcome: Box<coffer_raft::Outcome>,
     },
     /// The HSM's root key is not the one the cluster recorded.
     #[error(
@@ -166,11 +166,11 @@ impl Error {
             R::SecretVersionsExhausted { path } => Error::VersionsExhausted { what: format!("secret {path}") },
             R::KeyVersionsExhausted { name } => Error::VersionsExhausted { what: format!("key {name}") },
             R::RequestIdReused { request_id, first, now } => {
-                Error::RequestIdReused { request_id: request_id.into(), first, now }
+                Error::RequestIdReused { request_id: request_id.into(), first: Box::new(first), now: Box::new(now) }
             }
             // Proposers retry these themselves, or never cause them (format 1 only).
             other @ (R::VersionTaken { .. } | R::KeyConfigRefused { .. } | R::NestedBatch) => {
-                Error::Unexpected { what: "a write", outcome: coffer_raft::Outcome::Rejected(other) }
+                Error::Unexpected { what: "a write", outcome: Box::new(coffer_raft::Outcome::Rejected(other)) }
             }
         }
     }
@@ -214,6 +214,7 @@ impl From<Error> for tonic::Status {
                 | R::NeverHeardFromLeader
                 | R::OutcomeUnknown { .. }
                 | R::LeadershipMoved { .. }
+                | R::ReadIndexNotApplied { .. }
                 | R::PeerUnreachable { .. }
                 | R::HandoffBusy
                 | R::Lagging { .. }
@@ -222,9 +223,12 @@ impl From<Error> for tonic::Status {
                     Code::FailedPrecondition
                 }
                 R::BadPeerAddr { .. } | R::InvalidInput { .. } => Code::InvalidArgument,
-                R::Rocks { .. } | R::Decode { .. } | R::SnapshotIo { .. } | R::BadMessage { .. } | R::Raft { .. } => {
-                    Code::Internal
-                }
+                R::Rocks { .. }
+                | R::Decode { .. }
+                | R::SnapshotIo { .. }
+                | R::BadMessage { .. }
+                | R::PeerInternal { .. }
+                | R::Raft { .. } => Code::Internal,
             },
             Error::KcvMismatch { .. }
             | Error::Hsm(_)

@@ -153,7 +153,7 @@ impl Node {
             Outcome::Rejected(Rejection::AlreadyInitialized) => {
                 return Err(coffer_raft::Error::AlreadyInitialized.into())
             }
-            other => return Err(Error::Unexpected { what: "InitCluster", outcome: other }),
+            other => return Err(Error::Unexpected { what: "InitCluster", outcome: Box::new(other) }),
         }
         self.ready().await?;
         Ok(cluster)

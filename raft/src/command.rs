@@ -89,7 +89,9 @@ impl Op {
             Op::RotateKey(r) => Intent::RotateKey { name: r.name.clone() },
             Op::UpdateKeyConfig(u) => Intent::UpdateKeyConfig { name: u.name.clone() },
             Op::DeleteKey(d) => Intent::DeleteKey { name: d.name.clone() },
-            Op::SetVersionState(s) => Intent::SetVersionState { path: s.path.clone(), state: s.state },
+            Op::SetVersionState(s) => {
+                Intent::SetVersionState { path: s.path.clone(), state: s.state, versions: s.versions.clone() }
+            }
         }
     }
 
@@ -109,8 +111,10 @@ impl Op {
     }
 }
 
-/// The kind and target of a write, which a request id is bound to. A retry resolves versions and
-/// reseals values again, so neither is part of it.
+/// The kind and target of a write, which a request id is bound to. A retry reseals a put's value
+/// and picks its version again, so neither is part of a put's intent; the versions a delete,
+/// undelete or destroy names are (the node resolves a retried "current version" to the versions
+/// its first attempt named, see `StateReader::request_intent`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Intent {
     /// Initialise the cluster.
@@ -146,6 +150,8 @@ pub enum Intent {
         path: SecretPath,
         /// The target state.
         state: VersionState,
+        /// The versions.
+        versions: Vec<u64>,
     },
 }
 
@@ -158,7 +164,9 @@ impl std::fmt::Display for Intent {
             Intent::RotateKey { name } => write!(f, "rotating key {name}"),
             Intent::UpdateKeyConfig { name } => write!(f, "changing the config of key {name}"),
             Intent::DeleteKey { name } => write!(f, "deleting key {name}"),
-            Intent::SetVersionState { path, state } => write!(f, "{state} versions of secret {path}"),
+            Intent::SetVersionState { path, state, versions } => {
+                write!(f, "{state} versions {versions:?} of secret {path}")
+            }
         }
     }
 }

@@ -136,6 +136,19 @@ pub enum Error {
         /// The new leader, if known.
         leader: Option<NodeId>,
     },
+    /// A linearizable read's index was not applied here in time (a slow or stopping node).
+    #[error("this node did not apply the read index within {}; retry", humantime_ms(*.waited))]
+    ReadIndexNotApplied {
+        /// How long the read waited.
+        waited: Duration,
+    },
+    /// A peer failed internally while serving this node's request; its log has the details under
+    /// `incident`.
+    #[error("a peer failed internally (its incident {incident}; details are in that node's log)")]
+    PeerInternal {
+        /// The incident id the peer logged.
+        incident: String,
+    },
     /// A peer could not be reached, or did not answer in time.
     #[error("{peer} did not answer ({detail}); retry")]
     PeerUnreachable {
@@ -235,6 +248,8 @@ pub(crate) enum Refusal {
     NotVoter { node: NodeId },
     HandoffBusy,
     Lagging { node: NodeId, waited_ms: u64 },
+    ReadIndexNotApplied { waited_ms: u64 },
+    Internal { incident: String },
 }
 
 impl Error {
@@ -260,6 +275,7 @@ impl Error {
                 | Error::NeverHeardFromLeader
                 | Error::OutcomeUnknown { .. }
                 | Error::LeadershipMoved { .. }
+                | Error::ReadIndexNotApplied { .. }
                 | Error::PeerUnreachable { .. }
                 | Error::HandoffBusy
                 | Error::Lagging { .. }
@@ -283,6 +299,7 @@ impl Error {
             Error::NotVoter { node } => Refusal::NotVoter { node: *node },
             Error::HandoffBusy => Refusal::HandoffBusy,
             Error::Lagging { node, waited } => Refusal::Lagging { node: *node, waited_ms: ms(waited) },
+            Error::ReadIndexNotApplied { waited } => Refusal::ReadIndexNotApplied { waited_ms: ms(waited) },
             _ => return None,
         })
     }
@@ -303,6 +320,10 @@ impl From<Refusal> for Error {
             Refusal::NotVoter { node } => Error::NotVoter { node },
             Refusal::HandoffBusy => Error::HandoffBusy,
             Refusal::Lagging { node, waited_ms } => Error::Lagging { node, waited: Duration::from_millis(waited_ms) },
+            Refusal::ReadIndexNotApplied { waited_ms } => {
+                Error::ReadIndexNotApplied { waited: Duration::from_millis(waited_ms) }
+            }
+            Refusal::Internal { incident } => Error::PeerInternal { incident },
         }
     }
 }

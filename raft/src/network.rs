@@ -195,7 +195,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 // turns it back into the same `Error` variant here.
 
 /// The status a peer service answers an error with: a code for tools, the words for people, and
-/// the typed refusal in the details for the calling node.
+/// the typed refusal in the details for the calling node. A failure that is not a refusal (storage,
+/// openraft) is logged here under an incident id and goes back opaque: its details stay on this
+/// node, as they do for clients.
 pub(crate) fn refused(e: &Error) -> tonic::Status {
     use tonic::Code;
     let code = match e {
@@ -206,8 +208,22 @@ pub(crate) fn refused(e: &Error) -> tonic::Status {
         e if e.is_retryable() || matches!(e, Error::NotInitialized) => Code::Unavailable,
         _ => Code::Internal,
     };
-    let details = e.refusal().map(|r| encode(&r)).unwrap_or_default();
-    tonic::Status::with_details(code, e.to_string(), details.into())
+    if let Some(refusal) = e.refusal() {
+        return tonic::Status::with_details(code, e.to_string(), encode(&refusal).into());
+    }
+    if code != Code::Internal {
+        return tonic::Status::new(code, e.to_string());
+    }
+    let incident = incident_id();
+    tracing::error!(incident = %incident, error = %e, "a peer's request failed");
+    let message = format!("internal error (incident {incident}; details are in this node's log)");
+    tonic::Status::with_details(code, message, encode(&Refusal::Internal { incident }).into())
+}
+
+/// An id to find a logged failure by: this process and a counter.
+fn incident_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    format!("{:x}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The error a peer's status stands for.
@@ -222,23 +238,25 @@ pub(crate) fn status_error(peer: &str, status: &tonic::Status) -> Error {
 }
 
 /// Forwards a command to the leader and returns what applying it produced.
-pub(crate) async fn forward(channels: &PeerChannels, leader: &Peer, command: &Command) -> Result<Response, Error> {
+pub(crate) async fn forward(
+    channels: &PeerChannels,
+    leader: &Peer,
+    command: &Command,
+    deadline: Duration,
+) -> Result<Response, Error> {
     let mut client = channels.client(&leader.addr)?;
-    let reply = client
-        .client_write(Envelope { payload: encode(command), quorum_ack_age_ms: None })
-        .await
-        .map_err(|s| status_error(&leader.addr, &s))?;
+    let mut request = tonic::Request::new(Envelope { payload: encode(command), quorum_ack_age_ms: None });
+    request.set_timeout(deadline);
+    let reply = client.client_write(request).await.map_err(|s| status_error(&leader.addr, &s))?;
     postcard::from_bytes(&reply.into_inner().payload).map_err(|source| Error::BadMessage { source })
 }
 
 /// Asks the leader for a read index.
-pub(crate) async fn read_index(channels: &PeerChannels, leader: &Peer) -> Result<u64, Error> {
+pub(crate) async fn read_index(channels: &PeerChannels, leader: &Peer, deadline: Duration) -> Result<u64, Error> {
     let mut client = channels.client(&leader.addr)?;
-    client
-        .read_index(coffer_proto::raft::v1::ReadIndexRequest {})
-        .await
-        .map(|r| r.into_inner().index)
-        .map_err(|s| status_error(&leader.addr, &s))
+    let mut request = tonic::Request::new(coffer_proto::raft::v1::ReadIndexRequest {});
+    request.set_timeout(deadline);
+    client.read_index(request).await.map(|r| r.into_inner().index).map_err(|s| status_error(&leader.addr, &s))
 }
 
 /// Asks the cluster `peer` belongs to to admit this node; returns the cluster id.

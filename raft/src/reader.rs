@@ -161,6 +161,15 @@ impl StateReader {
         Ok(out)
     }
 
+    /// What `id` is bound to, if a write carrying it has applied: a node resolving a retried
+    /// "current version" names the versions the first attempt named.
+    ///
+    /// # Errors
+    /// RocksDB failures; a record that does not decode.
+    pub fn request_intent(&self, id: &crate::RequestId) -> Result<Option<crate::Intent>, StoreError> {
+        crate::state::requests::intent(&self.store, id)
+    }
+
     /// Forces everything written so far to disk and flushes the memtables to SST files, then
     /// compacts them: used by tests and operators to check what is at rest.
     ///

@@ -47,6 +47,19 @@ impl PeerService {
             return Err(Error::NotLeader { leader: self.replica.leader_peer() });
         }
         let (writes, lone) = into_writes(command);
+        // A follower's batch is at most one batch: a larger group (only a forged one) would make an
+        // entry too large to replicate.
+        let bytes = crate::replica::batch_weight(&writes);
+        if writes.len() > crate::replica::MAX_BATCH_ITEMS || bytes > crate::replica::MAX_BATCH_BYTES {
+            return Err(Error::InvalidInput {
+                rule: format!(
+                    "a forwarded batch holds at most {} writes and {} bytes; this one has {} and {bytes}",
+                    crate::replica::MAX_BATCH_ITEMS,
+                    crate::replica::MAX_BATCH_BYTES,
+                    writes.len()
+                ),
+            });
+        }
         let mut outcomes = self.replica.batcher.propose(writes).await?;
         Ok(match (lone, outcomes.pop()) {
             (true, Some(outcome)) => outcome.into(),

@@ -45,7 +45,7 @@ pub async fn create_key(
         // A retry answered as the first time returns the key as it is now.
         Outcome::Applied => get_key(node, name.as_str()).await,
         Outcome::Rejected(r) => Err(Error::rejected(r)),
-        other => Err(Error::Unexpected { what: "CreateKey", outcome: other }),
+        other => Err(Error::Unexpected { what: "CreateKey", outcome: Box::new(other) }),
     }
 }
 
@@ -109,7 +109,7 @@ pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<Nam
                 node.read_barrier(None).await?;
             }
             Outcome::Rejected(r) => return Err(Error::rejected(r)),
-            other => return Err(Error::Unexpected { what: "RotateKey", outcome: other }),
+            other => return Err(Error::Unexpected { what: "RotateKey", outcome: Box::new(other) }),
         }
     }
     Err(Error::Contended { target: name.to_string() })
@@ -150,7 +150,7 @@ pub async fn update_key_config(
     match node.propose(Write { request_id, op }).await? {
         Outcome::Applied => get_key(node, name.as_str()).await,
         Outcome::Rejected(r) => Err(Error::rejected(r)),
-        other => Err(Error::Unexpected { what: "UpdateKeyConfig", outcome: other }),
+        other => Err(Error::Unexpected { what: "UpdateKeyConfig", outcome: Box::new(other) }),
     }
 }
 
@@ -169,7 +169,7 @@ pub async fn delete_key(node: &Node, name: &str, request_id: &str) -> Result<(),
             Ok(())
         }
         Outcome::Rejected(r) => Err(Error::rejected(r)),
-        other => Err(Error::Unexpected { what: "DeleteKey", outcome: other }),
+        other => Err(Error::Unexpected { what: "DeleteKey", outcome: Box::new(other) }),
     }
 }
 

@@ -89,7 +89,7 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
             // A concurrent write took the version: reseal for the one after the current.
             Outcome::Rejected(Rejection::VersionTaken { current: now, .. }) => current = now,
             Outcome::Rejected(r) => return Err(Error::rejected(r)),
-            other => return Err(Error::Unexpected { what: "PutSecret", outcome: other }),
+            other => return Err(Error::Unexpected { what: "PutSecret", outcome: Box::new(other) }),
         }
     }
     Err(Error::Contended { target: path.to_string() })

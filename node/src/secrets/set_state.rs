@@ -1,6 +1,6 @@
 //! Delete, Undelete and Destroy: change the state of versions through Raft.
 
-use coffer_raft::{Op, Outcome, RequestId, SecretPath, SetVersionState, UnixMillis, VersionState, Write};
+use coffer_raft::{Intent, Op, Outcome, RequestId, SecretPath, SetVersionState, UnixMillis, VersionState, Write};
 
 use crate::error::Error;
 use crate::node::Node;
@@ -27,7 +27,15 @@ pub async fn set_version_state(
     let versions = if versions.is_empty() {
         node.read_barrier(None).await?;
         let meta = node.reader().secret(&path)?.ok_or_else(|| Error::SecretNotFound { path: path.to_string() })?;
-        vec![meta.current_version]
+        // A retry names what its first attempt named, even if a newer version exists by now.
+        let first = match &request_id {
+            Some(id) => node.reader().request_intent(id)?,
+            None => None,
+        };
+        match first {
+            Some(Intent::SetVersionState { path: p, state: s, versions }) if p == path && s == state => versions,
+            _ => vec![meta.current_version],
+        }
     } else {
         node.ready().await?;
         versions
@@ -36,6 +44,6 @@ pub async fn set_version_state(
     match node.propose(Write { request_id, op }).await? {
         Outcome::Applied => Ok(()),
         Outcome::Rejected(r) => Err(Error::rejected(r)),
-        other => Err(Error::Unexpected { what: "SetVersionState", outcome: other }),
+        other => Err(Error::Unexpected { what: "SetVersionState", outcome: Box::new(other) }),
     }
 }

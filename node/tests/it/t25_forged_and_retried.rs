@@ -6,7 +6,8 @@ use coffer_proto::raft::v1::raft_client::RaftClient;
 use coffer_proto::raft::v1::Envelope;
 use coffer_proto::v1::keys_client::KeysClient;
 use coffer_proto::v1::{
-    CreateKeyRequest, DeleteRequest, DescribeRequest, GetKeyRequest, KeyType, RotateKeyRequest, UpdateKeyConfigRequest,
+    CreateKeyRequest, DeleteRequest, DescribeRequest, DestroyRequest, GetKeyRequest, KeyType, RotateKeyRequest,
+    UpdateKeyConfigRequest,
 };
 use coffer_raft::{
     CreateKey, KeyVersionRecord, NamedKeyRecord, NamedKeyType, Op, PutSecret, SealedValue, SecretPath, UnixMillis,
@@ -143,6 +144,14 @@ async fn a_request_id_is_bound_to_its_first_write_and_a_retry_applies_once() -> 
     assert_eq!(c.get(get("a", None)).await?.into_inner().value, b"two", "the retry left version 2 alone");
     let versions = c.describe(DescribeRequest { path: "a".into() }).await?.into_inner().versions;
     assert!(versions[0].deleted_at.is_some() && versions[1].deleted_at.is_none(), "{versions:?}");
+
+    // The versions named are part of what an id is bound to: the same id naming another version
+    // is refused, and that version is left alone (found in review: it was a silent no-op).
+    let destroy = |versions: Vec<u64>| DestroyRequest { path: "a".into(), versions, request_id: "x-1".into() };
+    c.destroy(destroy(vec![1])).await?;
+    let err = c.destroy(destroy(vec![2])).await.expect_err("the id named version 1");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(c.get(get("a", None)).await?.into_inner().value, b"two", "version 2 not destroyed");
 
     let bad = with_id("a", b"x", "has space");
     assert_eq!(c.put(bad).await.expect_err("a bad id").code(), Code::InvalidArgument);

@@ -35,10 +35,15 @@ pub(crate) const IN_FLIGHT: usize = 1;
 /// time under load (about 10 ms at the median with 32 writers), far below the write timeout.
 const SLOW_BATCH: Duration = Duration::from_millis(50);
 /// Most writes in one batch.
-const MAX_ITEMS: usize = 256;
+pub(crate) const MAX_ITEMS: usize = 256;
 /// Most bytes of sealed values and names in one batch, so an entry stays well under the Raft
 /// transport's message limit.
-const MAX_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BYTES: usize = 1024 * 1024;
+
+/// The size of a group of writes, as batches count it.
+pub(crate) fn weight(writes: &[Write]) -> usize {
+    writes.iter().map(|w| w.op.weight() + w.request_id.as_ref().map_or(0, |id| id.as_str().len())).sum()
+}
 
 type Waiter = oneshot::Sender<Result<Vec<Outcome>, Error>>;
 
@@ -50,7 +55,7 @@ struct Group {
 
 impl Group {
     fn weight(&self) -> usize {
-        self.writes.iter().map(|w| w.op.weight() + w.request_id.as_ref().map_or(0, |id| id.as_str().len())).sum()
+        weight(&self.writes)
     }
 }
 

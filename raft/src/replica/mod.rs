@@ -34,6 +34,7 @@ use crate::network::{GrpcNetwork, LocalMetrics, PeerChannels};
 use crate::service::PeerService;
 use crate::{Coalescer, LogStore, NodeId, Raft, StateMachine, StateReader, Store};
 
+pub(crate) use batch::{weight as batch_weight, MAX_BYTES as MAX_BATCH_BYTES, MAX_ITEMS as MAX_BATCH_ITEMS};
 pub(crate) use reads::LeaderContact;
 
 /// How a read must relate to the writes acknowledged before it.
@@ -208,10 +209,11 @@ impl Replica {
         Ok(Replica { inner })
     }
 
-    /// Proposes `write` and returns its outcome once applied here.
+    /// Proposes `write` and returns its outcome, once the leader has applied it.
     ///
     /// Concurrent writes share one log entry; a follower forwards its entry to the leader. The
-    /// write is committed by a quorum (fsynced on each) before it is applied and answered.
+    /// write is committed by a quorum (fsynced on each) before it is applied and answered. On a
+    /// follower the outcome is the leader's: a read here right after needs a linearizable barrier.
     ///
     /// # Errors
     /// [`Error::OutcomeUnknown`] after `write_timeout`, [`Error::LeadershipMoved`]: the write may
@@ -431,7 +433,9 @@ impl Inner {
         // follower does not queue it through its own Raft core only to be told where to send it.
         match self.leadership() {
             Leadership::Me => self.raft.client_write(command).await.map(|w| w.data).map_err(write_error),
-            Leadership::Other(leader) => crate::network::forward(&self.channels, &leader, &command).await,
+            Leadership::Other(leader) => {
+                crate::network::forward(&self.channels, &leader, &command, self.config.write_timeout).await
+            }
             Leadership::Unknown => Err(Error::NoLeader),
         }
     }

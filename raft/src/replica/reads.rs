@@ -123,7 +123,7 @@ impl Inner {
             }
         };
         let channels = &self.channels;
-        let index = self.follower_reads.run(|| crate::network::read_index(channels, &leader)).await?;
+        let index = self.follower_reads.run(|| crate::network::read_index(channels, &leader, READ_INDEX_WAIT)).await?;
         self.wait_applied(index).await
     }
 
@@ -154,7 +154,7 @@ impl Inner {
             .applied_index_at_least(Some(index), "read index")
             .await
             .map(|_| ())
-            .map_err(|_| Error::OutcomeUnknown { waited: READ_INDEX_WAIT })
+            .map_err(|_| Error::ReadIndexNotApplied { waited: READ_INDEX_WAIT })
     }
 
     /// How stale this node's state may be, and whether it leads. `None`: unknown (never heard).

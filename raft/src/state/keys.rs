@@ -72,6 +72,34 @@ pub(crate) fn update_config(txn: &mut Txn<'_>, update: &UpdateKeyConfig) -> Resu
     Ok(Outcome::Applied)
 }
 
+/// Format 1's config change, with format 1's rules exactly: a log written by the first release
+/// must replay to the same state on every node. `min_decryption_version` could move back then,
+/// and `min_encryption_version` was stored (without effect).
+pub(crate) fn update_config_v1(txn: &mut Txn<'_>, update: &UpdateKeyConfig) -> Result<Outcome, StoreError> {
+    let name = &update.name;
+    let Some(mut record) = load(txn, name)? else { return Ok(not_found(name)) };
+    let primary = record.primary();
+    let min_dec = update.min_decryption_version.unwrap_or(record.min_decryption_version);
+    let min_enc = update.min_encryption_version.unwrap_or(record.min_encryption_version);
+    if min_dec > primary || min_enc > primary {
+        return Ok(Outcome::Rejected(Rejection::KeyConfigRefused {
+            rule: format!("minimum versions cannot exceed the primary version {primary}"),
+        }));
+    }
+    if min_enc < min_dec && update.min_encryption_version.is_some() {
+        return Ok(Outcome::Rejected(Rejection::KeyConfigRefused {
+            rule: "min_encryption_version cannot be below min_decryption_version".into(),
+        }));
+    }
+    record.min_decryption_version = min_dec;
+    record.min_encryption_version = min_enc.max(min_dec);
+    record.deletion_allowed = update.deletion_allowed.unwrap_or(record.deletion_allowed);
+    record.auto_rotate_period_ms = update.auto_rotate_period_ms.unwrap_or(record.auto_rotate_period_ms);
+    record.generation = record.generation.wrapping_add(1);
+    txn.put(cf::KEYS, name.as_str().as_bytes().to_vec(), &record);
+    Ok(Outcome::Applied)
+}
+
 /// Deletes a key whose config allows it.
 pub(crate) fn delete(txn: &mut Txn<'_>, delete: &DeleteKey) -> Result<Outcome, StoreError> {
     let Some(record) = load(txn, &delete.name)? else { return Ok(not_found(&delete.name)) };
@@ -174,6 +202,31 @@ mod tests {
         let key = s.reader().named_key(&must_name("k"))?.expect("the key");
         assert_eq!(key.min_decryption_version, 2, "the refused changes wrote nothing");
         assert_eq!(s.apply_ops(vec![config("k", Some(2), Some(true))])?, vec![Outcome::Applied], "same value: fine");
+        Ok(())
+    }
+
+    /// Found in review: a format-1 entry replayed by an upgraded node must reach the state the
+    /// first release reached, or nodes diverge (a backward min_decryption_version applied then; a
+    /// min_encryption_version above the primary refused the whole change, deletion_allowed too).
+    #[test]
+    fn format_1_config_changes_replay_under_format_1_rules() -> Result<(), StoreError> {
+        let s = Scratch::must_new();
+        s.apply_ops(vec![create("k", 1), rotate("k", 2), config("k", Some(2), None)])?;
+        let v1 = |min_dec: Option<u32>, min_enc: Option<u32>, deletion: Option<bool>| {
+            crate::command::Command::UpdateKeyConfig(UpdateKeyConfig {
+                name: must_name("k"),
+                min_decryption_version: min_dec,
+                min_encryption_version: min_enc,
+                deletion_allowed: deletion,
+                auto_rotate_period_ms: None,
+            })
+        };
+        let refused = s.apply(&v1(None, Some(3), Some(true)))?;
+        assert!(matches!(refused, crate::Response::Rejected(Rejection::KeyConfigRefused { .. })), "{refused:?}");
+        assert!(!s.reader().named_key(&must_name("k"))?.expect("the key").deletion_allowed, "refused whole");
+        assert_eq!(s.apply(&v1(Some(1), None, None))?, crate::Response::Applied, "format 1 could move it back");
+        let key = s.reader().named_key(&must_name("k"))?.expect("the key");
+        assert_eq!((key.min_decryption_version, key.min_encryption_version), (1, 2));
         Ok(())
     }
 

@@ -66,7 +66,9 @@ impl<'a> Txn<'a> {
         self.overlay.insert((cf_name, key), None);
     }
 
-    /// Applies one entry's command.
+    /// Applies one entry's command. Format-1 commands (indexes 0 to 7) apply by format 1's rules
+    /// where those differ (a key config change), so a log written by the first release replays to
+    /// the same state on every node, upgraded or not.
     ///
     /// # Errors
     /// Only storage failures (a stored record that does not decode); refusals are outcomes.
@@ -76,13 +78,16 @@ impl<'a> Txn<'a> {
             Command::PutSecret(p) => requests::legacy_put(self, p)?.into(),
             Command::CreateKey(c) => keys::create(self, c)?.into(),
             Command::RotateKey(r) => keys::rotate(self, r)?.into(),
-            Command::UpdateKeyConfig(u) => keys::update_config(self, u)?.into(),
+            Command::UpdateKeyConfig(u) => keys::update_config_v1(self, u)?.into(),
             Command::DeleteKey(d) => keys::delete(self, d)?.into(),
             Command::SetVersionState(s) => secrets::set_version_state(self, s)?.into(),
             Command::Batch(ops) => {
                 let mut outcomes = Vec::with_capacity(ops.len());
                 for op in ops {
-                    outcomes.push(self.apply_op(op)?);
+                    outcomes.push(match op {
+                        Op::UpdateKeyConfig(u) => keys::update_config_v1(self, u)?,
+                        other => self.apply_op(other)?,
+                    });
                 }
                 Response::Batch(outcomes)
             }

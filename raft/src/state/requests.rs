@@ -25,6 +25,14 @@ struct Record {
 /// a [`Rejection::RequestIdReused`] for another one; `None` if the id is new.
 pub(crate) fn lookup(txn: &Txn<'_>, id: &RequestId, intent: &Intent) -> Result<Option<Outcome>, StoreError> {
     let Some(record) = txn.get::<Record>(cf::REQUEST_IDS, id.as_str().as_bytes(), "request id record")? else {
+        // A put retried across the upgrade from format 1: its first attempt is in `requests`.
+        if let Intent::PutSecret { .. } = intent {
+            if let Some(Response::Put { version, created_at_ms }) =
+                txn.get::<Response>(cf::REQUESTS, id.as_str().as_bytes(), "request record")?
+            {
+                return Ok(Some(Outcome::Put { version, created_at_ms }));
+            }
+        }
         return Ok(None);
     };
     if record.intent == *intent {
@@ -35,6 +43,11 @@ pub(crate) fn lookup(txn: &Txn<'_>, id: &RequestId, intent: &Intent) -> Result<O
         first: record.intent,
         now: intent.clone(),
     })))
+}
+
+/// The intent `id` is bound to, if a write carrying it has applied (format 2 records only).
+pub(crate) fn intent(store: &crate::Store, id: &RequestId) -> Result<Option<Intent>, StoreError> {
+    Ok(store.get::<Record>(cf::REQUEST_IDS, id.as_str().as_bytes(), "request id record")?.map(|r| r.intent))
 }
 
 /// Binds `id` to the write just applied.
@@ -139,6 +152,21 @@ mod tests {
         let missing = writes(&s, vec![with_id("r2", Op::DeleteKey(DeleteKey { name: must_name("k") }))])?;
         assert!(matches!(&missing[..], [Outcome::Rejected(Rejection::KeyNotFound { .. })]));
         assert_eq!(writes(&s, vec![with_id("r2", put("a", 1))])?[0], Outcome::Put { version: 1, created_at_ms: 1001 });
+        Ok(())
+    }
+
+    /// Found in review: a put applied by format 1 whose answer was lost, retried with the same
+    /// id after the upgrade, must not write a second version.
+    #[test]
+    fn a_put_retried_across_the_upgrade_applies_once() -> Result<(), StoreError> {
+        let s = Scratch::must_new();
+        let Op::PutSecret(mut p) = put("a", 1) else { unreachable!() };
+        p.request_id = Some("old".into());
+        let first = s.apply(&Command::PutSecret(p))?;
+        let retry = writes(&s, vec![with_id("old", put("a", 2))])?;
+        assert_eq!(Response::Batch(retry), Response::Batch(vec![Outcome::Put { version: 1, created_at_ms: 1001 }]));
+        assert_eq!(first, Response::Put { version: 1, created_at_ms: 1001 });
+        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(1));
         Ok(())
     }
 
