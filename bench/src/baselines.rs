@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coffer_hsm::{Hsm, HsmConfig, Key256, PinSource, DEFAULT_ROOT_KEY_LABEL};
+use coffer_testkit::{SoftHsm, TOKEN_LABEL};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
@@ -44,18 +45,20 @@ pub(crate) enum HsmOp {
     Unwrap,
 }
 
-/// Opens the token of a drill-style node directory (`softhsm2.conf`, `pin`, token label `drill`).
+/// Opens the token of a node directory of the test kit's launcher (its token set: `softhsm2.conf`,
+/// `pin`, token label [`TOKEN_LABEL`]).
 ///
 /// # Errors
 /// The token cannot be opened.
 pub(crate) fn open_hsm(node_dir: &Path) -> anyhow::Result<Hsm> {
+    let tokens = SoftHsm::at(node_dir);
     // SoftHSM reads its config path from the environment at the first PKCS#11 call, which has not
     // happened in this process yet; nothing else here reads the environment concurrently.
-    std::env::set_var("SOFTHSM2_CONF", node_dir.join("softhsm2.conf"));
+    std::env::set_var("SOFTHSM2_CONF", tokens.conf());
     let config = HsmConfig {
         module: None,
-        token_label: "drill".into(),
-        pin: PinSource::File(node_dir.join("pin")),
+        token_label: TOKEN_LABEL.into(),
+        pin: PinSource::File(tokens.pin_file()),
         root_key_label: DEFAULT_ROOT_KEY_LABEL.into(),
         sessions: 2,
         fault_file: None,
@@ -104,12 +107,13 @@ thread_local! {
 }
 
 impl HsmGcm {
-    /// Reaches the drill token of `node_dir` (as [`open_hsm`] does), logs in, and generates the key.
+    /// Reaches the token of `node_dir` (as [`open_hsm`] does), logs in, and generates the key.
     ///
     /// # Errors
     /// The module, token or PIN cannot be reached, or the token refuses to make the key.
     pub(crate) fn open(node_dir: &Path) -> anyhow::Result<HsmGcm> {
-        std::env::set_var("SOFTHSM2_CONF", node_dir.join("softhsm2.conf"));
+        let tokens = SoftHsm::at(node_dir);
+        std::env::set_var("SOFTHSM2_CONF", tokens.conf());
         let ctx = Pkcs11::new(coffer_hsm::resolve_module(None)?)?;
         // coffer-hsm may have initialised the library in this process already: one state per process.
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -119,10 +123,10 @@ impl HsmGcm {
         let slot = ctx
             .get_slots_with_initialized_token()?
             .into_iter()
-            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == "drill"))
-            .ok_or_else(|| anyhow::anyhow!("no token labelled drill in {}", node_dir.display()))?;
+            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == TOKEN_LABEL))
+            .ok_or_else(|| anyhow::anyhow!("no token labelled {TOKEN_LABEL} in {}", node_dir.display()))?;
         let owner = ctx.open_rw_session(slot)?;
-        let pin = AuthPin::new(std::fs::read_to_string(node_dir.join("pin"))?.trim().into());
+        let pin = AuthPin::new(std::fs::read_to_string(tokens.pin_file())?.trim().into());
         match owner.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => return Err(e.into()),

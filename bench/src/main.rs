@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use coffer_chaos::cluster::Cluster;
+use coffer_testkit::{Cluster, Options};
 
 use crate::load::Shape;
 use crate::report::{Figure, Report};
@@ -113,7 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("coffer"))))
             .unwrap_or_else(|| PathBuf::from("coffer"));
         eprintln!("coffer-bench: starting a local 3-node cluster ({})", coffer.display());
-        let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, false))?;
+        let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, Options::drills()))?;
         let urls = cluster.nodes.iter().map(|n| n.url()).collect();
         (Some(cluster), urls)
     } else {

@@ -5,10 +5,10 @@
 //! (signals to processes, cut node-to-node links, a failing HSM), heals it, and then checks: the history is linearizable per secret,
 //! bounded-staleness reads respect their bound, every acknowledged write reads back on every node,
 //! every acknowledged ciphertext decrypts on every node, and no write was applied twice. The report
-//! gives the unavailability window, errors by status and latency around the fault.
+//! gives the unavailability window, errors by status and latency around the fault. The local
+//! clusters come from `coffer-testkit`'s launcher, the one the node tests use.
 
 pub mod checker;
-pub mod cluster;
 pub mod fault;
 pub mod history;
 pub mod links;

@@ -2,7 +2,7 @@
 //! (signals to real processes), heals it, checks the history and the state, and reports.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,10 +13,12 @@ use coffer_proto::v1::secrets_client::SecretsClient;
 use coffer_proto::v1::{DecryptRequest, DescribeRequest, GetRequest};
 use tonic::transport::{Channel, Endpoint};
 
+use coffer_testkit::{Cluster, Options};
+
 use crate::checker;
-use crate::cluster::Cluster;
 use crate::fault::{FaultKind, FaultLog, Hit, Role};
 use crate::history::{Call, Op, Outcome};
+use crate::links::Links;
 use crate::report::{Latency, Report};
 use crate::workload::{self, Recorder, KEY_NAME};
 
@@ -111,7 +113,8 @@ const FLAP: Duration = Duration::from_millis(400);
 /// Runs one scenario end to end.
 pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Report> {
     let coffer = settings.coffer.clone();
-    let mut cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, scenario.nodes(), scenario.cuts_links()))?;
+    let (mut cluster, links) =
+        tokio::task::block_in_place(|| start_cluster(&coffer, scenario.nodes(), scenario.cuts_links()))?;
     tokio::task::block_in_place(|| cluster.cli_ok(0, &["key", "create", KEY_NAME]))?;
     if scenario == Scenario::KillLeaderDuringJoin {
         // A fourth node, running but not a member: the drill joins it while killing the leader.
@@ -124,9 +127,34 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     // The rotation drill must actually rotate: at least a few versions by the end.
     let min_versions = if scenario == Scenario::KillLeaderDuringRotation { 3 } else { 1 };
     drive(scenario.name(), &urls, settings, min_versions, |faults| {
-        inject(scenario, &mut cluster, settings.fault_duration, faults)
+        inject(scenario, &mut cluster, links.as_ref(), settings.fault_duration, faults)
     })
     .await
+}
+
+/// Prepares, starts and forms a local cluster of `n` nodes with the test kit's launcher. With
+/// `cuttable_links`, every node-to-node link goes through its own proxy (see [`Links`]), set in
+/// each node's `raft.dial-via` before it starts; call it within the Tokio runtime then.
+fn start_cluster(coffer: &Path, n: usize, cuttable_links: bool) -> anyhow::Result<(Cluster, Option<Links>)> {
+    let mut cluster = Cluster::prepare(coffer, n, Options::drills())?;
+    let mut links = None;
+    if cuttable_links {
+        let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+        let proxies = Links::start(&ports)?;
+        for from in 0..n {
+            let via: Vec<String> = (0..n)
+                .filter_map(|to| proxies.port(from, to).map(|p| (ports[to], p)))
+                .map(|(peer, proxy)| format!("\"127.0.0.1:{peer}\" = \"127.0.0.1:{proxy}\""))
+                .collect();
+            cluster.append_config(from, &format!("[raft]\ndial-via = {{ {} }}\n", via.join(", ")))?;
+        }
+        links = Some(proxies);
+    }
+    for i in 0..n {
+        cluster.start_node(i)?;
+    }
+    cluster.form()?;
+    Ok((cluster, links))
 }
 
 /// Runs the workload and checks against a cluster the operator runs, with the fault injected and
@@ -213,7 +241,13 @@ fn hit(cluster: &Cluster, i: usize, role: Option<Role>) -> Hit {
 /// `faults` as soon as it is in effect, not before: after the killed process is reaped, after the
 /// links are cut, after the HSM fault files are written.
 #[allow(clippy::too_many_lines)] // one arm per scenario reads better than ten small functions
-fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration, faults: &mut FaultLog) -> anyhow::Result<()> {
+fn inject(
+    scenario: Scenario,
+    cluster: &mut Cluster,
+    links: Option<&Links>,
+    duration: Duration,
+    faults: &mut FaultLog,
+) -> anyhow::Result<()> {
     let leader_hit = |cluster: &Cluster, i| hit(cluster, i, Some(Role::Leader));
     let follower_hit = |cluster: &Cluster, i| hit(cluster, i, Some(Role::Follower));
     match scenario {
@@ -310,7 +344,7 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration, faults:
             wait_for_voter(cluster, cluster.nodes[joiner].id)?;
         }
         Scenario::PartitionLeader | Scenario::PartitionMinority => {
-            let links = cluster.links().context("this drill needs cuttable links")?;
+            let links = links.context("this drill needs cuttable links")?;
             let leader = cluster.leader()?;
             let n = cluster.nodes.len();
             // The minority: the leader alone, or with one follower in five nodes.
@@ -327,7 +361,7 @@ fn inject(scenario: Scenario, cluster: &mut Cluster, duration: Duration, faults:
             links.set_between(&minority, &majority, true);
         }
         Scenario::FlappingLink => {
-            let links = cluster.links().context("this drill needs cuttable links")?;
+            let links = links.context("this drill needs cuttable links")?;
             let leader = cluster.leader()?;
             let follower = (leader + 1) % cluster.nodes.len();
             let started = Instant::now();

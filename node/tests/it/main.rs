@@ -1,9 +1,16 @@
-//! Node tests: real `coffer` processes on 127.0.0.1:0, each with its own SoftHSM token, driven
-//! through gRPC and through the CLI.
+//! Node tests: real nodes on 127.0.0.1, driven through gRPC and through the CLI.
+//!
+//! API tests serve a node inside the test's runtime ([`InProcessNode`]: `coffer_node::run` on a
+//! listener bound to port 0). What needs kill -9, a restart, a clean stop, a token of its own or
+//! several nodes runs `coffer` processes through the test kit's launcher ([`TestNode`], a
+//! one-node cluster, and [`must_start_cluster`]).
+//!
+//! Every in-process node of this binary uses one SoftHSM token with one root key (each node has
+//! its own data directory and its own cluster): a process has one PKCS#11 state, and SoftHSM
+//! reads its config once per process. Process nodes each have a token set of their own.
 
 #![allow(missing_docs)] // test helpers are documented where it helps, not by rule
 
-mod cluster;
 mod t10_secrets_api;
 mod t20_bad_input;
 mod t25_forged_and_retried;
@@ -16,141 +23,59 @@ mod t80_cluster;
 mod t90_keys;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
-use anyhow::{bail, Context};
+use coffer_proto::v1::operator_client::OperatorClient;
 use coffer_proto::v1::secrets_client::SecretsClient;
+use coffer_proto::v1::InitRequest;
+use coffer_testkit::{coffer_cli, process_softhsm, Cluster, InProcess, Options, SoftHsm, TOKEN_LABEL};
 use tonic::transport::Channel;
 
 /// The `coffer` binary under test.
-pub fn coffer_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_coffer")
+pub fn coffer_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_coffer"))
 }
 
-/// A node process with its own directory, SoftHSM token and root key.
-pub struct TestNode {
-    pub dir: tempfile::TempDir,
+/// The limits the single-node tests check against (the bad-input and version tests rely on them).
+const SINGLE_NODE_CONFIG: &str = "max-value-bytes = 4096\ndefault-max-versions = 5\n";
+
+/// A process cluster of `n` nodes of the `coffer` under test (`extra` in every node's config),
+/// started and formed.
+pub fn must_start_cluster(n: usize, extra: &str) -> anyhow::Result<Cluster> {
+    Cluster::start(coffer_bin(), n, Options::tests(extra))
+}
+
+/// A node served in this process, initialised as a single-voter cluster; stopped when dropped.
+pub struct InProcessNode {
+    server: InProcess,
     pub addr: String,
-    child: Option<Child>,
 }
 
-impl TestNode {
-    /// Creates a token and root key and starts a node.
-    pub fn must_start() -> anyhow::Result<TestNode> {
+impl InProcessNode {
+    /// Serves a new node with `coffer_node::run` on `127.0.0.1:0` and runs `operator init` on it.
+    pub async fn must_start() -> anyhow::Result<InProcessNode> {
+        // Made once per process, with the commands a process node's token is made with.
+        let tokens = process_softhsm(|dir| SoftHsm::create_with_coffer(dir, coffer_bin()))?;
         let dir = tempfile::tempdir()?;
-        Self::must_prepare(dir.path(), "tokens")?;
-        let mut node = TestNode { dir, addr: String::new(), child: None };
-        node.must_restart()?;
-        let out = node.cli(&["operator", "init"], None)?;
-        anyhow::ensure!(out.status.success(), "operator init failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(node)
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.path().join("data")
-    }
-
-    /// Writes the SoftHSM config (tokens in `dir/<tokens>`), PINs and the node config, then creates
-    /// the token and the root key through the CLI.
-    pub fn must_prepare(dir: &Path, tokens: &str) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir.join(tokens))?;
+        let config_path = dir.path().join("node.toml");
         std::fs::write(
-            dir.join("softhsm2.conf"),
+            &config_path,
             format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join(tokens).display()
+                "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\n{SINGLE_NODE_CONFIG}\
+                 [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"{}\"\n",
+                tokens.pin_file().display()
             ),
         )?;
-        std::fs::write(dir.join("pin"), "4321\n")?;
-        std::fs::write(dir.join("so-pin"), "87654321\n")?;
-        std::fs::write(
-            dir.join("node.toml"),
-            "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nmax-value-bytes = 4096\ndefault-max-versions = 5\n\
-             [hsm]\ntoken-label = \"test\"\npin-file = \"pin\"\n",
-        )?;
-        let so_pin = dir.join("so-pin");
-        for args in [
-            vec!["hsm", "init-token", "--so-pin-file", so_pin.to_str().context("utf-8 path")?],
-            vec!["hsm", "init-root-key"],
-        ] {
-            let out = Command::new(coffer_bin())
-                .args(&args)
-                .arg("--config")
-                .arg(dir.join("node.toml"))
-                .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-                .output()?;
-            if !out.status.success() {
-                bail!("coffer {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        Ok(())
+        let config = coffer_node::Config::load(&config_path)?;
+        let server = InProcess::start(dir, |listener, shutdown| coffer_node::run(config, listener, shutdown)).await?;
+        let addr = server.url().to_owned();
+        OperatorClient::connect(addr.clone()).await?.init(InitRequest {}).await?;
+        Ok(InProcessNode { server, addr })
     }
 
-    /// Starts the node process (again) and waits until it serves.
-    pub fn must_restart(&mut self) -> anyhow::Result<()> {
-        let (child, addr) = Self::spawn(self.path())?;
-        self.child = Some(child);
-        self.addr = addr;
-        Ok(())
-    }
-
-    /// Starts `coffer server` in `dir` and waits for its address; fails if it exits first.
-    pub fn spawn(dir: &Path) -> anyhow::Result<(Child, String)> {
-        let addr_file = dir.join("addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
-        let mut child = Command::new(coffer_bin())
-            .args(["server", "--config"])
-            .arg(dir.join("node.toml"))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("coffer server exited with {status}: {}", std::fs::read_to_string(dir.join("server.log"))?);
-            }
-            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-                let addr = format!("http://{addr}");
-                if must_serving(&addr) {
-                    return Ok((child, addr));
-                }
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                let _ = child.kill();
-                bail!("coffer server did not serve within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// kill -9.
-    pub fn must_kill9(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    pub fn must_stop(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
-            anyhow::ensure!(status.success(), "kill -TERM failed");
-            let status = child.wait()?;
-            anyhow::ensure!(status.success(), "coffer server exited with {status} after SIGTERM");
-        }
-        Ok(())
+    /// The node's directory (config and data).
+    pub fn path(&self) -> &Path {
+        self.server.dir()
     }
 
     pub async fn client(&self) -> anyhow::Result<SecretsClient<Channel>> {
@@ -159,47 +84,58 @@ impl TestNode {
 
     /// Runs the CLI against this node.
     pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
-        let mut child = Command::new(coffer_bin())
-            .args(args)
-            .env("COFFER_ADDR", &self.addr)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            std::io::Write::write_all(&mut pipe, bytes)?;
-        }
-        Ok(child.wait_with_output()?)
+        coffer_cli(coffer_bin(), &self.addr, args, stdin, None)
     }
 }
 
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// A node process with its own directory, token and root key: a one-node cluster of the launcher.
+pub struct TestNode {
+    cluster: Cluster,
+    pub addr: String,
 }
 
-/// Whether the node at `addr` reports SERVING for coffer.v1.Secrets (one try, on its own runtime).
-fn must_serving(addr: &str) -> bool {
-    let addr = addr.to_owned();
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
-        rt.block_on(async {
-            let Ok(channel) = tonic::transport::Endpoint::from_shared(addr).map(|e| e.timeout(Duration::from_secs(2)))
-            else {
-                return false;
-            };
-            let Ok(channel) = channel.connect().await else { return false };
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let req = tonic_health::pb::HealthCheckRequest { service: "coffer.v1.Secrets".into() };
-            health.check(req).await.map(|r| r.into_inner().status == 1).unwrap_or(false)
-        })
-    })
-    .join()
-    .unwrap_or(false)
+impl TestNode {
+    /// Creates a token and root key, starts a node and initialises it.
+    pub fn must_start() -> anyhow::Result<TestNode> {
+        let cluster = Cluster::start(coffer_bin(), 1, Options::tests(SINGLE_NODE_CONFIG))?;
+        let addr = cluster.nodes[0].url();
+        Ok(TestNode { cluster, addr })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.cluster.node_dir(0)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.cluster.data_dir(0)
+    }
+
+    /// Starts the node process (again, on the same port) and waits until it serves.
+    pub fn must_restart(&mut self) -> anyhow::Result<()> {
+        self.cluster.start_node(0)
+    }
+
+    /// kill -9.
+    pub fn must_kill9(&mut self) -> anyhow::Result<()> {
+        self.cluster.kill(0)
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn must_stop(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.cluster.stop(0)? {
+            anyhow::ensure!(status.success(), "coffer server exited with {status} after SIGTERM");
+        }
+        Ok(())
+    }
+
+    /// Gives the stopped node a new token: same label and PIN, another root key.
+    pub fn must_replace_token(&self) -> anyhow::Result<()> {
+        self.cluster.replace_token(0)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<SecretsClient<Channel>> {
+        Ok(SecretsClient::connect(self.addr.clone()).await?)
+    }
 }
 
 /// A Put request with only the fields that matter to most tests.

@@ -1,11 +1,11 @@
 use coffer_proto::v1::{DeleteRequest, DescribeRequest, DestroyRequest, ListRequest, PutRequest, UndeleteRequest};
 use tonic::Code;
 
-use crate::{get, put, TestNode};
+use crate::{get, put, InProcessNode};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn put_get_versions_cas_delete_undelete_destroy() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
 
     let v1 = c.put(put("db/password", b"one", Some(0))).await?.into_inner();
@@ -64,7 +64,7 @@ async fn put_get_versions_cas_delete_undelete_destroy() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn max_versions_prunes_the_oldest() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     let mut req = put("app/key", b"v1", None);
     req.max_versions = Some(2);
@@ -89,7 +89,7 @@ async fn max_versions_prunes_the_oldest() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn list_paginates_under_a_prefix() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     let paths: Vec<String> = (0..25).map(|i| format!("team/svc-{i:02}")).collect();
     for p in &paths {
@@ -119,7 +119,7 @@ async fn list_paginates_under_a_prefix() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_put_with_the_same_request_id_is_applied_once() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     let req = PutRequest { request_id: "req-42".into(), ..put("idem/x", b"a", None) };
     let first = c.put(req.clone()).await?.into_inner();
@@ -132,7 +132,7 @@ async fn a_retried_put_with_the_same_request_id_is_applied_once() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_writers_to_one_secret_get_distinct_versions() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut tasks = Vec::new();
     for w in 0..4 {
         let mut c = node.client().await?;

@@ -1,11 +1,11 @@
 use coffer_proto::v1::{DeleteRequest, DescribeRequest, ListRequest};
 use tonic::Code;
 
-use crate::{get, put, TestNode};
+use crate::{get, put, InProcessNode};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_paths_and_sizes_are_refused_and_nothing_is_written() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     let long = "a".repeat(513);
     let cases: [(&str, &str); 8] = [

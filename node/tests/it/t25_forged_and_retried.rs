@@ -15,9 +15,9 @@ use coffer_raft::{
 };
 use tonic::Code;
 
-use crate::{get, put, TestNode};
+use crate::{get, put, InProcessNode};
 
-async fn forge(node: &TestNode, payload: Vec<u8>) -> Result<tonic::Response<Envelope>, tonic::Status> {
+async fn forge(node: &InProcessNode, payload: Vec<u8>) -> Result<tonic::Response<Envelope>, tonic::Status> {
     let mut raft =
         RaftClient::connect(node.addr.clone()).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     raft.client_write(Envelope { payload, quorum_ack_age_ms: None }).await
@@ -33,7 +33,7 @@ fn forged_writes(ops: Vec<Op>) -> anyhow::Result<Vec<u8>> {
 /// level and the message is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deeply_nested_batch_from_outside_is_refused_and_the_node_stays_up() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     c.put(put("before", b"v1", None)).await?;
     let nested = [7u8, 1].repeat(200_000);
@@ -70,7 +70,7 @@ async fn a_deeply_nested_batch_from_outside_is_refused_and_the_node_stays_up() -
 /// debug build. The forged records below could only come from the open peer service.
 #[tokio::test(flavor = "multi_thread")]
 async fn versions_at_their_limits_are_refused_not_overflowed() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     let err = c.put(put("cas/max", b"v", Some(u64::MAX))).await.expect_err("cas at the limit");
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
@@ -114,7 +114,7 @@ async fn versions_at_their_limits_are_refused_not_overflowed() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_id_is_bound_to_its_first_write_and_a_retry_applies_once() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut c = node.client().await?;
     let with_id = |path: &str, value: &[u8], id: &str| {
         let mut req = put(path, value, None);
@@ -174,7 +174,7 @@ async fn a_request_id_is_bound_to_its_first_write_and_a_retry_applies_once() -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn min_decryption_version_only_moves_forward() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut k = KeysClient::connect(node.addr.clone()).await?;
     let create = CreateKeyRequest { name: "k".into(), r#type: KeyType::Aes256Gcm as i32, ..Default::default() };
     k.create_key(create).await?;

@@ -1,4 +1,4 @@
-use crate::TestNode;
+use crate::InProcessNode;
 
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -6,7 +6,7 @@ fn text(out: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_round_trips() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
 
     // Value from stdin, from an argument, from a file.
     let out = node.cli(&["secret", "put", "db/password"], Some(b"from-stdin"))?;

@@ -11,8 +11,7 @@ async fn a_different_root_key_is_refused_at_start() -> anyhow::Result<()> {
     node.must_stop()?;
 
     // Same token label and PIN, but a new token with a new root key.
-    std::fs::remove_dir_all(node.path().join("tokens"))?;
-    TestNode::must_prepare(node.path(), "tokens")?;
+    node.must_replace_token()?;
     let out = Command::new(coffer_bin())
         .args(["server", "--config"])
         .arg(node.path().join("node.toml"))
@@ -34,16 +33,7 @@ async fn a_copy_of_the_token_is_the_same_root_key() -> anyhow::Result<()> {
     let tokens = node.path().join("tokens");
     let moved = node.path().join("tokens-copy");
     std::fs::rename(&tokens, &moved)?;
-    std::fs::create_dir_all(&tokens)?;
-    for entry in std::fs::read_dir(&moved)? {
-        let entry = entry?;
-        let dest = tokens.join(entry.file_name());
-        std::fs::create_dir_all(&dest)?;
-        for file in std::fs::read_dir(entry.path())? {
-            let file = file?;
-            std::fs::copy(file.path(), dest.join(file.file_name()))?;
-        }
-    }
+    coffer_testkit::copy_dir(&moved, &tokens)?;
     std::fs::remove_dir_all(&moved)?;
     node.must_restart()?;
     assert_eq!(node.client().await?.get(get("k/v", None)).await?.into_inner().value, b"value");

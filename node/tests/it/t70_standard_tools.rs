@@ -3,12 +3,12 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-use crate::TestNode;
+use crate::InProcessNode;
 
 /// gRPC health and server reflection answer, so grpcurl and friends work without .proto files.
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_reflection() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let channel = tonic::transport::Endpoint::from_shared(node.addr.clone())?.connect().await?;
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());

@@ -9,8 +9,7 @@ use coffer_proto::v1::{
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::cluster::TestCluster;
-use crate::TestNode;
+use crate::{must_start_cluster, InProcessNode, TestNode};
 
 async fn keys(addr: &str) -> anyhow::Result<KeysClient<Channel>> {
     Ok(KeysClient::connect(addr.to_owned()).await?)
@@ -40,7 +39,7 @@ fn tamper(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_key_type_round_trips_and_rejects_tampering() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut k = keys(&node.addr).await?;
     for (name, t) in [
         ("aes", KeyType::Aes256Gcm),
@@ -165,8 +164,8 @@ async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> anyhow::Result<()> {
-    let mut cluster = TestCluster::must_start(3, "")?;
-    let leader = cluster.must_leader()?;
+    let mut cluster = must_start_cluster(3, "")?;
+    let leader = cluster.leader()?;
     let mut on_leader = keys(&cluster.nodes[leader].url()).await?;
     on_leader.create_key(create("shared", KeyType::Aes256Gcm)).await?;
     let ct = on_leader.encrypt(enc("shared", b"hello", b"")).await?.into_inner();
@@ -219,7 +218,7 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
     let follower = (leader + 1) % 3;
     let others: Vec<usize> = (0..3).filter(|i| *i != follower).collect();
     for i in &others {
-        cluster.must_kill9(*i)?;
+        cluster.kill(*i)?;
     }
     let mut k = keys(&cluster.nodes[follower].url()).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -227,7 +226,7 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(err.message().contains("heard from the leader"), "{}", err.message());
     for i in &others {
-        cluster.must_restart(*i)?;
+        cluster.start_node(*i)?;
     }
     let started = Instant::now();
     loop {
@@ -251,7 +250,7 @@ async fn batch_and_stream_give_per_item_results() -> anyhow::Result<()> {
     use coffer_proto::v1::crypto_result::Result as Outcome;
     use coffer_proto::v1::{BatchRequest, CryptoRequest, StreamRequest};
 
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut k = keys(&node.addr).await?;
     k.create_key(create("b", KeyType::Aes256Gcm)).await?;
     k.create_key(create("s", KeyType::Ed25519)).await?;
@@ -340,8 +339,8 @@ async fn batch_and_stream_give_per_item_results() -> anyhow::Result<()> {
 /// ciphertexts from before each rotation still decrypt.
 #[tokio::test(flavor = "multi_thread")]
 async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
-    let cluster = TestCluster::must_start(3, "")?;
-    let leader = cluster.must_leader()?;
+    let cluster = must_start_cluster(3, "")?;
+    let leader = cluster.leader()?;
     keys(&cluster.nodes[leader].url()).await?.create_key(create("hot", KeyType::Aes256Gcm)).await?;
     // Let every node see the key.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -405,7 +404,7 @@ async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn key_cli_round_trips() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let ok = |args: &[&str], stdin: Option<&[u8]>| -> anyhow::Result<String> {
         let out = node.cli(args, stdin)?;
         anyhow::ensure!(out.status.success(), "coffer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -444,7 +443,7 @@ async fn key_cli_round_trips() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
-    let node = TestNode::must_start()?;
+    let node = InProcessNode::must_start().await?;
     let mut k = keys(&node.addr).await?;
     k.create_key(create("auto", KeyType::HmacSha256)).await?;
     k.create_key(create("manual", KeyType::HmacSha256)).await?;
@@ -470,8 +469,8 @@ async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
 /// Usage per version is summed over every node, so an operator sees when a version is unused.
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_per_version_is_aggregated_from_all_nodes() -> anyhow::Result<()> {
-    let cluster = TestCluster::must_start(3, "")?;
-    let leader = cluster.must_leader()?;
+    let cluster = must_start_cluster(3, "")?;
+    let leader = cluster.leader()?;
     keys(&cluster.nodes[leader].url()).await?.create_key(create("used", KeyType::Aes256Gcm)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut a = keys(&cluster.nodes[0].url()).await?;
