@@ -8,6 +8,7 @@ use coffer_raft::{
 
 use crate::error::Error;
 use crate::keys;
+use crate::keys::Usage;
 use crate::node::{now_ms, Node};
 
 /// How many times a rotation retries after a concurrent rotation took its version number.
@@ -173,42 +174,42 @@ pub async fn delete_key(node: &Node, name: &str, request_id: &str) -> Result<(),
     }
 }
 
-/// Usage of one key version summed over the cluster.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Usage {
-    /// Encrypts, signatures and HMACs.
-    pub encrypts: u64,
-    /// Decrypts, verifications and HMAC checks.
-    pub decrypts: u64,
-    /// Latest use on any node, milliseconds since the Unix epoch; 0: never.
-    pub last_used_ms: u64,
+/// A key's usage summed over the cluster: per version, and how many members reported.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterUsage {
+    /// Usage per version, summed over the members that answered.
+    pub versions: std::collections::BTreeMap<u32, Usage>,
+    /// How many members answered.
+    pub answered: u32,
+    /// How many members there are.
+    pub total: u32,
+}
+
+impl ClusterUsage {
+    fn add(&mut self, version: u32, usage: Usage) {
+        let sum = self.versions.entry(version).or_default();
+        sum.encrypts += usage.encrypts;
+        sum.decrypts += usage.decrypts;
+        sum.last_used_ms = sum.last_used_ms.max(usage.last_used_ms);
+    }
 }
 
 /// How long a node may take to report its usage counters.
 const USAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Sums every member's usage counters of a key (each since it started). Returns the per-version
-/// sums, how many members answered, and how many there are.
-pub async fn cluster_usage(node: &Node, name: &str) -> (std::collections::BTreeMap<u32, Usage>, u32, u32) {
+/// Sums every member's usage counters of a key (each since it started).
+pub async fn cluster_usage(node: &Node, name: &str) -> ClusterUsage {
     use coffer_proto::raft::v1::node_stats_client::NodeStatsClient;
     use coffer_proto::raft::v1::KeyUsageRequest;
 
-    let mut sums: std::collections::BTreeMap<u32, Usage> = Default::default();
-    let mut add = |version: u32, encrypts: u64, decrypts: u64, last: u64| {
-        let u = sums.entry(version).or_default();
-        u.encrypts += encrypts;
-        u.decrypts += decrypts;
-        u.last_used_ms = u.last_used_ms.max(last);
-    };
     let members: Vec<(u64, String)> = node.replica.members().into_iter().map(|m| (m.id, m.addr)).collect();
-    let total = members.len().max(1) as u32;
-    let mut answered = 0;
+    let mut sums = ClusterUsage { total: members.len().max(1) as u32, ..ClusterUsage::default() };
     for (id, addr) in members {
         if id == node.config.node_id {
-            for (v, e, d, l) in node.keys.usage(name) {
-                add(v, e, d, l);
+            for (version, usage) in node.keys.usage(name) {
+                sums.add(version, usage);
             }
-            answered += 1;
+            sums.answered += 1;
             continue;
         }
         let Ok(channel) = node.replica.peer_channel(&addr) else { continue };
@@ -216,17 +217,18 @@ pub async fn cluster_usage(node: &Node, name: &str) -> (std::collections::BTreeM
         request.set_timeout(USAGE_TIMEOUT);
         if let Ok(reply) = NodeStatsClient::new(channel).key_usage(request).await {
             for v in reply.into_inner().versions {
-                add(v.version, v.encrypts, v.decrypts, v.last_used_ms);
+                let usage = Usage { encrypts: v.encrypts, decrypts: v.decrypts, last_used_ms: v.last_used_ms };
+                sums.add(v.version, usage);
             }
-            answered += 1;
+            sums.answered += 1;
         }
     }
-    if answered == 0 {
+    if sums.answered == 0 {
         // Not in a membership yet (a single node that was never initialised): report itself.
-        for (v, e, d, l) in node.keys.usage(name) {
-            add(v, e, d, l);
+        for (version, usage) in node.keys.usage(name) {
+            sums.add(version, usage);
         }
-        answered = 1;
+        sums.answered = 1;
     }
-    (sums, answered, total)
+    sums
 }

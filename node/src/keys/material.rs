@@ -44,6 +44,17 @@ enum Material {
     Ecdsa(EcdsaKeyPair),
 }
 
+/// Usage of one key version: on one node, or summed over the cluster.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Encrypts, signatures and HMACs.
+    pub encrypts: u64,
+    /// Decrypts, verifications and HMAC checks.
+    pub decrypts: u64,
+    /// Latest use, milliseconds since the Unix epoch; 0: never.
+    pub last_used_ms: u64,
+}
+
 /// How much one key version has been used on this node since it started.
 #[derive(Debug, Default)]
 pub struct VersionUsage {
@@ -232,20 +243,20 @@ impl KeyCache {
         Ok(loaded)
     }
 
-    /// This node's usage of a key's versions: (version, encrypts, decrypts, last used ms).
-    pub fn usage(&self, name: &str) -> Vec<(u32, u64, u64, u64)> {
+    /// This node's usage of a key's versions, by version.
+    pub fn usage(&self, name: &str) -> Vec<(u32, Usage)> {
         let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(loaded) = entries.get(name) else { return Vec::new() };
         loaded
             .usage
             .iter()
             .map(|(v, u)| {
-                (
-                    *v,
-                    u.encrypts.load(Ordering::Relaxed),
-                    u.decrypts.load(Ordering::Relaxed),
-                    u.last_used_ms.load(Ordering::Relaxed),
-                )
+                let usage = Usage {
+                    encrypts: u.encrypts.load(Ordering::Relaxed),
+                    decrypts: u.decrypts.load(Ordering::Relaxed),
+                    last_used_ms: u.last_used_ms.load(Ordering::Relaxed),
+                };
+                (*v, usage)
             })
             .collect()
     }

@@ -221,17 +221,17 @@ impl Keys for KeysService {
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
         let name = request.into_inner().name;
         let record = manage_keys::get_key(&self.node, &name).await?;
-        let (usage, answered, total) = manage_keys::cluster_usage(&self.node, &name).await;
+        let usage = manage_keys::cluster_usage(&self.node, &name).await;
         let mut key = wire_key(name, &record);
         for v in &mut key.versions {
-            if let Some(u) = usage.get(&v.version) {
+            if let Some(u) = usage.versions.get(&v.version) {
                 v.encrypts = u.encrypts;
                 v.decrypts = u.decrypts;
                 v.last_used = (u.last_used_ms > 0).then(|| timestamp(u.last_used_ms));
             }
         }
-        key.usage_nodes_answered = answered;
-        key.usage_nodes_total = total;
+        key.usage_nodes_answered = usage.answered;
+        key.usage_nodes_total = usage.total;
         Ok(Response::new(key))
     }
 

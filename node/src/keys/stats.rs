@@ -30,11 +30,11 @@ impl NodeStats for StatsService {
             .keys
             .usage(&name)
             .into_iter()
-            .map(|(version, encrypts, decrypts, last_used_ms)| VersionUsage {
+            .map(|(version, usage)| VersionUsage {
                 version,
-                encrypts,
-                decrypts,
-                last_used_ms,
+                encrypts: usage.encrypts,
+                decrypts: usage.decrypts,
+                last_used_ms: usage.last_used_ms,
             })
             .collect();
         Ok(Response::new(KeyUsageResponse { versions }))
