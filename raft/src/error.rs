@@ -343,4 +343,4 @@ fn humantime_ms(d: Duration) -> String {
 
 /// The storage layer's name for the crate error (the storage modules return only its storage
 /// variants).
-pub type StoreError = Error;
+pub(crate) type StoreError = Error;

@@ -34,7 +34,7 @@ pub use command::{
     NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret, Rejection, Response, RotateKey, SealedValue, SecretMeta,
     SetVersionState, UpdateKeyConfig, VersionMeta, VersionState, Write,
 };
-pub use error::{Error, JoinRefusal, Peer, StoreError};
+pub use error::{Error, JoinRefusal, Peer};
 pub use log_store::LogStore;
 pub use reader::StateReader;
 pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, ReplicaStatus, Role};

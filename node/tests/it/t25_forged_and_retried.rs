@@ -6,8 +6,8 @@ use coffer_proto::raft::v1::raft_client::RaftClient;
 use coffer_proto::raft::v1::Envelope;
 use coffer_proto::v1::keys_client::KeysClient;
 use coffer_proto::v1::{
-    CreateKeyRequest, DeleteRequest, DescribeRequest, DestroyRequest, GetKeyRequest, KeyType, RotateKeyRequest,
-    UpdateKeyConfigRequest,
+    CreateKeyRequest, DeleteRequest, DescribeRequest, DestroyRequest, GetKeyRequest, KeyType, ListRequest,
+    RotateKeyRequest, UpdateKeyConfigRequest,
 };
 use coffer_raft::{
     CreateKey, KeyVersionRecord, NamedKeyRecord, NamedKeyType, Op, PutSecret, SealedValue, SecretPath, UnixMillis,
@@ -62,6 +62,34 @@ async fn a_deeply_nested_batch_from_outside_is_refused_and_the_node_stays_up() -
     assert_eq!(c.describe(DescribeRequest { path: "before".into() }).await?.into_inner().current_version, 1);
     c.put(put("after", b"v2", None)).await?;
     assert_eq!(c.get(get("after", None)).await?.into_inner().version, 1);
+    Ok(())
+}
+
+/// Found in review: a forwarded batch is taken into the leader's entry whole, so one forged
+/// larger than a batch could make an entry too large to replicate. It is refused, and none of its
+/// writes apply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_batch_larger_than_a_batch_is_refused_whole() -> anyhow::Result<()> {
+    let node = InProcessNode::must_start().await?;
+    let mut c = node.client().await?;
+    let mut ops = Vec::new();
+    for i in 0..257 {
+        ops.push(Op::PutSecret(PutSecret {
+            request_id: None,
+            path: SecretPath::parse(&format!("many/{i}"))?,
+            version: 1,
+            cas: None,
+            max_versions: None,
+            default_max_versions: 5,
+            sealed: SealedValue { keyring_version: 1, wrapped_data_key: vec![0; 60], ciphertext: vec![0; 20] },
+            at_ms: UnixMillis(1),
+        }));
+    }
+    let err = forge(&node, forged_writes(ops)?).await.expect_err("257 writes in one forwarded batch");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("at most 256 writes"), "{}", err.message());
+    let listed = c.list(ListRequest { prefix: "many/".into(), page_size: 0, page_token: String::new() }).await?;
+    assert!(listed.into_inner().paths.is_empty(), "none of its writes applied");
     Ok(())
 }
 
