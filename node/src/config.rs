@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coffer_hsm::{HsmConfig, PinSource, DEFAULT_ROOT_KEY_LABEL};
+use coffer_raft::NodeId;
 use serde::Deserialize;
 
 /// Environment variables that override config keys: (variable, dotted key).
@@ -169,7 +170,7 @@ fn default_snapshot_logs() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// This node's Raft id.
-    pub node_id: u64,
+    pub node_id: NodeId,
     /// The address the gRPC server binds.
     pub listen: SocketAddr,
     /// The address other nodes reach this one at; `None`: the bound address.
@@ -335,7 +336,7 @@ impl RawConfig {
             );
         }
         Ok(Config {
-            node_id: self.node_id,
+            node_id: NodeId(self.node_id),
             listen,
             advertise_addr: self.advertise_addr,
             write_timeout: self.write_timeout,
@@ -412,7 +413,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.listen.port(), 9999);
         assert_eq!(config.hsm.token_label, "other");
-        assert_eq!(config.node_id, 7);
+        assert_eq!(config.node_id, NodeId(7));
     }
 
     #[test]

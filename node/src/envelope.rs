@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use coffer_hsm::Key256;
-use coffer_raft::SealedValue;
+use coffer_raft::{KeyringVersion, SealedValue, SecretVersion};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
@@ -45,13 +45,16 @@ pub enum EnvelopeError {
     Integrity,
     /// The keyring key version that sealed the value is not loaded.
     #[error("keyring key version {0} is not loaded")]
-    UnknownKeyringVersion(u32),
+    UnknownKeyringVersion(KeyringVersion),
     /// The system random source failed.
     #[error("the system random source failed")]
     Random,
     /// This process has used up its nonce space for a key version.
-    #[error("key version {0} has sealed 2^64 messages in this process; rotate it")]
-    NonceSpaceExhausted(u32),
+    #[error("{key} has sealed 2^64 messages in this process; rotate it")]
+    NonceSpaceExhausted {
+        /// The key version, in words.
+        key: String,
+    },
 }
 
 /// One keyring key in memory with its nonce counter.
@@ -82,10 +85,11 @@ impl NonceCounter {
     ///
     /// # Errors
     /// [`EnvelopeError::NonceSpaceExhausted`] after 2^64 - 1 nonces in this process.
-    pub fn next(&self, version: u32) -> Result<[u8; NONCE_LEN], EnvelopeError> {
+    /// [`EnvelopeError::NonceSpaceExhausted`] names the key as `key()` says.
+    pub fn next(&self, key: impl FnOnce() -> String) -> Result<[u8; NONCE_LEN], EnvelopeError> {
         let n = self.used.fetch_add(1, Ordering::Relaxed);
         if n == u64::MAX {
-            return Err(EnvelopeError::NonceSpaceExhausted(version));
+            return Err(EnvelopeError::NonceSpaceExhausted { key: key() });
         }
         let value = self.start.wrapping_add(u128::from(n)) & ((1u128 << 96) - 1);
         let mut nonce = [0u8; NONCE_LEN];
@@ -96,8 +100,8 @@ impl NonceCounter {
 
 /// The keyring: every loaded keyring key version, and which one seals new data keys.
 pub struct Keyring {
-    keys: BTreeMap<u32, KeyringKey>,
-    primary: u32,
+    keys: BTreeMap<KeyringVersion, KeyringKey>,
+    primary: KeyringVersion,
     rng: SystemRandom,
 }
 
@@ -110,12 +114,12 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-fn aad(path: &str, version: u64) -> Vec<u8> {
+fn aad(path: &str, version: SecretVersion) -> Vec<u8> {
     let mut aad = Vec::with_capacity(AAD_DOMAIN.len() + path.len() + 9);
     aad.extend_from_slice(AAD_DOMAIN);
     aad.extend_from_slice(path.as_bytes());
     aad.push(0);
-    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(&version.0.to_be_bytes());
     aad
 }
 
@@ -128,13 +132,13 @@ impl Keyring {
     ///
     /// # Errors
     /// [`EnvelopeError::Random`] when no nonce start can be drawn; `keys` must not be empty.
-    pub fn new(keys: Vec<(u32, Key256)>) -> Result<Keyring, EnvelopeError> {
+    pub fn new(keys: Vec<(KeyringVersion, Key256)>) -> Result<Keyring, EnvelopeError> {
         let rng = SystemRandom::new();
         let mut map = BTreeMap::new();
         for (version, key) in keys {
             map.insert(version, KeyringKey { key: aes_key(&key), nonces: NonceCounter::random(&rng)? });
         }
-        let primary = *map.keys().next_back().ok_or(EnvelopeError::UnknownKeyringVersion(0))?;
+        let primary = *map.keys().next_back().ok_or(EnvelopeError::UnknownKeyringVersion(KeyringVersion(0)))?;
         Ok(Keyring { keys: map, primary, rng })
     }
 
@@ -143,7 +147,7 @@ impl Keyring {
     ///
     /// # Errors
     /// A failing random source, or an exhausted nonce counter.
-    pub fn seal(&self, path: &str, version: u64, value: &[u8]) -> Result<SealedValue, EnvelopeError> {
+    pub fn seal(&self, path: &str, version: SecretVersion, value: &[u8]) -> Result<SealedValue, EnvelopeError> {
         let aad = aad(path, version);
         let data_key = Key256::random(&self.rng).map_err(|_| EnvelopeError::Random)?;
 
@@ -161,7 +165,12 @@ impl Keyring {
     /// # Errors
     /// [`EnvelopeError::Integrity`] when anything was altered or moved;
     /// [`EnvelopeError::UnknownKeyringVersion`] when the keyring key is not loaded.
-    pub fn open(&self, path: &str, version: u64, sealed: &SealedValue) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    pub fn open(
+        &self,
+        path: &str,
+        version: SecretVersion,
+        sealed: &SealedValue,
+    ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         if sealed.wrapped_data_key.len() != WRAPPED_DATA_KEY_LEN {
             return Err(EnvelopeError::Integrity);
         }
@@ -182,9 +191,9 @@ impl Keyring {
     ///
     /// # Errors
     /// An exhausted nonce counter.
-    pub fn wrap(&self, aad: &[u8], plaintext: &[u8]) -> Result<(u32, Vec<u8>), EnvelopeError> {
+    pub fn wrap(&self, aad: &[u8], plaintext: &[u8]) -> Result<(KeyringVersion, Vec<u8>), EnvelopeError> {
         let keyring = self.keys.get(&self.primary).ok_or(EnvelopeError::UnknownKeyringVersion(self.primary))?;
-        let nonce = keyring.nonces.next(self.primary)?;
+        let nonce = keyring.nonces.next(|| format!("keyring key version {}", self.primary))?;
         let mut wrapped = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         wrapped.extend_from_slice(&nonce);
         wrapped.extend_from_slice(plaintext);
@@ -202,7 +211,12 @@ impl Keyring {
     /// # Errors
     /// [`EnvelopeError::Integrity`] when anything was altered or moved;
     /// [`EnvelopeError::UnknownKeyringVersion`] when the keyring key is not loaded.
-    pub fn unwrap(&self, version: u32, aad: &[u8], wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    pub fn unwrap(
+        &self,
+        version: KeyringVersion,
+        aad: &[u8],
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         let keyring = self.keys.get(&version).ok_or(EnvelopeError::UnknownKeyringVersion(version))?;
         if wrapped.len() < NONCE_LEN + TAG_LEN {
             return Err(EnvelopeError::Integrity);
@@ -222,82 +236,93 @@ mod tests {
     use super::*;
 
     fn keyring() -> Keyring {
-        Keyring::new(vec![(1, Key256::random(&SystemRandom::new()).unwrap())]).unwrap()
+        Keyring::new(vec![(KeyringVersion(1), Key256::random(&SystemRandom::new()).unwrap())]).unwrap()
     }
 
     #[test]
     fn round_trip() {
         let k = keyring();
-        let sealed = k.seal("db/password", 3, b"hunter2").unwrap();
-        assert_eq!(k.open("db/password", 3, &sealed).unwrap().as_slice(), b"hunter2");
+        let sealed = k.seal("db/password", SecretVersion(3), b"hunter2").unwrap();
+        assert_eq!(k.open("db/password", SecretVersion(3), &sealed).unwrap().as_slice(), b"hunter2");
         assert!(!sealed.ciphertext.windows(7).any(|w| w == b"hunter2"));
-        let empty = k.seal("e", 1, b"").unwrap();
-        assert_eq!(k.open("e", 1, &empty).unwrap().as_slice(), b"");
+        let empty = k.seal("e", SecretVersion(1), b"").unwrap();
+        assert_eq!(k.open("e", SecretVersion(1), &empty).unwrap().as_slice(), b"");
     }
 
     #[test]
     fn any_flipped_byte_fails() {
         let k = keyring();
-        let sealed = k.seal("a/b", 1, b"some secret value").unwrap();
+        let sealed = k.seal("a/b", SecretVersion(1), b"some secret value").unwrap();
         for i in 0..sealed.wrapped_data_key.len() {
             let mut bad = sealed.clone();
             bad.wrapped_data_key[i] ^= 0x80;
-            assert!(matches!(k.open("a/b", 1, &bad), Err(EnvelopeError::Integrity)), "wrapped key byte {i}");
+            assert!(
+                matches!(k.open("a/b", SecretVersion(1), &bad), Err(EnvelopeError::Integrity)),
+                "wrapped key byte {i}"
+            );
         }
         for i in 0..sealed.ciphertext.len() {
             let mut bad = sealed.clone();
             bad.ciphertext[i] ^= 0x01;
-            assert!(matches!(k.open("a/b", 1, &bad), Err(EnvelopeError::Integrity)), "ciphertext byte {i}");
+            assert!(
+                matches!(k.open("a/b", SecretVersion(1), &bad), Err(EnvelopeError::Integrity)),
+                "ciphertext byte {i}"
+            );
         }
         let mut short = sealed.clone();
         short.ciphertext.pop();
-        assert!(k.open("a/b", 1, &short).is_err());
+        assert!(k.open("a/b", SecretVersion(1), &short).is_err());
     }
 
     #[test]
     fn moved_to_another_path_or_version_fails() {
         let k = keyring();
-        let sealed = k.seal("a/b", 2, b"v").unwrap();
-        assert!(matches!(k.open("a/c", 2, &sealed), Err(EnvelopeError::Integrity)));
-        assert!(matches!(k.open("a/b", 1, &sealed), Err(EnvelopeError::Integrity)));
-        assert!(matches!(k.open("a/b", 3, &sealed), Err(EnvelopeError::Integrity)));
+        let sealed = k.seal("a/b", SecretVersion(2), b"v").unwrap();
+        assert!(matches!(k.open("a/c", SecretVersion(2), &sealed), Err(EnvelopeError::Integrity)));
+        assert!(matches!(k.open("a/b", SecretVersion(1), &sealed), Err(EnvelopeError::Integrity)));
+        assert!(matches!(k.open("a/b", SecretVersion(3), &sealed), Err(EnvelopeError::Integrity)));
         // The separator keeps "a" + version bytes from aliasing a longer path.
-        assert!(matches!(k.open("a/b\u{0}", 2, &sealed), Err(EnvelopeError::Integrity)));
+        assert!(matches!(k.open("a/b\u{0}", SecretVersion(2), &sealed), Err(EnvelopeError::Integrity)));
     }
 
     #[test]
     fn another_keyring_key_fails() {
         let a = keyring();
         let b = keyring();
-        let sealed = a.seal("p", 1, b"v").unwrap();
-        assert!(matches!(b.open("p", 1, &sealed), Err(EnvelopeError::Integrity)));
+        let sealed = a.seal("p", SecretVersion(1), b"v").unwrap();
+        assert!(matches!(b.open("p", SecretVersion(1), &sealed), Err(EnvelopeError::Integrity)));
         let mut unknown = sealed;
-        unknown.keyring_version = 9;
-        assert!(matches!(a.open("p", 1, &unknown), Err(EnvelopeError::UnknownKeyringVersion(9))));
+        unknown.keyring_version = KeyringVersion(9);
+        assert!(matches!(
+            a.open("p", SecretVersion(1), &unknown),
+            Err(EnvelopeError::UnknownKeyringVersion(KeyringVersion(9)))
+        ));
     }
 
     #[test]
     fn nonces_count_up_from_a_random_start_and_never_repeat_in_a_process() {
         let k = keyring();
-        let key = &k.keys[&1];
+        let key = &k.keys[&KeyringVersion(1)];
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
-            assert!(seen.insert(key.nonces.next(1).unwrap()));
+            assert!(seen.insert(key.nonces.next(String::new).unwrap()));
         }
         // Wrap-around at 2^96 stays within 96 bits.
         let edge = NonceCounter { start: (1u128 << 96) - 1, used: AtomicU64::new(0) };
-        assert_eq!(edge.next(1).unwrap(), [0xff; 12]);
-        assert_eq!(edge.next(1).unwrap(), [0; 12]);
+        assert_eq!(edge.next(String::new).unwrap(), [0xff; 12]);
+        assert_eq!(edge.next(String::new).unwrap(), [0; 12]);
         let spent = NonceCounter { start: 0, used: AtomicU64::new(u64::MAX) };
-        assert!(matches!(spent.next(7), Err(EnvelopeError::NonceSpaceExhausted(7))));
+        assert!(
+            matches!(spent.next(|| "key k".into()), Err(EnvelopeError::NonceSpaceExhausted { key }) if key == "key k")
+        );
     }
 
     #[test]
     fn two_keyrings_from_the_same_key_start_at_different_nonces() {
-        let a = Keyring::new(vec![(1, Key256::from_array(&mut [5; 32]))]).unwrap();
-        let b = Keyring::new(vec![(1, Key256::from_array(&mut [5; 32]))]).unwrap();
-        assert_ne!(a.keys[&1].nonces.start, b.keys[&1].nonces.start);
-        let sealed = a.seal("p", 1, b"v").unwrap();
-        assert_eq!(b.open("p", 1, &sealed).unwrap().as_slice(), b"v", "same key, other process: opens");
+        let a = Keyring::new(vec![(KeyringVersion(1), Key256::from_array(&mut [5; 32]))]).unwrap();
+        let b = Keyring::new(vec![(KeyringVersion(1), Key256::from_array(&mut [5; 32]))]).unwrap();
+        assert_ne!(a.keys[&KeyringVersion(1)].nonces.start, b.keys[&KeyringVersion(1)].nonces.start);
+        let sealed = a.seal("p", SecretVersion(1), b"v").unwrap();
+        assert_eq!(b.open("p", SecretVersion(1), &sealed).unwrap().as_slice(), b"v", "same key, other process: opens");
     }
 }

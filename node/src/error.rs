@@ -1,6 +1,7 @@
 //! The node's one error type and its one mapping to a gRPC status.
 
 use coffer_hsm::HsmError;
+use coffer_raft::{KeyVersion, SecretVersion};
 
 use crate::envelope::EnvelopeError;
 
@@ -26,7 +27,7 @@ pub enum Error {
         /// The path.
         path: String,
         /// The version.
-        version: u64,
+        version: SecretVersion,
     },
     /// The version is soft-deleted.
     #[error("version {version} of secret {path} is deleted (Undelete restores it)")]
@@ -34,7 +35,7 @@ pub enum Error {
         /// The path.
         path: String,
         /// The version.
-        version: u64,
+        version: SecretVersion,
     },
     /// The version was destroyed.
     #[error("version {version} of secret {path} is destroyed; its value is gone for good")]
@@ -42,7 +43,7 @@ pub enum Error {
         /// The path.
         path: String,
         /// The version.
-        version: u64,
+        version: SecretVersion,
     },
     /// No named key with this name.
     #[error("no key named {name}")]
@@ -62,7 +63,7 @@ pub enum Error {
         /// The key name.
         name: String,
         /// The version.
-        version: u32,
+        version: KeyVersion,
     },
     /// The version is below the key's `min_decryption_version`.
     #[error(
@@ -72,9 +73,9 @@ pub enum Error {
         /// The key name.
         name: String,
         /// The version asked for.
-        version: u32,
+        version: KeyVersion,
         /// The key's min_decryption_version.
-        min: u32,
+        min: KeyVersion,
     },
     /// A ciphertext failed authentication under the key (altered, other associated data, other key).
     #[error("the ciphertext does not decrypt under key {name} with this associated data")]
@@ -105,9 +106,9 @@ pub enum Error {
     #[error("check-and-set failed: expected version {expected}, current version is {current}")]
     CasMismatch {
         /// The version the client expected.
-        expected: u64,
+        expected: SecretVersion,
         /// The current version (0: no secret).
-        current: u64,
+        current: SecretVersion,
     },
     /// Concurrent writers kept taking the version this write was sealed for.
     #[error("too many concurrent writes to {target}; retry")]
@@ -169,7 +170,10 @@ impl Error {
                 Error::RequestIdReused { request_id: request_id.into(), first: Box::new(first), now: Box::new(now) }
             }
             // Proposers retry these themselves, or never cause them (format 1 only).
-            other @ (R::VersionTaken { .. } | R::KeyConfigRefused { .. } | R::NestedBatch) => {
+            other @ (R::VersionTaken { .. }
+            | R::KeyVersionTaken { .. }
+            | R::KeyConfigRefused { .. }
+            | R::NestedBatch) => {
                 Error::Unexpected { what: "a write", outcome: Box::new(coffer_raft::Outcome::Rejected(other)) }
             }
         }

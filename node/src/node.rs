@@ -25,8 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_hsm::{Hsm, HsmError, Key256};
 use coffer_raft::{
-    ClusterRecord, Consistency, InitCluster, KeyringRecord, Op, Outcome, Rejection, Replica, ReplicaConfig,
-    StateReader, Store, Write,
+    ClusterRecord, Consistency, InitCluster, KeyringRecord, KeyringVersion, Op, Outcome, Rejection, Replica,
+    ReplicaConfig, StateReader, Store, UnixMillis, Write,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::OnceCell;
@@ -79,7 +79,7 @@ impl Node {
     pub async fn start(config: Config, advertise: String) -> Result<Arc<Node>, Error> {
         let store = Store::open(&config.data_dir)?;
         let member = StateReader::new(store.clone()).cluster()?;
-        let hsm = open_hsm(&config, member.is_some()).await?;
+        let hsm = open_hsm(&config, if member.is_some() { HsmDown::Wait } else { HsmDown::Fail }).await?;
         tracing::info!(kcv = %hsm.kcv(), "HSM root key found");
         if let Some(cluster) = member {
             check_kcv(&cluster, &hsm)?;
@@ -142,10 +142,11 @@ impl Node {
         let mut id = [0u8; 16];
         rng.fill(&mut id).map_err(|_| crate::envelope::EnvelopeError::Random)?;
         let key = Key256::random(&rng).map_err(|_| crate::envelope::EnvelopeError::Random)?;
-        let at_ms = now_ms();
+        let at_ms = UnixMillis::now();
         let cluster =
             ClusterRecord { cluster_id: hex::encode(id), root_kcv: self.hsm.kcv().to_string(), created_at_ms: at_ms };
-        let keyring = KeyringRecord { version: 1, wrapped: self.hsm.wrap(&key).await?, created_at_ms: at_ms };
+        let keyring =
+            KeyringRecord { version: KeyringVersion(1), wrapped: self.hsm.wrap(&key).await?, created_at_ms: at_ms };
         match self.propose(Write::new(Op::InitCluster(InitCluster { cluster: cluster.clone(), keyring }))).await? {
             Outcome::Applied => {
                 tracing::info!(cluster_id = %cluster.cluster_id, kcv = %cluster.root_kcv, "cluster initialised");
@@ -202,15 +203,24 @@ impl Node {
     }
 }
 
-/// Opens the HSM; a cluster member waits out an unreachable HSM (see the module documentation).
-async fn open_hsm(config: &Config, member: bool) -> Result<Hsm, Error> {
+/// What [`open_hsm`] does while the HSM is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HsmDown {
+    /// Retry every second (a cluster member: see the module documentation).
+    Wait,
+    /// Return the error (a node that is not a member yet).
+    Fail,
+}
+
+/// Opens the HSM, waiting out an unreachable one when told to.
+async fn open_hsm(config: &Config, when_down: HsmDown) -> Result<Hsm, Error> {
     let mut attempts = 0u64;
     loop {
         // Blocking PKCS#11 login; needs the multi-threaded runtime.
         match tokio::task::block_in_place(|| Hsm::open(&config.hsm)) {
             Ok(hsm) => return Ok(hsm),
             Err(e @ (HsmError::Unavailable { .. } | HsmError::Pkcs11(_) | HsmError::TokenNotFound { .. }))
-                if member =>
+                if when_down == HsmDown::Wait =>
             {
                 if attempts.is_multiple_of(10) {
                     tracing::warn!(error = %e, attempts, "the HSM is unreachable; this member waits for it, retrying every second");

@@ -2,6 +2,8 @@
 //! Input rules for values, version lists and list prefixes. A violation names the rule. Paths,
 //! key names and request ids are parsed into their types instead (`coffer_raft::SecretPath`, …).
 
+use coffer_raft::SecretVersion;
+
 use crate::error::Error;
 
 /// The most versions one secret may keep.
@@ -60,14 +62,14 @@ pub fn max_versions(max: Option<u32>) -> Result<(), Error> {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for version 0 or too many versions.
-pub fn versions(versions: &[u64]) -> Result<(), Error> {
+pub fn versions(versions: &[u64]) -> Result<Vec<SecretVersion>, Error> {
     if versions.len() > MAX_VERSIONS_PER_CALL {
         return Err(Error::InvalidArgument { rule: format!("at most {MAX_VERSIONS_PER_CALL} versions per call") });
     }
     if versions.contains(&0) {
         return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
     }
-    Ok(())
+    Ok(versions.iter().copied().map(SecretVersion).collect())
 }
 
 #[cfg(test)]

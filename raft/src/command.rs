@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{KeyName, RequestId, SecretPath, UnixMillis};
+use crate::types::{KeyName, KeyVersion, KeyringVersion, RequestId, SecretPath, SecretVersion, UnixMillis};
 
 /// A log entry's payload: built and stamped (times, ids) by the proposing node, applied
 /// deterministically by every node.
@@ -151,7 +151,7 @@ pub enum Intent {
         /// The target state.
         state: VersionState,
         /// The versions.
-        versions: Vec<u64>,
+        versions: Vec<SecretVersion>,
     },
 }
 
@@ -191,9 +191,9 @@ pub struct PutSecret {
     pub path: SecretPath,
     /// The version this write creates. The proposer sealed the value for this number, so it
     /// applies only if the secret's current version is exactly `version - 1`.
-    pub version: u64,
+    pub version: SecretVersion,
     /// The client's check-and-set: the current version must equal it (0: no secret yet).
-    pub cas: Option<u64>,
+    pub cas: Option<SecretVersion>,
     /// A new `max_versions` for the secret; `None` keeps the secret's setting.
     pub max_versions: Option<u32>,
     /// The default `max_versions` of a new secret, from the proposer's config.
@@ -219,7 +219,7 @@ pub struct RotateKey {
     /// The key name.
     pub name: KeyName,
     /// The new version number; applies only if the key's newest version is `version - 1`.
-    pub version: u32,
+    pub version: KeyVersion,
     /// The new version, wrapped by a keyring key.
     pub material: KeyVersionRecord,
 }
@@ -230,10 +230,10 @@ pub struct UpdateKeyConfig {
     /// The key name.
     pub name: KeyName,
     /// New minimum version that may decrypt or verify; only ever moves forward.
-    pub min_decryption_version: Option<u32>,
+    pub min_decryption_version: Option<KeyVersion>,
     /// Format 1 only, and ignored: encryption and signing always use the primary version, so a
     /// minimum for them never had an effect. Proposers leave it `None`.
-    pub min_encryption_version: Option<u32>,
+    pub min_encryption_version: Option<KeyVersion>,
     /// Whether DeleteKey is allowed.
     pub deletion_allowed: Option<bool>,
     /// Rotation period in milliseconds (0: none).
@@ -255,7 +255,7 @@ pub struct SetVersionState {
     /// The versions to change. Proposers resolve "the current version" to its number before
     /// proposing, so a retried delete never reaches a version written after it; format 1 used an
     /// empty list for the current version, which still applies that way.
-    pub versions: Vec<u64>,
+    pub versions: Vec<SecretVersion>,
     /// The new state.
     pub state: VersionState,
     /// Proposer's wall-clock time.
@@ -294,9 +294,9 @@ pub enum Response {
     /// A secret version was written.
     Put {
         /// The new version.
-        version: u64,
-        /// Its creation time, milliseconds since the Unix epoch.
-        created_at_ms: u64,
+        version: SecretVersion,
+        /// Its creation time.
+        created_at_ms: UnixMillis,
     },
     /// The command was refused and changed nothing.
     Rejected(Rejection),
@@ -312,9 +312,9 @@ pub enum Outcome {
     /// A secret version was written.
     Put {
         /// The new version.
-        version: u64,
-        /// Its creation time, milliseconds since the Unix epoch.
-        created_at_ms: u64,
+        version: SecretVersion,
+        /// Its creation time.
+        created_at_ms: UnixMillis,
     },
     /// The operation was refused and changed nothing.
     Rejected(Rejection),
@@ -338,17 +338,17 @@ pub enum Rejection {
     #[error("check-and-set failed: expected version {expected}, current version is {current}")]
     CasMismatch {
         /// The version the client expected.
-        expected: u64,
+        expected: SecretVersion,
         /// The secret's current version (0: no secret).
-        current: u64,
+        current: SecretVersion,
     },
-    /// Another write took the version this one was sealed for; the proposer seals again.
+    /// Another write took the version this secret put was sealed for; the proposer seals again.
     #[error("version {version} was taken by a concurrent write (current version is {current})")]
     VersionTaken {
         /// The version this write was sealed for.
-        version: u64,
+        version: SecretVersion,
         /// The secret's current version.
-        current: u64,
+        current: SecretVersion,
     },
     /// No secret at the path.
     #[error("no secret at {path}")]
@@ -362,7 +362,7 @@ pub enum Rejection {
         /// The path.
         path: String,
         /// The version.
-        version: u64,
+        version: SecretVersion,
     },
     /// A destroyed version cannot be restored.
     #[error("version {version} of secret {path} is destroyed and cannot be restored")]
@@ -370,7 +370,7 @@ pub enum Rejection {
         /// The path.
         path: String,
         /// The version.
-        version: u64,
+        version: SecretVersion,
     },
     /// The cluster was initialised already.
     #[error("the cluster is already initialised")]
@@ -422,6 +422,17 @@ pub enum Rejection {
         /// What it was used for now.
         now: Intent,
     },
+    /// Another rotation took the version this one was made for; the proposer rotates again.
+    /// (Format 1 answered this with [`Rejection::VersionTaken`].)
+    #[error("version {version} of key {name} was taken by a concurrent rotation (primary version is {current})")]
+    KeyVersionTaken {
+        /// The key.
+        name: String,
+        /// The version this rotation made.
+        version: KeyVersion,
+        /// The key's primary version.
+        current: KeyVersion,
+    },
 }
 
 /// A rule of a named key's config that a change would break.
@@ -433,9 +444,9 @@ pub enum KeyRule {
         /// The key.
         name: String,
         /// The minimum asked for.
-        min: u32,
+        min: KeyVersion,
         /// The primary version.
-        primary: u32,
+        primary: KeyVersion,
     },
     /// `min_decryption_version` only moves forward: versions below it may have been erased.
     #[error(
@@ -445,9 +456,9 @@ pub enum KeyRule {
         /// The key.
         name: String,
         /// Its minimum now.
-        current: u32,
+        current: KeyVersion,
         /// The minimum asked for.
-        asked: u32,
+        asked: KeyVersion,
     },
     /// The key's config does not allow deletion.
     #[error("key {name} does not allow deletion (set deletion_allowed first)")]
@@ -461,7 +472,7 @@ pub enum KeyRule {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedValue {
     /// The keyring key version that wrapped the data key.
-    pub keyring_version: u32,
+    pub keyring_version: KeyringVersion,
     /// The data key, sealed by the keyring key (nonce, ciphertext, tag).
     #[serde(with = "serde_bytes")]
     pub wrapped_data_key: Vec<u8>,
@@ -486,44 +497,44 @@ pub struct ClusterRecord {
     pub cluster_id: String,
     /// The key check value of the HSM root key every node must hold.
     pub root_kcv: String,
-    /// When the cluster was initialised, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    /// When the cluster was initialised.
+    pub created_at_ms: UnixMillis,
 }
 
 /// A keyring key, wrapped by the HSM root key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyringRecord {
     /// The keyring key version.
-    pub version: u32,
+    pub version: KeyringVersion,
     /// The key, wrapped by the root key inside the HSM (RFC 5649).
     #[serde(with = "serde_bytes")]
     pub wrapped: Vec<u8>,
-    /// When it was created, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    /// When it was created.
+    pub created_at_ms: UnixMillis,
 }
 
 /// A secret's metadata: its versions and their states, without values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretMeta {
     /// The newest version number ever written (versions are never reused).
-    pub current_version: u64,
+    pub current_version: SecretVersion,
     /// How many versions are kept.
     pub max_versions: u32,
-    /// When the first version was written, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
-    /// When the secret last changed, milliseconds since the Unix epoch.
-    pub updated_at_ms: u64,
+    /// When the first version was written.
+    pub created_at_ms: UnixMillis,
+    /// When the secret last changed.
+    pub updated_at_ms: UnixMillis,
     /// The kept versions, oldest first.
-    pub versions: BTreeMap<u64, VersionMeta>,
+    pub versions: BTreeMap<SecretVersion, VersionMeta>,
 }
 
 /// One version's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionMeta {
-    /// When it was written, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    /// When it was written.
+    pub created_at_ms: UnixMillis,
     /// When it was soft-deleted, if it is.
-    pub deleted_at_ms: Option<u64>,
+    pub deleted_at_ms: Option<UnixMillis>,
     /// Whether its ciphertext was destroyed.
     pub destroyed: bool,
 }
@@ -548,18 +559,18 @@ pub struct NamedKeyRecord {
     pub key_type: NamedKeyType,
     /// Whether the key material may ever be exported; fixed at creation.
     pub exportable: bool,
-    /// When the key was created, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    /// When the key was created.
+    pub created_at_ms: UnixMillis,
     /// Versions below this may not decrypt or verify.
-    pub min_decryption_version: u32,
+    pub min_decryption_version: KeyVersion,
     /// Format 1 only, and without effect: encryption and signing always use the primary version.
-    pub min_encryption_version: u32,
+    pub min_encryption_version: KeyVersion,
     /// Whether DeleteKey is allowed.
     pub deletion_allowed: bool,
     /// Rotation period in milliseconds (0: none).
     pub auto_rotate_period_ms: u64,
     /// Every version, oldest first; the newest is primary.
-    pub versions: BTreeMap<u32, KeyVersionRecord>,
+    pub versions: BTreeMap<KeyVersion, KeyVersionRecord>,
     /// Bumped by every change: nodes compare it to know when their in-memory copy is stale.
     pub generation: u64,
 }
@@ -567,10 +578,10 @@ pub struct NamedKeyRecord {
 /// One version of a named key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyVersionRecord {
-    /// When it was created, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    /// When it was created.
+    pub created_at_ms: UnixMillis,
     /// The keyring key version that wrapped it.
-    pub keyring_version: u32,
+    pub keyring_version: KeyringVersion,
     /// The key material, sealed by the keyring key (nonce, ciphertext, tag).
     #[serde(with = "serde_bytes")]
     pub wrapped: Vec<u8>,
@@ -587,8 +598,8 @@ impl std::fmt::Debug for KeyVersionRecord {
 
 impl NamedKeyRecord {
     /// The primary (newest) version number.
-    pub fn primary(&self) -> u32 {
-        self.versions.keys().next_back().copied().unwrap_or(0)
+    pub fn primary(&self) -> KeyVersion {
+        self.versions.keys().next_back().copied().unwrap_or_default()
     }
 }
 
@@ -608,7 +619,11 @@ mod tests {
     fn byte_fields_keep_their_postcard_encoding() -> Result<(), postcard::Error> {
         // serde_bytes encodes a whole slice at once instead of byte by byte; postcard writes both
         // as a varint length and the raw bytes, so stored logs and state read back unchanged.
-        let sealed = SealedValue { keyring_version: 3, wrapped_data_key: vec![7; 60], ciphertext: (0..=255).collect() };
+        let sealed = SealedValue {
+            keyring_version: KeyringVersion(3),
+            wrapped_data_key: vec![7; 60],
+            ciphertext: (0..=255).collect(),
+        };
         let plain = PlainSealedValue {
             keyring_version: 3,
             wrapped_data_key: sealed.wrapped_data_key.clone(),

@@ -89,7 +89,7 @@ impl Quiet {
             return Err(Error::Lagging { node: target, waited: catch_up });
         }
         raft.runtime_config().heartbeat(false);
-        tracing::info!(target, ?quiet_for, "handing leadership off: quiet until it moves");
+        tracing::info!(%target, ?quiet_for, "handing leadership off: quiet until it moves");
         let (quiet, raft) = (self.clone(), raft.clone());
         tokio::spawn(async move {
             let stepped_down = raft
@@ -100,9 +100,9 @@ impl Quiet {
             raft.runtime_config().heartbeat(true);
             quiet.quiet.send_replace(false);
             if stepped_down {
-                tracing::info!(target, "leadership handed off");
+                tracing::info!(%target, "leadership handed off");
             } else {
-                tracing::warn!(target, "leadership did not move within the quiet period; leading on");
+                tracing::warn!(%target, "leadership did not move within the quiet period; leading on");
             }
         });
         Ok(())

@@ -36,15 +36,15 @@ pub use command::{
 };
 pub use error::{Error, JoinRefusal, Peer};
 pub use log_store::LogStore;
-pub use reader::StateReader;
+pub use reader::{StateReader, VersionRead};
 pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, ReplicaStatus, Role};
 pub use service::PeerService;
 pub use state_machine::StateMachine;
 pub use store::Store;
-pub use types::{KeyName, RequestId, SecretPath, UnixMillis, MAX_KEY_NAME_BYTES, MAX_PATH_BYTES, MAX_REQUEST_ID_BYTES};
-
-/// A Raft node id.
-pub type NodeId = u64;
+pub use types::{
+    KeyName, KeyVersion, KeyringVersion, NodeId, RequestId, SecretPath, SecretVersion, UnixMillis, MAX_KEY_NAME_BYTES,
+    MAX_PATH_BYTES, MAX_REQUEST_ID_BYTES,
+};
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of Coffer (for this crate's storage tests; nodes use

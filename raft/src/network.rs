@@ -268,7 +268,8 @@ pub(crate) async fn join(
     kcv: &str,
 ) -> Result<String, Error> {
     let mut client = channels.client(peer)?;
-    let request = coffer_proto::raft::v1::JoinRequest { node_id, addr: addr.to_owned(), kcv: kcv.to_owned() };
+    let request =
+        coffer_proto::raft::v1::JoinRequest { node_id: node_id.0, addr: addr.to_owned(), kcv: kcv.to_owned() };
     client.join(request).await.map(|r| r.into_inner().cluster_id).map_err(|s| status_error(peer, &s))
 }
 
@@ -276,7 +277,7 @@ pub(crate) async fn join(
 pub(crate) async fn handoff(channels: &PeerChannels, leader: &Peer, target: NodeId) -> Result<Duration, Error> {
     let mut client = channels.client(&leader.addr)?;
     let reply = client
-        .handoff(coffer_proto::raft::v1::HandoffRequest { node_id: target })
+        .handoff(coffer_proto::raft::v1::HandoffRequest { node_id: target.0 })
         .await
         .map_err(|s| status_error(&leader.addr, &s))?;
     Ok(Duration::from_millis(reply.into_inner().quiet_ms))

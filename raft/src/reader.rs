@@ -8,7 +8,20 @@ use rocksdb::{Direction, IteratorMode, ReadOptions};
 use crate::command::{ClusterRecord, KeyringRecord, NamedKeyRecord, SealedValue, SecretMeta};
 use crate::error::StoreError;
 use crate::store::{cf, decode, keyring_key, version_key, Store, CLUSTER_KEY, KEYRING_PREFIX};
-use crate::{KeyName, SecretPath};
+use crate::{KeyName, KeyringVersion, SecretPath, SecretVersion};
+
+/// One version of a secret as [`StateReader::secret_version`] read it, with the secret's metadata
+/// from the same view.
+#[derive(Debug)]
+pub struct VersionRead {
+    /// The secret's metadata.
+    pub meta: SecretMeta,
+    /// The version read (the current one if none was asked for).
+    pub version: SecretVersion,
+    /// Its sealed value; `None` when the version is not stored (never written, pruned or
+    /// destroyed): the metadata says which.
+    pub sealed: Option<SealedValue>,
+}
 
 /// A read handle on the state machine's data. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -34,7 +47,7 @@ impl StateReader {
     ///
     /// # Errors
     /// RocksDB or decoding failures.
-    pub fn keyring(&self, version: u32) -> Result<Option<KeyringRecord>, StoreError> {
+    pub fn keyring(&self, version: KeyringVersion) -> Result<Option<KeyringRecord>, StoreError> {
         self.store.get(cf::CLUSTER, &keyring_key(version), "keyring record")
     }
 
@@ -75,8 +88,8 @@ impl StateReader {
     pub fn secret_version(
         &self,
         path: &SecretPath,
-        version: Option<u64>,
-    ) -> Result<Option<(SecretMeta, u64, Option<SealedValue>)>, StoreError> {
+        version: Option<SecretVersion>,
+    ) -> Result<Option<VersionRead>, StoreError> {
         let view = self.store.db.snapshot();
         let Some(bytes) =
             view.get_cf(self.store.cf(cf::SECRETS), path.as_str().as_bytes()).map_err(|e| self.store.rocks_err(e))?
@@ -92,7 +105,7 @@ impl StateReader {
             Some(bytes) => Some(decode(&bytes, "sealed value")?),
             None => None,
         };
-        Ok(Some((meta, version, sealed)))
+        Ok(Some(VersionRead { meta, version, sealed }))
     }
 
     /// Up to `limit` secret paths that start with `prefix` and sort after `start_after`, in order.

@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::network::refused;
 use crate::replica::{Inner, Leadership};
 use crate::store::encode;
+use crate::NodeId;
 
 /// The node-to-node service of one node.
 #[derive(Clone)]
@@ -154,14 +155,14 @@ impl RaftRpc for PeerService {
             let mut client = self.replica.channels.client(&leader.addr).map_err(|e| refused(&e))?;
             return client.join(req).await;
         }
-        match self.replica.admit(req.node_id, &req.addr, &req.kcv).await {
+        match self.replica.admit(NodeId(req.node_id), &req.addr, &req.kcv).await {
             Ok(cluster_id) => Ok(Response::new(JoinResponse { cluster_id })),
             Err(e) => Err(refused(&e)),
         }
     }
 
     async fn handoff(&self, request: Request<HandoffRequest>) -> Result<Response<HandoffResponse>, Status> {
-        match self.replica.hand_off(request.into_inner().node_id).await {
+        match self.replica.hand_off(NodeId(request.into_inner().node_id)).await {
             Ok(quiet) => {
                 Ok(Response::new(HandoffResponse { quiet_ms: u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX) }))
             }

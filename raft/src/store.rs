@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::StoreError;
+use crate::{KeyringVersion, SecretVersion};
 
 /// Column family names.
 pub(crate) mod cf {
@@ -117,18 +118,18 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// The `versions` key of one secret version.
-pub(crate) fn version_key(path: &str, version: u64) -> Vec<u8> {
+pub(crate) fn version_key(path: &str, version: SecretVersion) -> Vec<u8> {
     let mut key = Vec::with_capacity(path.len() + 9);
     key.extend_from_slice(path.as_bytes());
     key.push(0);
-    key.extend_from_slice(&version.to_be_bytes());
+    key.extend_from_slice(&version.0.to_be_bytes());
     key
 }
 
 /// The `cluster` key of one keyring key version.
-pub(crate) fn keyring_key(version: u32) -> Vec<u8> {
+pub(crate) fn keyring_key(version: KeyringVersion) -> Vec<u8> {
     let mut key = b"keyring/".to_vec();
-    key.extend_from_slice(&version.to_be_bytes());
+    key.extend_from_slice(&version.0.to_be_bytes());
     key
 }
 

@@ -1,6 +1,7 @@
 // Hot path: every secret and key request parses its path or name.
 //! The domain's values, parsed once at the edge and carried by commands: a [`SecretPath`], a
-//! [`KeyName`], a [`RequestId`], a [`UnixMillis`] time. Holding one is the proof that its rules
+//! [`KeyName`], a [`RequestId`], a [`UnixMillis`] time, and the numbers that must not be mixed
+//! up ([`SecretVersion`], [`KeyVersion`], [`KeyringVersion`], [`NodeId`]). Holding one is the proof that its rules
 //! hold; nothing downstream checks again.
 //!
 //! # Correctness
@@ -156,6 +157,58 @@ string_newtype!(SecretPath, SecretPath::parse);
 string_newtype!(KeyName, KeyName::parse);
 string_newtype!(RequestId, |s: &str| RequestId::parse(s)?.ok_or_else(|| invalid("request_id is empty".into())));
 
+macro_rules! number_newtype {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $inner);
+
+        impl $name {
+            /// The number after this one; `None` at the largest.
+            pub fn next(self) -> Option<$name> {
+                self.0.checked_add(1).map($name)
+            }
+        }
+
+        impl From<$inner> for $name {
+            fn from(value: $inner) -> $name {
+                $name(value)
+            }
+        }
+
+        impl From<$name> for $inner {
+            fn from(value: $name) -> $inner {
+                value.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+number_newtype!(
+    /// A secret's version number. Versions start at 1 and are never reused; 0 stands for "no
+    /// version yet" where a current version is asked for (a check-and-set on a new secret).
+    SecretVersion(u64)
+);
+number_newtype!(
+    /// A named key's version number, from 1; the newest is the primary.
+    KeyVersion(u32)
+);
+number_newtype!(
+    /// A keyring key's version number, from 1.
+    KeyringVersion(u32)
+);
+number_newtype!(
+    /// A node's id in the cluster, fixed in its config; 0 is never a member.
+    NodeId(u64)
+);
+
 /// A wall-clock time, milliseconds since the Unix epoch, as the proposer stamped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -226,6 +279,9 @@ mod tests {
         let path = SecretPath::parse("a/b").map_err(|_| postcard::Error::SerdeDeCustom)?;
         assert_eq!(postcard::to_allocvec(&path)?, postcard::to_allocvec("a/b")?);
         assert_eq!(postcard::to_allocvec(&UnixMillis(7))?, postcard::to_allocvec(&7u64)?);
+        assert_eq!(postcard::to_allocvec(&SecretVersion(300))?, postcard::to_allocvec(&300u64)?);
+        assert_eq!(postcard::to_allocvec(&KeyVersion(300))?, postcard::to_allocvec(&300u32)?);
+        assert_eq!(postcard::to_allocvec(&NodeId(3))?, postcard::to_allocvec(&3u64)?);
         assert!(postcard::from_bytes::<SecretPath>(&postcard::to_allocvec("a\0b")?).is_err());
         assert!(postcard::from_bytes::<KeyName>(&postcard::to_allocvec("a b")?).is_err());
         assert!(postcard::from_bytes::<RequestId>(&postcard::to_allocvec("")?).is_err());

@@ -2,6 +2,8 @@
 //! module states what the node adds (its HSM's KCV, the rule that a node transfers leadership to
 //! itself).
 
+use coffer_raft::NodeId;
+
 use crate::error::Error;
 use crate::node::Node;
 
@@ -19,7 +21,7 @@ pub async fn join(node: &Node, peer: &str) -> Result<String, Error> {
 ///
 /// # Errors
 /// `NotLeader` (with the leader's address); `LastVoter`.
-pub async fn remove(node: &Node, node_id: u64) -> Result<(), Error> {
+pub async fn remove(node: &Node, node_id: NodeId) -> Result<(), Error> {
     Ok(node.replica.remove(node_id).await?)
 }
 
@@ -28,6 +30,6 @@ pub async fn remove(node: &Node, node_id: u64) -> Result<(), Error> {
 /// # Errors
 /// `NotVoter`; retryable replica errors when there is no leader to hand off, or this node did
 /// not win in time.
-pub async fn take_leadership(node: &Node) -> Result<u64, Error> {
+pub async fn take_leadership(node: &Node) -> Result<NodeId, Error> {
     Ok(node.replica.take_leadership().await?)
 }

@@ -7,6 +7,7 @@ use coffer_proto::v1::{
     InitRequest, InitResponse, JoinRequest, JoinResponse, MemberStatus, RemoveRequest, RemoveResponse, StatusRequest,
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
+use coffer_raft::NodeId;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::ops as operator;
@@ -39,7 +40,7 @@ impl Operator for OperatorService {
     }
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
-        operator::remove(&self.node, request.into_inner().node_id).await?;
+        operator::remove(&self.node, NodeId(request.into_inner().node_id)).await?;
         Ok(Response::new(RemoveResponse {}))
     }
 
@@ -48,14 +49,14 @@ impl Operator for OperatorService {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let target = request.into_inner().node_id;
-        if target != 0 && target != self.node.config.node_id {
+        if target != 0 && target != self.node.config.node_id.0 {
             return Err(Error::InvalidArgument {
                 rule: format!("run transfer-leader against node {target} itself (COFFER_ADDR of that node)"),
             }
             .into());
         }
         let leader_id = operator::take_leadership(&self.node).await?;
-        Ok(Response::new(TransferLeaderResponse { leader_id }))
+        Ok(Response::new(TransferLeaderResponse { leader_id: leader_id.0 }))
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -64,7 +65,7 @@ impl Operator for OperatorService {
         let members = status
             .members
             .into_iter()
-            .map(|m| MemberStatus { node_id: m.id, addr: m.addr, voter: m.voter, lag: m.lag })
+            .map(|m| MemberStatus { node_id: m.id.0, addr: m.addr, voter: m.voter, lag: m.lag })
             .collect();
         let hsm = match node.hsm().probe().await {
             Ok(kcv) if kcv == *node.hsm().kcv() => "ok".to_owned(),
@@ -73,10 +74,10 @@ impl Operator for OperatorService {
         };
         let cluster_id = node.reader().cluster().map_err(Error::from)?.map(|c| c.cluster_id).unwrap_or_default();
         Ok(Response::new(StatusResponse {
-            node_id: status.node_id,
+            node_id: status.node_id.0,
             role: status.role.as_str().into(),
             term: status.term,
-            leader_id: status.leader,
+            leader_id: status.leader.map(|id| id.0),
             last_log_index: status.last_log_index,
             committed_index: status.committed_index,
             applied_index: status.applied_index,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::keys::manage as manage_keys;
-use crate::node::{now_ms, Node};
+use coffer_raft::UnixMillis;
+
+use crate::node::Node;
 
 /// How often the leader looks for keys that are due.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -34,10 +36,10 @@ async fn rotate_due(node: &Node) -> Result<(), crate::error::Error> {
         for name in names {
             let Some(record) = node.reader().named_key(&name)? else { continue };
             let period = record.auto_rotate_period_ms;
-            let primary_at = record.versions.values().next_back().map_or(0, |v| v.created_at_ms);
-            if period > 0 && now_ms().saturating_sub(primary_at) >= period {
+            let primary_at = record.versions.values().next_back().map_or(0, |v| v.created_at_ms.0);
+            if period > 0 && UnixMillis::now().0.saturating_sub(primary_at) >= period {
                 let rotated = manage_keys::rotate_key(node, name.as_str(), "").await?;
-                tracing::info!(key = %name, version = rotated.primary(), "rotated key automatically");
+                tracing::info!(key = %name, version = %rotated.primary(), "rotated key automatically");
             }
         }
         after = Some(last.to_string());

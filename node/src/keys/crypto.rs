@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
+use coffer_raft::KeyVersion;
 use ring::rand::SystemRandom;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::keys::LoadedKey;
+use crate::keys::{LoadedKey, Versioned};
 use crate::node::Node;
 
 async fn loaded(node: &Node, name: &str) -> Result<Arc<LoadedKey>, Error> {
@@ -44,7 +45,7 @@ pub async fn encrypt(
     name: &str,
     plaintext: &[u8],
     associated_data: &[u8],
-) -> Result<(String, u32), Error> {
+) -> Result<Versioned<String>, Error> {
     crate::validate::value(plaintext, node.config.max_value_bytes)?;
     loaded(node, name).await?.encrypt(name, plaintext, associated_data)
 }
@@ -58,7 +59,7 @@ pub async fn decrypt(
     name: &str,
     ciphertext: &str,
     associated_data: &[u8],
-) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
+) -> Result<Versioned<Zeroizing<Vec<u8>>>, Error> {
     with_key(node, name, |key| key.decrypt(name, ciphertext, associated_data)).await
 }
 
@@ -66,12 +67,36 @@ pub async fn decrypt(
 ///
 /// # Errors
 /// As [`decrypt`] and [`encrypt`].
-pub async fn rewrap(node: &Node, name: &str, ciphertext: &str, associated_data: &[u8]) -> Result<(String, u32), Error> {
+pub async fn rewrap(
+    node: &Node,
+    name: &str,
+    ciphertext: &str,
+    associated_data: &[u8],
+) -> Result<Versioned<String>, Error> {
     with_key(node, name, |key| {
-        let (plain, _) = key.decrypt(name, ciphertext, associated_data)?;
+        let plain = key.decrypt(name, ciphertext, associated_data)?.value;
         key.encrypt(name, &plain, associated_data)
     })
     .await
+}
+
+/// Whether [`generate_data_key`] returns the plaintext data key beside the encrypted one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKeyPlaintext {
+    /// Encrypted only (the caller decrypts it later, where it is used).
+    Withhold,
+    /// Both.
+    Return,
+}
+
+/// A fresh data key: encrypted under the named key, and in plaintext when asked for.
+pub struct DataKey {
+    /// The data key, encrypted (`coffer:v<N>:…`).
+    pub ciphertext: String,
+    /// The data key itself, with [`DataKeyPlaintext::Return`].
+    pub plaintext: Option<Zeroizing<Vec<u8>>>,
+    /// The key version that encrypted it.
+    pub key_version: KeyVersion,
 }
 
 /// A fresh data key, encrypted under the named key (and returned in plaintext when asked).
@@ -82,8 +107,8 @@ pub async fn generate_data_key(
     node: &Node,
     name: &str,
     bits: u32,
-    with_plaintext: bool,
-) -> Result<(String, Option<Zeroizing<Vec<u8>>>, u32), Error> {
+    plaintext: DataKeyPlaintext,
+) -> Result<DataKey, Error> {
     let bytes = match bits {
         0 | 256 => 32,
         128 => 16,
@@ -91,15 +116,19 @@ pub async fn generate_data_key(
     };
     let key = loaded(node, name).await?;
     let data_key = node.keys.random_bytes(bytes)?;
-    let (ciphertext, version) = key.encrypt(name, &data_key, &[])?;
-    Ok((ciphertext, with_plaintext.then_some(data_key), version))
+    let encrypted = key.encrypt(name, &data_key, &[])?;
+    Ok(DataKey {
+        ciphertext: encrypted.value,
+        plaintext: (plaintext == DataKeyPlaintext::Return).then_some(data_key),
+        key_version: encrypted.key_version,
+    })
 }
 
 /// Signs with the primary version.
 ///
 /// # Errors
 /// `InvalidArgument` (not a signing key), `KeyNotFound`, `Unavailable`.
-pub async fn sign(node: &Node, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+pub async fn sign(node: &Node, name: &str, message: &[u8]) -> Result<Versioned<String>, Error> {
     crate::validate::value(message, node.config.max_value_bytes)?;
     loaded(node, name).await?.sign(name, message, &SystemRandom::new())
 }
@@ -116,7 +145,7 @@ pub async fn verify(node: &Node, name: &str, message: &[u8], signature: &str) ->
 ///
 /// # Errors
 /// `InvalidArgument` (not an HMAC key), `KeyNotFound`, `Unavailable`.
-pub async fn hmac(node: &Node, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+pub async fn hmac(node: &Node, name: &str, message: &[u8]) -> Result<Versioned<String>, Error> {
     crate::validate::value(message, node.config.max_value_bytes)?;
     loaded(node, name).await?.hmac(name, message)
 }

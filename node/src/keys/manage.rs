@@ -2,14 +2,14 @@
 //! change goes through Raft; material is generated and wrapped by the node that takes the request.
 
 use coffer_raft::{
-    CreateKey, DeleteKey, KeyName, NamedKeyRecord, NamedKeyType, Op, Outcome, Rejection, RequestId, RotateKey,
-    UpdateKeyConfig, Write,
+    CreateKey, DeleteKey, KeyName, KeyVersion, NamedKeyRecord, NamedKeyType, NodeId, Op, Outcome, Rejection, RequestId,
+    RotateKey, UnixMillis, UpdateKeyConfig, Write,
 };
 
 use crate::error::Error;
 use crate::keys;
 use crate::keys::Usage;
-use crate::node::{now_ms, Node};
+use crate::node::Node;
 
 /// How many times a rotation retries after a concurrent rotation took its version number.
 const MAX_ATTEMPTS: usize = 8;
@@ -28,17 +28,17 @@ pub async fn create_key(
     let name = &KeyName::parse(name)?;
     let request_id = RequestId::parse(request_id)?;
     let ready = node.ready().await?;
-    let at_ms = now_ms();
-    let first = keys::new_version(&ready.keyring, name.as_str(), 1, key_type, at_ms)?;
+    let at_ms = UnixMillis::now();
+    let first = keys::new_version(&ready.keyring, name.as_str(), KeyVersion(1), key_type, at_ms)?;
     let record = NamedKeyRecord {
         key_type,
         exportable,
         created_at_ms: at_ms,
-        min_decryption_version: 1,
-        min_encryption_version: 1,
+        min_decryption_version: KeyVersion(1),
+        min_encryption_version: KeyVersion(1),
         deletion_allowed: false,
         auto_rotate_period_ms: 0,
-        versions: [(1, first)].into(),
+        versions: [(KeyVersion(1), first)].into(),
         generation: 0,
     };
     let op = Op::CreateKey(CreateKey { name: name.clone(), record });
@@ -101,12 +101,12 @@ pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<Nam
     for _ in 0..MAX_ATTEMPTS {
         let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_string() })?;
         let version =
-            record.primary().checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("key {name}") })?;
-        let material = keys::new_version(&ready.keyring, name.as_str(), version, record.key_type, now_ms())?;
+            record.primary().next().ok_or_else(|| Error::VersionsExhausted { what: format!("key {name}") })?;
+        let material = keys::new_version(&ready.keyring, name.as_str(), version, record.key_type, UnixMillis::now())?;
         let op = Op::RotateKey(RotateKey { name: name.clone(), version, material });
         match node.propose(Write { request_id: request_id.clone(), op }).await? {
             Outcome::Applied => return get_key(node, name.as_str()).await,
-            Outcome::Rejected(Rejection::VersionTaken { .. }) => {
+            Outcome::Rejected(Rejection::KeyVersionTaken { .. }) => {
                 node.read_barrier(None).await?;
             }
             Outcome::Rejected(r) => return Err(Error::rejected(r)),
@@ -120,7 +120,7 @@ pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<Nam
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConfigChange {
     /// Versions below it stop decrypting and verifying; only moves forward.
-    pub min_decryption_version: Option<u32>,
+    pub min_decryption_version: Option<KeyVersion>,
     /// Whether DeleteKey is allowed.
     pub deletion_allowed: Option<bool>,
     /// How often the leader rotates the key (zero: never).
@@ -178,7 +178,7 @@ pub async fn delete_key(node: &Node, name: &str, request_id: &str) -> Result<(),
 #[derive(Debug, Default, Clone)]
 pub struct ClusterUsage {
     /// Usage per version, summed over the members that answered.
-    pub versions: std::collections::BTreeMap<u32, Usage>,
+    pub versions: std::collections::BTreeMap<KeyVersion, Usage>,
     /// How many members answered.
     pub answered: u32,
     /// How many members there are.
@@ -186,7 +186,7 @@ pub struct ClusterUsage {
 }
 
 impl ClusterUsage {
-    fn add(&mut self, version: u32, usage: Usage) {
+    fn add(&mut self, version: KeyVersion, usage: Usage) {
         let sum = self.versions.entry(version).or_default();
         sum.encrypts += usage.encrypts;
         sum.decrypts += usage.decrypts;
@@ -202,7 +202,7 @@ pub async fn cluster_usage(node: &Node, name: &str) -> ClusterUsage {
     use coffer_proto::raft::v1::node_stats_client::NodeStatsClient;
     use coffer_proto::raft::v1::KeyUsageRequest;
 
-    let members: Vec<(u64, String)> = node.replica.members().into_iter().map(|m| (m.id, m.addr)).collect();
+    let members: Vec<(NodeId, String)> = node.replica.members().into_iter().map(|m| (m.id, m.addr)).collect();
     let mut sums = ClusterUsage { total: members.len().max(1) as u32, ..ClusterUsage::default() };
     for (id, addr) in members {
         if id == node.config.node_id {
@@ -218,7 +218,7 @@ pub async fn cluster_usage(node: &Node, name: &str) -> ClusterUsage {
         if let Ok(reply) = NodeStatsClient::new(channel).key_usage(request).await {
             for v in reply.into_inner().versions {
                 let usage = Usage { encrypts: v.encrypts, decrypts: v.decrypts, last_used_ms: v.last_used_ms };
-                sums.add(v.version, usage);
+                sums.add(KeyVersion(v.version), usage);
             }
             sums.answered += 1;
         }

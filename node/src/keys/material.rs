@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use base64::Engine;
-use coffer_raft::{KeyVersionRecord, NamedKeyRecord, NamedKeyType};
+use coffer_raft::{KeyVersion, KeyVersionRecord, NamedKeyRecord, NamedKeyType, UnixMillis};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{
@@ -77,9 +77,9 @@ impl VersionUsage {
 pub struct LoadedKey {
     /// The record the versions were unwrapped from.
     pub record: NamedKeyRecord,
-    versions: BTreeMap<u32, Material>,
+    versions: BTreeMap<KeyVersion, Material>,
     /// Per-version usage; carried over when the key is reloaded after a change.
-    usage: BTreeMap<u32, Arc<VersionUsage>>,
+    usage: BTreeMap<KeyVersion, Arc<VersionUsage>>,
 }
 
 /// The node's cache of unwrapped named keys.
@@ -96,19 +96,36 @@ impl std::fmt::Debug for KeyCache {
     }
 }
 
-fn wrap_aad(name: &str, version: u32) -> Vec<u8> {
+/// What an operation with a named key produced, and the key version that produced it.
+pub struct Versioned<T> {
+    /// The output (a ciphertext, signature or tag as text, or a plaintext).
+    pub value: T,
+    /// The key version used.
+    pub key_version: KeyVersion,
+}
+
+/// Which usage counter an operation counts in.
+#[derive(Debug, Clone, Copy)]
+enum Use {
+    /// Encrypt, sign, compute an HMAC: the primary version.
+    Produce,
+    /// Decrypt, verify: any version from `min_decryption_version` on.
+    Check,
+}
+
+fn wrap_aad(name: &str, version: KeyVersion) -> Vec<u8> {
     let mut aad = WRAP_DOMAIN.to_vec();
     aad.extend_from_slice(name.as_bytes());
     aad.push(0);
-    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(&version.0.to_be_bytes());
     aad
 }
 
-fn encrypt_aad(name: &str, version: u32, associated_data: &[u8]) -> Vec<u8> {
+fn encrypt_aad(name: &str, version: KeyVersion, associated_data: &[u8]) -> Vec<u8> {
     let mut aad = ENCRYPT_DOMAIN.to_vec();
     aad.extend_from_slice(name.as_bytes());
     aad.push(0);
-    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(&version.0.to_be_bytes());
     aad.extend_from_slice(associated_data);
     aad
 }
@@ -150,9 +167,9 @@ pub fn generate(key_type: NamedKeyType, rng: &dyn SecureRandom) -> Result<(Zeroi
 pub fn new_version(
     keyring: &Keyring,
     name: &str,
-    version: u32,
+    version: KeyVersion,
     key_type: NamedKeyType,
-    at_ms: u64,
+    at_ms: UnixMillis,
 ) -> Result<KeyVersionRecord, Error> {
     let (secret, public_key) = generate(key_type, &SystemRandom::new())?;
     let (keyring_version, wrapped) = keyring.wrap(&wrap_aad(name, version), &secret)?;
@@ -166,7 +183,7 @@ pub fn new_version(
 pub fn unwrap_version(
     keyring: &Keyring,
     name: &str,
-    version: u32,
+    version: KeyVersion,
     record: &KeyVersionRecord,
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
     Ok(keyring.unwrap(record.keyring_version, &wrap_aad(name, version), &record.wrapped)?)
@@ -188,16 +205,16 @@ fn load_material(key_type: NamedKeyType, bytes: &[u8], rng: &SystemRandom) -> Re
 }
 
 /// `coffer:v<N>:<base64>`.
-fn text(version: u32, bytes: &[u8]) -> String {
+fn text(version: KeyVersion, bytes: &[u8]) -> String {
     format!("coffer:v{version}:{}", base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 /// Parses `coffer:v<N>:<base64>` into the version and the bytes.
-fn parse_text(what: &str, value: &str) -> Result<(u32, Vec<u8>), Error> {
+fn parse_text(what: &str, value: &str) -> Result<(KeyVersion, Vec<u8>), Error> {
     let bad = || Error::InvalidArgument { rule: format!("the {what} is not of the form coffer:v<N>:<base64>") };
     let rest = value.strip_prefix("coffer:v").ok_or_else(bad)?;
     let (version, body) = rest.split_once(':').ok_or_else(bad)?;
-    let version: u32 = version.parse().map_err(|_| bad())?;
+    let version = KeyVersion(version.parse().map_err(|_| bad())?);
     let bytes = base64::engine::general_purpose::STANDARD.decode(body).map_err(|_| bad())?;
     Ok((version, bytes))
 }
@@ -244,7 +261,7 @@ impl KeyCache {
     }
 
     /// This node's usage of a key's versions, by version.
-    pub fn usage(&self, name: &str) -> Vec<(u32, Usage)> {
+    pub fn usage(&self, name: &str) -> Vec<(KeyVersion, Usage)> {
         let entries = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(loaded) = entries.get(name) else { return Vec::new() };
         loaded
@@ -282,13 +299,16 @@ impl LoadedKey {
         Error::InvalidArgument { rule: format!("key {name} is {:?}; it cannot {operation}", self.record.key_type) }
     }
 
-    fn used(&self, version: u32, encrypt: bool) {
+    fn used(&self, version: KeyVersion, usage: Use) {
         if let Some(u) = self.usage.get(&version) {
-            u.count(if encrypt { &u.encrypts } else { &u.decrypts });
+            u.count(match usage {
+                Use::Produce => &u.encrypts,
+                Use::Check => &u.decrypts,
+            });
         }
     }
 
-    fn version_for_use(&self, name: &str, version: u32) -> Result<&Material, Error> {
+    fn version_for_use(&self, name: &str, version: KeyVersion) -> Result<&Material, Error> {
         if version < self.record.min_decryption_version {
             return Err(Error::KeyVersionRetired {
                 name: name.to_owned(),
@@ -303,12 +323,12 @@ impl LoadedKey {
     ///
     /// # Errors
     /// Not an AES key; an exhausted nonce counter.
-    pub fn encrypt(&self, name: &str, plaintext: &[u8], associated_data: &[u8]) -> Result<(String, u32), Error> {
+    pub fn encrypt(&self, name: &str, plaintext: &[u8], associated_data: &[u8]) -> Result<Versioned<String>, Error> {
         let version = self.record.primary();
         let Some(Material::Aes { key, nonces }) = self.versions.get(&version) else {
             return Err(self.wrong_type(name, "encrypt"));
         };
-        let nonce = nonces.next(version)?;
+        let nonce = nonces.next(|| format!("version {version} of key {name}"))?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + TAG_LEN);
         out.push(CIPHERTEXT_FORMAT);
         out.extend_from_slice(&nonce);
@@ -318,8 +338,8 @@ impl LoadedKey {
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut out[1 + NONCE_LEN..])
             .map_err(|_| Error::Envelope(EnvelopeError::Integrity))?;
         out.extend_from_slice(tag.as_ref());
-        self.used(version, true);
-        Ok((text(version, &out), version))
+        self.used(version, Use::Produce);
+        Ok(Versioned { value: text(version, &out), key_version: version })
     }
 
     /// Decrypts a ciphertext made by [`LoadedKey::encrypt`] with the same associated data.
@@ -332,7 +352,7 @@ impl LoadedKey {
         name: &str,
         ciphertext: &str,
         associated_data: &[u8],
-    ) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
+    ) -> Result<Versioned<Zeroizing<Vec<u8>>>, Error> {
         let (version, bytes) = parse_text("ciphertext", ciphertext)?;
         let Material::Aes { key, .. } = self.version_for_use(name, version)? else {
             return Err(self.wrong_type(name, "decrypt"));
@@ -346,23 +366,23 @@ impl LoadedKey {
         let aad = encrypt_aad(name, version, associated_data);
         let len = key.open_in_place(nonce, Aad::from(&aad), &mut plain).map_err(|_| invalid())?.len();
         plain.truncate(len);
-        self.used(version, false);
-        Ok((plain, version))
+        self.used(version, Use::Check);
+        Ok(Versioned { value: plain, key_version: version })
     }
 
     /// Signs with the primary version.
     ///
     /// # Errors
     /// Not a signing key.
-    pub fn sign(&self, name: &str, message: &[u8], rng: &dyn SecureRandom) -> Result<(String, u32), Error> {
+    pub fn sign(&self, name: &str, message: &[u8], rng: &dyn SecureRandom) -> Result<Versioned<String>, Error> {
         let version = self.record.primary();
         let signature = match self.versions.get(&version) {
             Some(Material::Ed25519(pair)) => pair.sign(message).as_ref().to_vec(),
             Some(Material::Ecdsa(pair)) => pair.sign(rng, message).map_err(random_error)?.as_ref().to_vec(),
             _ => return Err(self.wrong_type(name, "sign")),
         };
-        self.used(version, true);
-        Ok((text(version, &signature), version))
+        self.used(version, Use::Produce);
+        Ok(Versioned { value: text(version, &signature), key_version: version })
     }
 
     /// Verifies a signature made by [`LoadedKey::sign`].
@@ -386,7 +406,7 @@ impl LoadedKey {
             }
             _ => return Err(self.wrong_type(name, "verify")),
         };
-        self.used(version, false);
+        self.used(version, Use::Check);
         Ok(ok)
     }
 
@@ -394,13 +414,13 @@ impl LoadedKey {
     ///
     /// # Errors
     /// Not an HMAC key.
-    pub fn hmac(&self, name: &str, message: &[u8]) -> Result<(String, u32), Error> {
+    pub fn hmac(&self, name: &str, message: &[u8]) -> Result<Versioned<String>, Error> {
         let version = self.record.primary();
         let Some(Material::Hmac(key)) = self.versions.get(&version) else {
             return Err(self.wrong_type(name, "compute an HMAC"));
         };
-        self.used(version, true);
-        Ok((text(version, hmac::sign(key, message).as_ref()), version))
+        self.used(version, Use::Produce);
+        Ok(Versioned { value: text(version, hmac::sign(key, message).as_ref()), key_version: version })
     }
 
     /// Checks an HMAC tag in constant time.
@@ -412,7 +432,7 @@ impl LoadedKey {
         let Material::Hmac(key) = self.version_for_use(name, version)? else {
             return Err(self.wrong_type(name, "verify an HMAC"));
         };
-        self.used(version, false);
+        self.used(version, Use::Check);
         Ok(hmac::verify(key, message, &bytes).is_ok())
     }
 }
@@ -424,7 +444,7 @@ mod tests {
     use super::*;
 
     fn keyring() -> Keyring {
-        Keyring::new(vec![(1, Key256::random(&SystemRandom::new()).unwrap())]).unwrap()
+        Keyring::new(vec![(coffer_raft::KeyringVersion(1), Key256::random(&SystemRandom::new()).unwrap())]).unwrap()
     }
 
     #[test]
@@ -433,20 +453,20 @@ mod tests {
         for key_type in
             [NamedKeyType::Aes256Gcm, NamedKeyType::HmacSha256, NamedKeyType::Ed25519, NamedKeyType::EcdsaP256]
         {
-            let v = new_version(&keyring, "k", 3, key_type, 0).unwrap();
-            let secret = keyring.unwrap(v.keyring_version, &wrap_aad("k", 3), &v.wrapped).unwrap();
+            let v = new_version(&keyring, "k", KeyVersion(3), key_type, UnixMillis(0)).unwrap();
+            let secret = keyring.unwrap(v.keyring_version, &wrap_aad("k", KeyVersion(3)), &v.wrapped).unwrap();
             assert!(secret.len() >= 32);
             // No 16-byte window of the secret appears in what is replicated and stored.
             assert!(!secret.windows(16).any(|w| v.wrapped.windows(16).any(|x| x == w)), "{key_type:?}");
-            assert!(keyring.unwrap(v.keyring_version, &wrap_aad("other", 3), &v.wrapped).is_err());
-            assert!(keyring.unwrap(v.keyring_version, &wrap_aad("k", 4), &v.wrapped).is_err());
+            assert!(keyring.unwrap(v.keyring_version, &wrap_aad("other", KeyVersion(3)), &v.wrapped).is_err());
+            assert!(keyring.unwrap(v.keyring_version, &wrap_aad("k", KeyVersion(4)), &v.wrapped).is_err());
         }
     }
 
     #[test]
     fn ciphertext_text_form() {
-        assert_eq!(text(7, b"\x01\x02"), "coffer:v7:AQI=");
-        assert_eq!(parse_text("ciphertext", "coffer:v7:AQI=").unwrap(), (7, vec![1, 2]));
+        assert_eq!(text(KeyVersion(7), b"\x01\x02"), "coffer:v7:AQI=");
+        assert_eq!(parse_text("ciphertext", "coffer:v7:AQI=").unwrap(), (KeyVersion(7), vec![1, 2]));
         for bad in ["coffer:v:AQI=", "coffer:vx:AQI=", "vault:v1:AQI=", "coffer:v1:!!", "coffer:v1"] {
             assert!(parse_text("ciphertext", bad).is_err(), "{bad}");
         }

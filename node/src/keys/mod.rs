@@ -9,6 +9,6 @@ pub mod material;
 pub mod service;
 pub mod stats;
 
-pub use material::{generate, new_version, unwrap_version, KeyCache, LoadedKey, Usage, VersionUsage};
+pub use material::{generate, new_version, unwrap_version, KeyCache, LoadedKey, Usage, VersionUsage, Versioned};
 pub use service::KeysService;
 pub use stats::StatsService;

@@ -17,6 +17,7 @@ use coffer_raft::{NamedKeyRecord, NamedKeyType};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::keys::crypto::DataKeyPlaintext;
 use crate::keys::{crypto as key_crypto, manage as manage_keys};
 use crate::node::Node;
 use crate::wire::{duration, timestamp};
@@ -58,9 +59,9 @@ fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
         name,
         r#type: key_type as i32,
         exportable: record.exportable,
-        primary_version: record.primary(),
+        primary_version: record.primary().0,
         config: Some(KeyConfig {
-            min_decryption_version: record.min_decryption_version,
+            min_decryption_version: record.min_decryption_version.0,
             deletion_allowed: record.deletion_allowed,
             auto_rotate_period: (period > 0).then(|| prost_types::Duration {
                 seconds: (period / 1000) as i64,
@@ -71,48 +72,48 @@ fn wire_key(name: String, record: &NamedKeyRecord) -> Key {
             .versions
             .iter()
             .map(|(v, r)| KeyVersion {
-                version: *v,
-                created_at: Some(timestamp(r.created_at_ms)),
+                version: v.0,
+                created_at: Some(timestamp(r.created_at_ms.0)),
                 public_key: r.public_key.clone(),
                 encrypts: 0,
                 decrypts: 0,
                 last_used: None,
             })
             .collect(),
-        created_at: Some(timestamp(record.created_at_ms)),
+        created_at: Some(timestamp(record.created_at_ms.0)),
         usage_nodes_answered: 0,
         usage_nodes_total: 0,
     }
 }
 
 async fn encrypt(node: &Node, req: EncryptRequest) -> Result<EncryptResponse, Error> {
-    let (ciphertext, key_version) = key_crypto::encrypt(node, &req.name, &req.plaintext, &req.associated_data).await?;
-    Ok(EncryptResponse { ciphertext, key_version })
+    let out = key_crypto::encrypt(node, &req.name, &req.plaintext, &req.associated_data).await?;
+    Ok(EncryptResponse { ciphertext: out.value, key_version: out.key_version.0 })
 }
 
 async fn decrypt(node: &Node, req: DecryptRequest) -> Result<DecryptResponse, Error> {
-    let (plaintext, key_version) = key_crypto::decrypt(node, &req.name, &req.ciphertext, &req.associated_data).await?;
-    Ok(DecryptResponse { plaintext: plaintext.to_vec(), key_version })
+    let out = key_crypto::decrypt(node, &req.name, &req.ciphertext, &req.associated_data).await?;
+    Ok(DecryptResponse { plaintext: out.value.to_vec(), key_version: out.key_version.0 })
 }
 
 async fn rewrap(node: &Node, req: RewrapRequest) -> Result<RewrapResponse, Error> {
-    let (ciphertext, key_version) = key_crypto::rewrap(node, &req.name, &req.ciphertext, &req.associated_data).await?;
-    Ok(RewrapResponse { ciphertext, key_version })
+    let out = key_crypto::rewrap(node, &req.name, &req.ciphertext, &req.associated_data).await?;
+    Ok(RewrapResponse { ciphertext: out.value, key_version: out.key_version.0 })
 }
 
 async fn generate_data_key(node: &Node, req: GenerateDataKeyRequest) -> Result<GenerateDataKeyResponse, Error> {
-    let (ciphertext, plaintext, key_version) =
-        key_crypto::generate_data_key(node, &req.name, req.bits, req.with_plaintext).await?;
+    let plaintext = if req.with_plaintext { DataKeyPlaintext::Return } else { DataKeyPlaintext::Withhold };
+    let key = key_crypto::generate_data_key(node, &req.name, req.bits, plaintext).await?;
     Ok(GenerateDataKeyResponse {
-        ciphertext,
-        plaintext: plaintext.map(|p| p.to_vec()).unwrap_or_default(),
-        key_version,
+        ciphertext: key.ciphertext,
+        plaintext: key.plaintext.map(|p| p.to_vec()).unwrap_or_default(),
+        key_version: key.key_version.0,
     })
 }
 
 async fn sign(node: &Node, req: SignRequest) -> Result<SignResponse, Error> {
-    let (signature, key_version) = key_crypto::sign(node, &req.name, &req.message).await?;
-    Ok(SignResponse { signature, key_version })
+    let out = key_crypto::sign(node, &req.name, &req.message).await?;
+    Ok(SignResponse { signature: out.value, key_version: out.key_version.0 })
 }
 
 async fn verify(node: &Node, req: VerifyRequest) -> Result<VerifyResponse, Error> {
@@ -120,8 +121,8 @@ async fn verify(node: &Node, req: VerifyRequest) -> Result<VerifyResponse, Error
 }
 
 async fn hmac(node: &Node, req: HmacRequest) -> Result<HmacResponse, Error> {
-    let (hmac, key_version) = key_crypto::hmac(node, &req.name, &req.message).await?;
-    Ok(HmacResponse { hmac, key_version })
+    let out = key_crypto::hmac(node, &req.name, &req.message).await?;
+    Ok(HmacResponse { hmac: out.value, key_version: out.key_version.0 })
 }
 
 async fn verify_hmac(node: &Node, req: VerifyHmacRequest) -> Result<VerifyResponse, Error> {
@@ -224,7 +225,7 @@ impl Keys for KeysService {
         let usage = manage_keys::cluster_usage(&self.node, &name).await;
         let mut key = wire_key(name, &record);
         for v in &mut key.versions {
-            if let Some(u) = usage.versions.get(&v.version) {
+            if let Some(u) = usage.versions.get(&coffer_raft::KeyVersion(v.version)) {
                 v.encrypts = u.encrypts;
                 v.decrypts = u.decrypts;
                 v.last_used = (u.last_used_ms > 0).then(|| timestamp(u.last_used_ms));
@@ -253,7 +254,7 @@ impl Keys for KeysService {
     async fn update_key_config(&self, request: Request<UpdateKeyConfigRequest>) -> Result<Response<Key>, Status> {
         let req = request.into_inner();
         let change = manage_keys::ConfigChange {
-            min_decryption_version: req.min_decryption_version,
+            min_decryption_version: req.min_decryption_version.map(coffer_raft::KeyVersion),
             deletion_allowed: req.deletion_allowed,
             auto_rotate_period: req.auto_rotate_period.map(|d| duration("auto_rotate_period", d)).transpose()?,
         };

@@ -31,7 +31,7 @@ impl NodeStats for StatsService {
             .usage(&name)
             .into_iter()
             .map(|(version, usage)| VersionUsage {
-                version,
+                version: version.0,
                 encrypts: usage.encrypts,
                 decrypts: usage.decrypts,
                 last_used_ms: usage.last_used_ms,

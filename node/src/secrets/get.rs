@@ -8,16 +8,16 @@ use zeroize::Zeroizing;
 
 use crate::error::Error;
 use crate::node::Node;
-use coffer_raft::SecretPath;
+use coffer_raft::{SecretPath, SecretVersion, UnixMillis, VersionRead};
 
 /// A readable secret version. Its `Debug` never shows the value.
 pub struct Secret {
     /// The value; zeroized when dropped.
     pub value: Zeroizing<Vec<u8>>,
     /// The version read.
-    pub version: u64,
+    pub version: SecretVersion,
     /// Its creation time, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    pub created_at_ms: UnixMillis,
 }
 
 impl std::fmt::Debug for Secret {
@@ -47,7 +47,8 @@ pub async fn get_secret(
         return Err(Error::InvalidArgument { rule: "versions start at 1; 0 is not a version".into() });
     }
     let ready = node.read_barrier(max_staleness).await?;
-    let Some((meta, version, sealed)) = node.reader().secret_version(path, version)? else {
+    let Some(VersionRead { meta, version, sealed }) = node.reader().secret_version(path, version.map(SecretVersion))?
+    else {
         return Err(Error::SecretNotFound { path: path.to_string() });
     };
     let not_found = || Error::VersionNotFound { path: path.to_string(), version };

@@ -2,7 +2,7 @@
 //! Put: validate, seal for the next version, propose, and reseal when a concurrent write took
 //! that version.
 
-use coffer_raft::{Op, Outcome, Rejection, RequestId, SecretPath, UnixMillis, Write};
+use coffer_raft::{Op, Outcome, Rejection, RequestId, SecretPath, SecretVersion, UnixMillis, Write};
 use zeroize::Zeroizing;
 
 use crate::error::Error;
@@ -42,9 +42,9 @@ impl std::fmt::Debug for PutSecret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     /// The new version.
-    pub version: u64,
+    pub version: SecretVersion,
     /// Its creation time, milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    pub created_at_ms: UnixMillis,
 }
 
 /// Writes a new version.
@@ -67,18 +67,17 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
     // Without CAS, the next version is a guess: the local current version, then whatever the state
     // machine reported as current when a concurrent write took the guessed one.
     let mut current = match req.cas {
-        Some(cas) => cas,
-        None => node.reader().secret(&path)?.map_or(0, |m| m.current_version),
+        Some(cas) => SecretVersion(cas),
+        None => node.reader().secret(&path)?.map_or(SecretVersion(0), |m| m.current_version),
     };
     for _ in 0..MAX_ATTEMPTS {
-        let version =
-            current.checked_add(1).ok_or_else(|| Error::VersionsExhausted { what: format!("secret {path}") })?;
+        let version = current.next().ok_or_else(|| Error::VersionsExhausted { what: format!("secret {path}") })?;
         let sealed = ready.keyring.seal(path.as_str(), version, &req.value)?;
         let op = Op::PutSecret(coffer_raft::PutSecret {
             request_id: None,
             path: path.clone(),
             version,
-            cas: req.cas,
+            cas: req.cas.map(SecretVersion),
             max_versions: req.max_versions,
             default_max_versions: node.config.default_max_versions,
             sealed,

@@ -42,7 +42,10 @@ impl Secrets for SecretsService {
             request_id: req.request_id,
         };
         let written = put::put_secret(&self.node, put).await?;
-        Ok(Response::new(PutResponse { version: written.version, created_at: Some(timestamp(written.created_at_ms)) }))
+        Ok(Response::new(PutResponse {
+            version: written.version.0,
+            created_at: Some(timestamp(written.created_at_ms.0)),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -54,8 +57,8 @@ impl Secrets for SecretsService {
         // prost's `Vec<u8>` fields).
         Ok(Response::new(GetResponse {
             value: secret.value.to_vec(),
-            version: secret.version,
-            created_at: Some(timestamp(secret.created_at_ms)),
+            version: secret.version.0,
+            created_at: Some(timestamp(secret.created_at_ms.0)),
         }))
     }
 
@@ -67,18 +70,18 @@ impl Secrets for SecretsService {
             .versions
             .iter()
             .map(|(version, v)| VersionInfo {
-                version: *version,
-                created_at: Some(timestamp(v.created_at_ms)),
-                deleted_at: v.deleted_at_ms.map(timestamp),
+                version: version.0,
+                created_at: Some(timestamp(v.created_at_ms.0)),
+                deleted_at: v.deleted_at_ms.map(|at| timestamp(at.0)),
                 destroyed: v.destroyed,
             })
             .collect();
         Ok(Response::new(DescribeResponse {
             path: req.path,
-            current_version: meta.current_version,
+            current_version: meta.current_version.0,
             max_versions: meta.max_versions,
-            created_at: Some(timestamp(meta.created_at_ms)),
-            updated_at: Some(timestamp(meta.updated_at_ms)),
+            created_at: Some(timestamp(meta.created_at_ms.0)),
+            updated_at: Some(timestamp(meta.updated_at_ms.0)),
             versions,
         }))
     }

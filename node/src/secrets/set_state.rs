@@ -22,7 +22,7 @@ pub async fn set_version_state(
     request_id: &str,
 ) -> Result<(), Error> {
     let path = SecretPath::parse(path)?;
-    validate::versions(&versions)?;
+    let versions = validate::versions(&versions)?;
     let request_id = RequestId::parse(request_id)?;
     let versions = if versions.is_empty() {
         node.read_barrier(None).await?;

@@ -10,8 +10,8 @@ use coffer_proto::v1::{
     RotateKeyRequest, UpdateKeyConfigRequest,
 };
 use coffer_raft::{
-    CreateKey, KeyVersionRecord, NamedKeyRecord, NamedKeyType, Op, PutSecret, SealedValue, SecretPath, UnixMillis,
-    Write,
+    CreateKey, KeyVersion, KeyVersionRecord, KeyringVersion, NamedKeyRecord, NamedKeyType, Op, PutSecret, SealedValue,
+    SecretPath, SecretVersion, UnixMillis, Write,
 };
 use tonic::Code;
 
@@ -45,11 +45,15 @@ async fn a_deeply_nested_batch_from_outside_is_refused_and_the_node_stays_up() -
     let put_op = Op::PutSecret(PutSecret {
         request_id: None,
         path: SecretPath::parse("beforeX1")?,
-        version: 1,
+        version: SecretVersion(1),
         cas: None,
         max_versions: None,
         default_max_versions: 5,
-        sealed: SealedValue { keyring_version: 1, wrapped_data_key: vec![0; 60], ciphertext: vec![0; 20] },
+        sealed: SealedValue {
+            keyring_version: KeyringVersion(1),
+            wrapped_data_key: vec![0; 60],
+            ciphertext: vec![0; 20],
+        },
         at_ms: UnixMillis(1),
     });
     let mut bytes = forged_writes(vec![put_op])?;
@@ -77,11 +81,15 @@ async fn a_forwarded_batch_larger_than_a_batch_is_refused_whole() -> anyhow::Res
         ops.push(Op::PutSecret(PutSecret {
             request_id: None,
             path: SecretPath::parse(&format!("many/{i}"))?,
-            version: 1,
+            version: SecretVersion(1),
             cas: None,
             max_versions: None,
             default_max_versions: 5,
-            sealed: SealedValue { keyring_version: 1, wrapped_data_key: vec![0; 60], ciphertext: vec![0; 20] },
+            sealed: SealedValue {
+                keyring_version: KeyringVersion(1),
+                wrapped_data_key: vec![0; 60],
+                ciphertext: vec![0; 20],
+            },
             at_ms: UnixMillis(1),
         }));
     }
@@ -112,14 +120,19 @@ async fn versions_at_their_limits_are_refused_not_overflowed() -> anyhow::Result
     let record = NamedKeyRecord {
         key_type: NamedKeyType::Aes256Gcm,
         exportable: false,
-        created_at_ms: 1,
-        min_decryption_version: u32::MAX,
-        min_encryption_version: u32::MAX,
+        created_at_ms: UnixMillis(1),
+        min_decryption_version: KeyVersion(u32::MAX),
+        min_encryption_version: KeyVersion(u32::MAX),
         deletion_allowed: false,
         auto_rotate_period_ms: 0,
         versions: [(
-            u32::MAX,
-            KeyVersionRecord { created_at_ms: 1, keyring_version: 1, wrapped: vec![1; 60], public_key: vec![] },
+            KeyVersion(u32::MAX),
+            KeyVersionRecord {
+                created_at_ms: UnixMillis(1),
+                keyring_version: KeyringVersion(1),
+                wrapped: vec![1; 60],
+                public_key: vec![],
+            },
         )]
         .into(),
         generation: u64::MAX,

@@ -182,14 +182,15 @@ struct WrongShape {
 mod tests {
     use super::*;
     use crate::command::Rejection;
+    use crate::{SecretVersion, UnixMillis};
 
     fn put(version: u64) -> Outcome {
-        Outcome::Put { version, created_at_ms: 1 }
+        Outcome::Put { version: SecretVersion(version), created_at_ms: UnixMillis(1) }
     }
 
     #[test]
     fn a_spliced_batch_gets_its_own_outcomes_back_in_order() -> Result<(), Error> {
-        let taken = Outcome::Rejected(Rejection::VersionTaken { version: 2, current: 2 });
+        let taken = Outcome::Rejected(Rejection::VersionTaken { version: SecretVersion(2), current: SecretVersion(2) });
         let response = Response::Batch(vec![put(1), put(2), taken.clone(), put(4), put(5)]);
         let answers = split(&[1, 3, 1], response)?;
         assert_eq!(answers, vec![vec![put(1)], vec![put(2), taken, put(4)], vec![put(5)]]);

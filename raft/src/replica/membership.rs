@@ -65,7 +65,7 @@ impl Inner {
             self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         voters.insert(node);
         self.raft.change_membership(voters, false).await.map_err(|e| self.membership_error(e))?;
-        tracing::info!(node_id = node, addr, "node joined as a voter");
+        tracing::info!(node_id = %node, addr, "node joined as a voter");
         Ok(cluster.cluster_id)
     }
 

@@ -21,15 +21,19 @@ mod tests {
     use super::*;
     use crate::command::Op;
     use crate::state::testing::Scratch;
-    use crate::KeyringRecord;
+    use crate::{KeyringRecord, KeyringVersion, UnixMillis};
 
     #[test]
     fn the_cluster_is_initialised_once() -> Result<(), StoreError> {
         let s = Scratch::must_new();
         let init = |id: &str| {
             Op::InitCluster(InitCluster {
-                cluster: ClusterRecord { cluster_id: id.into(), root_kcv: "00".into(), created_at_ms: 1 },
-                keyring: KeyringRecord { version: 1, wrapped: vec![1; 40], created_at_ms: 1 },
+                cluster: ClusterRecord { cluster_id: id.into(), root_kcv: "00".into(), created_at_ms: UnixMillis(1) },
+                keyring: KeyringRecord {
+                    version: KeyringVersion(1),
+                    wrapped: vec![1; 40],
+                    created_at_ms: UnixMillis(1),
+                },
             })
         };
         let outcomes = s.apply_ops(vec![init("c1"), init("c2")])?;

@@ -30,13 +30,14 @@ pub(crate) fn create(txn: &mut Txn<'_>, create: &CreateKey) -> Result<Outcome, S
 pub(crate) fn rotate(txn: &mut Txn<'_>, rotate: &RotateKey) -> Result<Outcome, StoreError> {
     let Some(mut record) = load(txn, &rotate.name)? else { return Ok(not_found(&rotate.name)) };
     let current = record.primary();
-    let Some(next) = current.checked_add(1) else {
+    let Some(next) = current.next() else {
         return Ok(Outcome::Rejected(Rejection::KeyVersionsExhausted { name: rotate.name.to_string() }));
     };
     if rotate.version != next {
-        return Ok(Outcome::Rejected(Rejection::VersionTaken {
-            version: u64::from(rotate.version),
-            current: u64::from(current),
+        return Ok(Outcome::Rejected(Rejection::KeyVersionTaken {
+            name: rotate.name.to_string(),
+            version: rotate.version,
+            current,
         }));
     }
     record.versions.insert(next, rotate.material.clone());
@@ -119,11 +120,12 @@ mod tests {
     use super::*;
     use crate::command::{KeyVersionRecord, NamedKeyType, Op};
     use crate::state::testing::{must_name, Scratch};
+    use crate::{KeyVersion, KeyringVersion, UnixMillis};
 
     fn version(tag: u8) -> KeyVersionRecord {
         KeyVersionRecord {
-            created_at_ms: u64::from(tag),
-            keyring_version: 1,
+            created_at_ms: UnixMillis(u64::from(tag)),
+            keyring_version: KeyringVersion(1),
             wrapped: vec![tag; 60],
             public_key: vec![],
         }
@@ -133,12 +135,12 @@ mod tests {
         NamedKeyRecord {
             key_type: NamedKeyType::Aes256Gcm,
             exportable: false,
-            created_at_ms: 1,
-            min_decryption_version: 1,
-            min_encryption_version: 1,
+            created_at_ms: UnixMillis(1),
+            min_decryption_version: KeyVersion(1),
+            min_encryption_version: KeyVersion(1),
             deletion_allowed: false,
             auto_rotate_period_ms: 0,
-            versions: [(primary, version(1))].into(),
+            versions: [(KeyVersion(primary), version(1))].into(),
             generation: 0,
         }
     }
@@ -148,13 +150,13 @@ mod tests {
     }
 
     fn rotate(name: &str, v: u32) -> Op {
-        Op::RotateKey(RotateKey { name: must_name(name), version: v, material: version(v as u8) })
+        Op::RotateKey(RotateKey { name: must_name(name), version: KeyVersion(v), material: version(v as u8) })
     }
 
     fn config(name: &str, min: Option<u32>, deletion: Option<bool>) -> Op {
         Op::UpdateKeyConfig(UpdateKeyConfig {
             name: must_name(name),
-            min_decryption_version: min,
+            min_decryption_version: min.map(KeyVersion),
             min_encryption_version: None,
             deletion_allowed: deletion,
             auto_rotate_period_ms: None,
@@ -172,10 +174,17 @@ mod tests {
         assert_eq!(r[0], Outcome::Applied);
         assert_eq!(r[1], Outcome::Rejected(Rejection::KeyExists { name: "k".into() }));
         assert_eq!(r[2], Outcome::Applied);
-        assert_eq!(r[3], Outcome::Rejected(Rejection::VersionTaken { version: 2, current: 2 }));
+        assert_eq!(
+            r[3],
+            Outcome::Rejected(Rejection::KeyVersionTaken {
+                name: "k".into(),
+                version: KeyVersion(2),
+                current: KeyVersion(2)
+            })
+        );
         assert_eq!(r[4], Outcome::Rejected(Rejection::KeyNotFound { name: "nope".into() }));
         let key = s.reader().named_key(&must_name("k"))?.expect("the key");
-        assert_eq!((key.primary(), key.generation), (2, 1));
+        assert_eq!((key.primary(), key.generation), (KeyVersion(2), 1));
         Ok(())
     }
 
@@ -197,10 +206,16 @@ mod tests {
         let r =
             s.apply_ops(vec![config("k", Some(2), None), config("k", Some(1), None), config("k", Some(4), None)])?;
         assert_eq!(r[0], Outcome::Applied);
-        assert_eq!(r[1], rule(KeyRule::MinDecryptionBackwards { name: "k".into(), current: 2, asked: 1 }));
-        assert_eq!(r[2], rule(KeyRule::MinAbovePrimary { name: "k".into(), min: 4, primary: 3 }));
+        assert_eq!(
+            r[1],
+            rule(KeyRule::MinDecryptionBackwards { name: "k".into(), current: KeyVersion(2), asked: KeyVersion(1) })
+        );
+        assert_eq!(
+            r[2],
+            rule(KeyRule::MinAbovePrimary { name: "k".into(), min: KeyVersion(4), primary: KeyVersion(3) })
+        );
         let key = s.reader().named_key(&must_name("k"))?.expect("the key");
-        assert_eq!(key.min_decryption_version, 2, "the refused changes wrote nothing");
+        assert_eq!(key.min_decryption_version, KeyVersion(2), "the refused changes wrote nothing");
         assert_eq!(s.apply_ops(vec![config("k", Some(2), Some(true))])?, vec![Outcome::Applied], "same value: fine");
         Ok(())
     }
@@ -215,8 +230,8 @@ mod tests {
         let v1 = |min_dec: Option<u32>, min_enc: Option<u32>, deletion: Option<bool>| {
             crate::command::Command::UpdateKeyConfig(UpdateKeyConfig {
                 name: must_name("k"),
-                min_decryption_version: min_dec,
-                min_encryption_version: min_enc,
+                min_decryption_version: min_dec.map(KeyVersion),
+                min_encryption_version: min_enc.map(KeyVersion),
                 deletion_allowed: deletion,
                 auto_rotate_period_ms: None,
             })
@@ -226,7 +241,7 @@ mod tests {
         assert!(!s.reader().named_key(&must_name("k"))?.expect("the key").deletion_allowed, "refused whole");
         assert_eq!(s.apply(&v1(Some(1), None, None))?, crate::Response::Applied, "format 1 could move it back");
         let key = s.reader().named_key(&must_name("k"))?.expect("the key");
-        assert_eq!((key.min_decryption_version, key.min_encryption_version), (1, 2));
+        assert_eq!((key.min_decryption_version, key.min_encryption_version), (KeyVersion(1), KeyVersion(2)));
         Ok(())
     }
 

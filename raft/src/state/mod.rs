@@ -136,6 +136,7 @@ pub(crate) mod testing {
 
     use super::*;
     use crate::command::SealedValue;
+    use crate::KeyringVersion;
 
     pub(crate) struct Scratch {
         _dir: tempfile::TempDir,
@@ -180,6 +181,6 @@ pub(crate) mod testing {
     }
 
     pub(crate) fn sealed(tag: u8) -> SealedValue {
-        SealedValue { keyring_version: 1, wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
+        SealedValue { keyring_version: KeyringVersion(1), wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
     }
 }

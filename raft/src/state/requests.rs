@@ -82,13 +82,13 @@ mod tests {
     use super::*;
     use crate::command::{Command, DeleteKey, Op, VersionState, Write};
     use crate::state::testing::{must_name, must_path, sealed, Scratch};
-    use crate::UnixMillis;
+    use crate::{SecretVersion, UnixMillis};
 
     fn put(path: &str, version: u64) -> Op {
         Op::PutSecret(PutSecret {
             request_id: None,
             path: must_path(path),
-            version,
+            version: SecretVersion(version),
             cas: None,
             max_versions: None,
             default_max_versions: 10,
@@ -115,7 +115,7 @@ mod tests {
         // The retry was resealed for the next version, as a retry after a lost answer would be.
         let retry = writes(&s, vec![with_id("r1", put("a", 2))])?;
         assert_eq!(first, retry);
-        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(1));
+        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(SecretVersion(1)));
         Ok(())
     }
 
@@ -135,13 +135,13 @@ mod tests {
         assert!(s.reader().secret(&must_path("b"))?.is_none());
         let delete = Op::SetVersionState(crate::command::SetVersionState {
             path: must_path("a"),
-            versions: vec![1],
+            versions: vec![SecretVersion(1)],
             state: VersionState::Destroyed,
             at_ms: UnixMillis(5),
         });
         let other_command = writes(&s, vec![with_id("r1", delete)])?;
         assert!(matches!(&other_command[..], [Outcome::Rejected(Rejection::RequestIdReused { .. })]));
-        let (_, _, value) = s.reader().secret_version(&must_path("a"), Some(1))?.expect("the secret");
+        let value = s.reader().secret_version(&must_path("a"), Some(SecretVersion(1)))?.expect("the secret").sealed;
         assert!(value.is_some(), "the version was not destroyed");
         Ok(())
     }
@@ -151,7 +151,10 @@ mod tests {
         let s = Scratch::must_new();
         let missing = writes(&s, vec![with_id("r2", Op::DeleteKey(DeleteKey { name: must_name("k") }))])?;
         assert!(matches!(&missing[..], [Outcome::Rejected(Rejection::KeyNotFound { .. })]));
-        assert_eq!(writes(&s, vec![with_id("r2", put("a", 1))])?[0], Outcome::Put { version: 1, created_at_ms: 1001 });
+        assert_eq!(
+            writes(&s, vec![with_id("r2", put("a", 1))])?[0],
+            Outcome::Put { version: SecretVersion(1), created_at_ms: UnixMillis(1001) }
+        );
         Ok(())
     }
 
@@ -164,9 +167,12 @@ mod tests {
         p.request_id = Some("old".into());
         let first = s.apply(&Command::PutSecret(p))?;
         let retry = writes(&s, vec![with_id("old", put("a", 2))])?;
-        assert_eq!(Response::Batch(retry), Response::Batch(vec![Outcome::Put { version: 1, created_at_ms: 1001 }]));
-        assert_eq!(first, Response::Put { version: 1, created_at_ms: 1001 });
-        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(1));
+        assert_eq!(
+            Response::Batch(retry),
+            Response::Batch(vec![Outcome::Put { version: SecretVersion(1), created_at_ms: UnixMillis(1001) }])
+        );
+        assert_eq!(first, Response::Put { version: SecretVersion(1), created_at_ms: UnixMillis(1001) });
+        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(SecretVersion(1)));
         Ok(())
     }
 
@@ -176,9 +182,9 @@ mod tests {
         let Op::PutSecret(mut p) = put("a", 1) else { unreachable!() };
         p.request_id = Some("old".into());
         let first = s.apply(&Command::PutSecret(p.clone()))?;
-        p.version = 2;
+        p.version = SecretVersion(2);
         assert_eq!(s.apply(&Command::PutSecret(p))?, first);
-        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(1));
+        assert_eq!(s.reader().secret(&must_path("a"))?.map(|m| m.current_version), Some(SecretVersion(1)));
         Ok(())
     }
 }

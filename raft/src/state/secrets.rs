@@ -5,35 +5,36 @@ use crate::command::{Outcome, PutSecret, Rejection, SecretMeta, SetVersionState,
 use crate::error::StoreError;
 use crate::state::Txn;
 use crate::store::{cf, version_key};
+use crate::SecretVersion;
 
 /// Writes a new version, if the check-and-set holds and the version is the next one.
 pub(crate) fn put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, StoreError> {
     let meta = txn.get::<SecretMeta>(cf::SECRETS, put.path.as_str().as_bytes(), "secret metadata")?;
-    let current = meta.as_ref().map_or(0, |m| m.current_version);
+    let current = meta.as_ref().map_or(SecretVersion(0), |m| m.current_version);
     if let Some(expected) = put.cas {
         if expected != current {
             return Ok(Outcome::Rejected(Rejection::CasMismatch { expected, current }));
         }
     }
-    let Some(next) = current.checked_add(1) else {
+    let Some(next) = current.next() else {
         return Ok(Outcome::Rejected(Rejection::SecretVersionsExhausted { path: put.path.to_string() }));
     };
     if put.version != next {
         return Ok(Outcome::Rejected(Rejection::VersionTaken { version: put.version, current }));
     }
     let mut meta = meta.unwrap_or(SecretMeta {
-        current_version: 0,
+        current_version: SecretVersion(0),
         max_versions: put.default_max_versions,
-        created_at_ms: put.at_ms.0,
-        updated_at_ms: put.at_ms.0,
+        created_at_ms: put.at_ms,
+        updated_at_ms: put.at_ms,
         versions: Default::default(),
     });
     if let Some(max) = put.max_versions {
         meta.max_versions = max;
     }
     meta.current_version = next;
-    meta.updated_at_ms = put.at_ms.0;
-    meta.versions.insert(next, VersionMeta { created_at_ms: put.at_ms.0, deleted_at_ms: None, destroyed: false });
+    meta.updated_at_ms = put.at_ms;
+    meta.versions.insert(next, VersionMeta { created_at_ms: put.at_ms, deleted_at_ms: None, destroyed: false });
     while meta.versions.len() > meta.max_versions.max(1) as usize {
         if let Some((oldest, _)) = meta.versions.pop_first() {
             txn.delete(cf::VERSIONS, version_key(put.path.as_str(), oldest));
@@ -41,7 +42,7 @@ pub(crate) fn put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, StoreEr
     }
     txn.put(cf::VERSIONS, version_key(put.path.as_str(), next), &put.sealed);
     txn.put(cf::SECRETS, put.path.as_str().as_bytes().to_vec(), &meta);
-    Ok(Outcome::Put { version: next, created_at_ms: put.at_ms.0 })
+    Ok(Outcome::Put { version: next, created_at_ms: put.at_ms })
 }
 
 /// Changes the state of versions; every target is checked before any changes.
@@ -68,7 +69,7 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
         match set.state {
             VersionState::Deleted => {
                 if !v.destroyed && v.deleted_at_ms.is_none() {
-                    v.deleted_at_ms = Some(set.at_ms.0);
+                    v.deleted_at_ms = Some(set.at_ms);
                 }
             }
             VersionState::Undeleted => v.deleted_at_ms = None,
@@ -78,7 +79,7 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
             }
         }
     }
-    meta.updated_at_ms = set.at_ms.0;
+    meta.updated_at_ms = set.at_ms;
     txn.put(cf::SECRETS, path.as_bytes().to_vec(), &meta);
     Ok(Outcome::Applied)
 }
@@ -94,8 +95,8 @@ mod tests {
         Op::PutSecret(PutSecret {
             request_id: None,
             path: must_path(path),
-            version,
-            cas,
+            version: SecretVersion(version),
+            cas: cas.map(SecretVersion),
             max_versions: None,
             default_max_versions: 3,
             sealed: sealed(version as u8),
@@ -104,22 +105,38 @@ mod tests {
     }
 
     fn set(path: &str, versions: Vec<u64>, state: VersionState) -> Op {
-        Op::SetVersionState(SetVersionState { path: must_path(path), versions, state, at_ms: UnixMillis(5000) })
+        Op::SetVersionState(SetVersionState {
+            path: must_path(path),
+            versions: versions.into_iter().map(SecretVersion).collect(),
+            state,
+            at_ms: UnixMillis(5000),
+        })
     }
 
     #[test]
     fn versions_cas_and_pruning() -> Result<(), StoreError> {
         let s = Scratch::must_new();
         let r = s.apply_ops(vec![put_op("a", 1, Some(0)), put_op("a", 2, None), put_op("a", 2, None)])?;
-        assert_eq!(r[1], Outcome::Put { version: 2, created_at_ms: 1002 });
-        assert_eq!(r[2], Outcome::Rejected(Rejection::VersionTaken { version: 2, current: 2 }), "sees earlier items");
+        assert_eq!(r[1], Outcome::Put { version: SecretVersion(2), created_at_ms: UnixMillis(1002) });
+        assert_eq!(
+            r[2],
+            Outcome::Rejected(Rejection::VersionTaken { version: SecretVersion(2), current: SecretVersion(2) }),
+            "sees earlier items"
+        );
         let r = s.apply_ops(vec![put_op("a", 3, Some(1))])?;
-        assert_eq!(r[0], Outcome::Rejected(Rejection::CasMismatch { expected: 1, current: 2 }));
+        assert_eq!(
+            r[0],
+            Outcome::Rejected(Rejection::CasMismatch { expected: SecretVersion(1), current: SecretVersion(2) })
+        );
         s.apply_ops(vec![put_op("a", 3, None), put_op("a", 4, None)])?;
         let meta = s.reader().secret(&must_path("a"))?.expect("the secret");
-        assert_eq!(meta.versions.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4], "max_versions 3 pruned 1");
+        assert_eq!(
+            meta.versions.keys().copied().collect::<Vec<_>>(),
+            vec![SecretVersion(2), SecretVersion(3), SecretVersion(4)],
+            "max_versions 3 pruned 1"
+        );
         assert!(
-            s.reader().secret_version(&must_path("a"), Some(1))?.expect("meta").2.is_none(),
+            s.reader().secret_version(&must_path("a"), Some(SecretVersion(1)))?.expect("meta").sealed.is_none(),
             "pruned ciphertext removed"
         );
         Ok(())
@@ -131,7 +148,10 @@ mod tests {
     fn the_largest_version_is_refused_not_overflowed() -> Result<(), StoreError> {
         let s = Scratch::must_new();
         let r = s.apply_ops(vec![put_op("a", u64::MAX, Some(u64::MAX))])?;
-        assert_eq!(r[0], Outcome::Rejected(Rejection::CasMismatch { expected: u64::MAX, current: 0 }));
+        assert_eq!(
+            r[0],
+            Outcome::Rejected(Rejection::CasMismatch { expected: SecretVersion(u64::MAX), current: SecretVersion(0) })
+        );
         // A crafted meta at the largest version (reachable only by a forged command before this
         // check existed): the next put is refused.
         let mut txn = Txn::new(&s.store);
@@ -139,10 +159,10 @@ mod tests {
             cf::SECRETS,
             b"full".to_vec(),
             &SecretMeta {
-                current_version: u64::MAX,
+                current_version: SecretVersion(u64::MAX),
                 max_versions: 1,
-                created_at_ms: 1,
-                updated_at_ms: 1,
+                created_at_ms: UnixMillis(1),
+                updated_at_ms: UnixMillis(1),
                 versions: Default::default(),
             },
         );
@@ -151,7 +171,7 @@ mod tests {
         let r = s.apply_ops(vec![put_op("full", u64::MAX, None), put_op("full", 0, Some(u64::MAX))])?;
         let exhausted = Outcome::Rejected(Rejection::SecretVersionsExhausted { path: "full".into() });
         assert_eq!(r, vec![exhausted.clone(), exhausted]);
-        assert_eq!(s.reader().secret(&must_path("full"))?.map(|m| m.current_version), Some(u64::MAX));
+        assert_eq!(s.reader().secret(&must_path("full"))?.map(|m| m.current_version), Some(SecretVersion(u64::MAX)));
         Ok(())
     }
 
@@ -160,22 +180,29 @@ mod tests {
         let s = Scratch::must_new();
         s.apply_ops(vec![put_op("s", 1, None), put_op("s", 2, None)])?;
         let r = s.apply_ops(vec![set("s", vec![1, 9], VersionState::Deleted)])?;
-        assert_eq!(r[0], Outcome::Rejected(Rejection::VersionNotFound { path: "s".into(), version: 9 }));
+        assert_eq!(r[0], Outcome::Rejected(Rejection::VersionNotFound { path: "s".into(), version: SecretVersion(9) }));
         assert_eq!(
-            s.reader().secret(&must_path("s"))?.expect("meta").versions[&1].deleted_at_ms,
+            s.reader().secret(&must_path("s"))?.expect("meta").versions[&SecretVersion(1)].deleted_at_ms,
             None,
             "nothing changed"
         );
         s.apply_ops(vec![set("s", vec![2], VersionState::Deleted)])?;
-        assert_eq!(s.reader().secret(&must_path("s"))?.expect("meta").versions[&2].deleted_at_ms, Some(5000));
+        assert_eq!(
+            s.reader().secret(&must_path("s"))?.expect("meta").versions[&SecretVersion(2)].deleted_at_ms,
+            Some(UnixMillis(5000))
+        );
         s.apply_ops(vec![set("s", vec![2], VersionState::Undeleted)])?;
-        assert_eq!(s.reader().secret(&must_path("s"))?.expect("meta").versions[&2].deleted_at_ms, None);
+        assert_eq!(s.reader().secret(&must_path("s"))?.expect("meta").versions[&SecretVersion(2)].deleted_at_ms, None);
         s.apply_ops(vec![set("s", vec![1], VersionState::Destroyed)])?;
-        let (meta, _, value) = s.reader().secret_version(&must_path("s"), Some(1))?.expect("meta");
-        assert!(meta.versions[&1].destroyed && value.is_none());
+        let read = s.reader().secret_version(&must_path("s"), Some(SecretVersion(1)))?.expect("meta");
+        let (meta, value) = (read.meta, read.sealed);
+        assert!(meta.versions[&SecretVersion(1)].destroyed && value.is_none());
         let r =
             s.apply_ops(vec![set("s", vec![1], VersionState::Undeleted), set("nope", vec![1], VersionState::Deleted)])?;
-        assert_eq!(r[0], Outcome::Rejected(Rejection::VersionDestroyed { path: "s".into(), version: 1 }));
+        assert_eq!(
+            r[0],
+            Outcome::Rejected(Rejection::VersionDestroyed { path: "s".into(), version: SecretVersion(1) })
+        );
         assert_eq!(r[1], Outcome::Rejected(Rejection::SecretNotFound { path: "nope".into() }));
         Ok(())
     }

@@ -1,6 +1,7 @@
 use coffer_raft::{
-    ClusterRecord, Command, InitCluster, KeyringRecord, Op, Outcome, PutSecret, Rejection, RequestId, Response,
-    SealedValue, SetVersionState, StateMachine, StateReader, Store, TypeConfig, UnixMillis, VersionState, Write,
+    ClusterRecord, Command, InitCluster, KeyringRecord, KeyringVersion, NodeId, Op, Outcome, PutSecret, Rejection,
+    RequestId, Response, SealedValue, SecretVersion, SetVersionState, StateMachine, StateReader, Store, TypeConfig,
+    UnixMillis, VersionState, Write,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -26,7 +27,10 @@ impl Fixture {
             .map(|c| {
                 let index = self.next_index;
                 self.next_index += 1;
-                Entry { log_id: LogId::new(CommittedLeaderId::new(1, 0), index), payload: EntryPayload::Normal(c) }
+                Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, NodeId(0)), index),
+                    payload: EntryPayload::Normal(c),
+                }
             })
             .collect();
         Ok(self.sm.apply(entries).await?)
@@ -34,15 +38,15 @@ impl Fixture {
 }
 
 fn sealed(tag: u8) -> SealedValue {
-    SealedValue { keyring_version: 1, wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
+    SealedValue { keyring_version: KeyringVersion(1), wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
 }
 
 fn put(path: &str, version: u64, cas: Option<u64>, id: Option<&str>) -> PutSecret {
     PutSecret {
         request_id: id.map(str::to_owned),
         path: crate::must_path(path),
-        version,
-        cas,
+        version: SecretVersion(version),
+        cas: cas.map(SecretVersion),
         max_versions: None,
         default_max_versions: 3,
         sealed: sealed(version as u8),
@@ -68,15 +72,19 @@ async fn entries_of_writes_apply_in_order_each_on_its_own() -> anyhow::Result<()
         r,
         vec![
             Response::Batch(vec![
-                Outcome::Put { version: 1, created_at_ms: 1001 },
-                Outcome::Rejected(Rejection::VersionTaken { version: 1, current: 1 }),
-                Outcome::Put { version: 2, created_at_ms: 1002 },
-                Outcome::Rejected(Rejection::CasMismatch { expected: 5, current: 0 }),
+                Outcome::Put { version: SecretVersion(1), created_at_ms: UnixMillis(1001) },
+                Outcome::Rejected(Rejection::VersionTaken { version: SecretVersion(1), current: SecretVersion(1) }),
+                Outcome::Put { version: SecretVersion(2), created_at_ms: UnixMillis(1002) },
+                Outcome::Rejected(Rejection::CasMismatch { expected: SecretVersion(5), current: SecretVersion(0) }),
             ]),
-            Response::Batch(vec![Outcome::Put { version: 2, created_at_ms: 1002 }]),
+            Response::Batch(vec![Outcome::Put { version: SecretVersion(2), created_at_ms: UnixMillis(1002) }]),
         ]
     );
-    assert_eq!(f.reader.secret(&crate::must_path("p"))?.map(|m| m.current_version), Some(2), "the retry wrote nothing");
+    assert_eq!(
+        f.reader.secret(&crate::must_path("p"))?.map(|m| m.current_version),
+        Some(SecretVersion(2)),
+        "the retry wrote nothing"
+    );
     assert!(f.reader.secret(&crate::must_path("q"))?.is_none(), "a rejected item wrote nothing");
     Ok(())
 }
@@ -87,8 +95,8 @@ async fn entries_of_writes_apply_in_order_each_on_its_own() -> anyhow::Result<()
 async fn format_1_entries_still_apply() -> anyhow::Result<()> {
     let mut f = Fixture::new()?;
     let init = Command::InitCluster(InitCluster {
-        cluster: ClusterRecord { cluster_id: "c1".into(), root_kcv: "00".into(), created_at_ms: 1 },
-        keyring: KeyringRecord { version: 1, wrapped: vec![1; 40], created_at_ms: 1 },
+        cluster: ClusterRecord { cluster_id: "c1".into(), root_kcv: "00".into(), created_at_ms: UnixMillis(1) },
+        keyring: KeyringRecord { version: KeyringVersion(1), wrapped: vec![1; 40], created_at_ms: UnixMillis(1) },
     });
     let r = f
         .apply(vec![
@@ -114,12 +122,16 @@ async fn format_1_entries_still_apply() -> anyhow::Result<()> {
     assert_eq!(r[2], r[3], "a format-1 request id applies once");
     assert_eq!(
         r[5],
-        Response::Batch(vec![Outcome::Put { version: 1, created_at_ms: 1001 }]),
+        Response::Batch(vec![Outcome::Put { version: SecretVersion(1), created_at_ms: UnixMillis(1001) }]),
         "inside a format-1 batch too"
     );
-    assert_eq!(f.reader.secret(&crate::must_path("done"))?.map(|m| m.current_version), Some(1));
+    assert_eq!(f.reader.secret(&crate::must_path("done"))?.map(|m| m.current_version), Some(SecretVersion(1)));
     let x = f.reader.secret(&crate::must_path("x"))?.expect("the secret");
-    assert_eq!(x.versions[&2].deleted_at_ms, Some(5000), "an empty list meant the current version");
+    assert_eq!(
+        x.versions[&SecretVersion(2)].deleted_at_ms,
+        Some(UnixMillis(5000)),
+        "an empty list meant the current version"
+    );
     assert_eq!(f.reader.cluster()?.map(|c| c.cluster_id), Some("c1".into()));
     Ok(())
 }

@@ -10,9 +10,10 @@
 use std::path::PathBuf;
 
 use coffer_raft::{
-    ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, KeyVersionRecord, KeyringRecord, NamedKeyRecord,
-    NamedKeyType, Op, Outcome, PutSecret, Rejection, Response, RotateKey, SealedValue, SetVersionState, StateMachine,
-    StateReader, Store, TypeConfig, UnixMillis, UpdateKeyConfig, VersionState,
+    ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, KeyVersion, KeyVersionRecord, KeyringRecord,
+    KeyringVersion, NamedKeyRecord, NamedKeyType, NodeId, Op, Outcome, PutSecret, Rejection, Response, RotateKey,
+    SealedValue, SecretVersion, SetVersionState, StateMachine, StateReader, Store, TypeConfig, UnixMillis,
+    UpdateKeyConfig, VersionState,
 };
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -26,21 +27,26 @@ fn writing() -> bool {
 }
 
 fn sealed(tag: u8) -> SealedValue {
-    SealedValue { keyring_version: 1, wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
+    SealedValue { keyring_version: KeyringVersion(1), wrapped_data_key: vec![tag; 60], ciphertext: vec![tag; 20] }
 }
 
 fn key_record() -> NamedKeyRecord {
     NamedKeyRecord {
         key_type: NamedKeyType::Aes256Gcm,
         exportable: false,
-        created_at_ms: 2000,
-        min_decryption_version: 1,
-        min_encryption_version: 1,
+        created_at_ms: UnixMillis(2000),
+        min_decryption_version: KeyVersion(1),
+        min_encryption_version: KeyVersion(1),
         deletion_allowed: false,
         auto_rotate_period_ms: 0,
         versions: [(
-            1,
-            KeyVersionRecord { created_at_ms: 2000, keyring_version: 1, wrapped: vec![9; 60], public_key: vec![] },
+            KeyVersion(1),
+            KeyVersionRecord {
+                created_at_ms: UnixMillis(2000),
+                keyring_version: KeyringVersion(1),
+                wrapped: vec![9; 60],
+                public_key: vec![],
+            },
         )]
         .into(),
         generation: 1,
@@ -54,15 +60,15 @@ fn commands() -> Vec<Op> {
             cluster: ClusterRecord {
                 cluster_id: "c0ffee".into(),
                 root_kcv: "0011223344556677".into(),
-                created_at_ms: 1,
+                created_at_ms: UnixMillis(1),
             },
-            keyring: KeyringRecord { version: 1, wrapped: vec![1; 40], created_at_ms: 1 },
+            keyring: KeyringRecord { version: KeyringVersion(1), wrapped: vec![1; 40], created_at_ms: UnixMillis(1) },
         }),
         Op::PutSecret(PutSecret {
             request_id: Some("req-1".into()),
             path: crate::must_path("app/db"),
-            version: 1,
-            cas: Some(0),
+            version: SecretVersion(1),
+            cas: Some(SecretVersion(0)),
             max_versions: Some(5),
             default_max_versions: 10,
             sealed: sealed(1),
@@ -71,7 +77,7 @@ fn commands() -> Vec<Op> {
         Op::PutSecret(PutSecret {
             request_id: None,
             path: crate::must_path("app/db"),
-            version: 2,
+            version: SecretVersion(2),
             cas: None,
             max_versions: None,
             default_max_versions: 10,
@@ -80,24 +86,24 @@ fn commands() -> Vec<Op> {
         }),
         Op::SetVersionState(SetVersionState {
             path: crate::must_path("app/db"),
-            versions: vec![1],
+            versions: vec![SecretVersion(1)],
             state: VersionState::Deleted,
             at_ms: UnixMillis(1003),
         }),
         Op::CreateKey(CreateKey { name: crate::must_name("orders"), record: key_record() }),
         Op::RotateKey(RotateKey {
             name: crate::must_name("orders"),
-            version: 2,
+            version: KeyVersion(2),
             material: KeyVersionRecord {
-                created_at_ms: 3000,
-                keyring_version: 1,
+                created_at_ms: UnixMillis(3000),
+                keyring_version: KeyringVersion(1),
                 wrapped: vec![8; 60],
                 public_key: vec![],
             },
         }),
         Op::UpdateKeyConfig(UpdateKeyConfig {
             name: crate::must_name("orders"),
-            min_decryption_version: Some(1),
+            min_decryption_version: Some(KeyVersion(1)),
             min_encryption_version: None,
             deletion_allowed: Some(true),
             auto_rotate_period_ms: Some(86_400_000),
@@ -111,7 +117,7 @@ fn commands() -> Vec<Op> {
 }
 
 fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
-    Entry { log_id: LogId::new(CommittedLeaderId::new(3, 1), index), payload: EntryPayload::Normal(command) }
+    Entry { log_id: LogId::new(CommittedLeaderId::new(3, NodeId(1)), index), payload: EntryPayload::Normal(command) }
 }
 
 /// Compares `bytes` with the fixture file, or writes it when asked to.
@@ -149,12 +155,12 @@ fn a_batch_reply_keeps_its_encoding() -> anyhow::Result<()> {
     // What the leader answers a forwarded batch with, and what the requests column family holds.
     let expected = Response::Batch(vec![
         Outcome::Applied,
-        Outcome::Put { version: 1, created_at_ms: 1001 },
-        Outcome::Rejected(Rejection::CasMismatch { expected: 0, current: 1 }),
-        Outcome::Rejected(Rejection::VersionTaken { version: 2, current: 2 }),
+        Outcome::Put { version: SecretVersion(1), created_at_ms: UnixMillis(1001) },
+        Outcome::Rejected(Rejection::CasMismatch { expected: SecretVersion(0), current: SecretVersion(1) }),
+        Outcome::Rejected(Rejection::VersionTaken { version: SecretVersion(2), current: SecretVersion(2) }),
         Outcome::Rejected(Rejection::SecretNotFound { path: "p".into() }),
-        Outcome::Rejected(Rejection::VersionNotFound { path: "p".into(), version: 4 }),
-        Outcome::Rejected(Rejection::VersionDestroyed { path: "p".into(), version: 4 }),
+        Outcome::Rejected(Rejection::VersionNotFound { path: "p".into(), version: SecretVersion(4) }),
+        Outcome::Rejected(Rejection::VersionDestroyed { path: "p".into(), version: SecretVersion(4) }),
         Outcome::Rejected(Rejection::AlreadyInitialized),
         Outcome::Rejected(Rejection::KeyExists { name: "k".into() }),
         Outcome::Rejected(Rejection::KeyNotFound { name: "k".into() }),
@@ -196,15 +202,15 @@ async fn a_snapshot_file_still_installs() -> anyhow::Result<()> {
     assert_eq!(reader.cluster()?.map(|c| c.root_kcv), Some("0011223344556677".into()));
     assert_eq!(reader.keyrings()?.len(), 1);
     let meta = reader.secret(&crate::must_path("app/db"))?.ok_or_else(|| anyhow::anyhow!("secret missing"))?;
-    assert_eq!((meta.current_version, meta.max_versions), (2, 5));
-    assert_eq!(meta.versions[&1].deleted_at_ms, Some(1003));
-    let (_, version, value) =
+    assert_eq!((meta.current_version, meta.max_versions), (SecretVersion(2), 5));
+    assert_eq!(meta.versions[&SecretVersion(1)].deleted_at_ms, Some(UnixMillis(1003)));
+    let read =
         reader.secret_version(&crate::must_path("app/db"), None)?.ok_or_else(|| anyhow::anyhow!("no version"))?;
-    assert_eq!((version, value), (2, Some(sealed(2))));
+    assert_eq!((read.version, read.sealed), (SecretVersion(2), Some(sealed(2))));
     let key = reader.named_key(&crate::must_name("orders"))?.ok_or_else(|| anyhow::anyhow!("key missing"))?;
     assert_eq!(
         (key.primary(), key.deletion_allowed, key.auto_rotate_period_ms, key.generation),
-        (2, true, 86_400_000, 3)
+        (KeyVersion(2), true, 86_400_000, 3)
     );
     assert!(reader.named_key(&crate::must_name("gone"))?.is_none());
     Ok(())
