@@ -20,6 +20,12 @@
 //! # module = "/usr/lib/softhsm/libsofthsm2.so"   # default: searched
 //! # fault-file = "hsm-fault"          # drills only: while this file exists, HSM calls fail
 //!
+//! [tls]                               # or, to serve plaintext: tls = "off" (at the top)
+//! cert = "/etc/coffer/node-1.crt"       # this node's certificate (coffer operator tls issue node)
+//! key = "/etc/coffer/node-1.key"        # its key; only its owner may read it
+//! ca = "/etc/coffer/ca.crt"             # the cluster's CA: peers' and clients' certificates chain to it
+//! client-certs = "optional"             # "off" | "optional" | "required"
+//!
 //! [raft]
 //! heartbeat-interval = "50ms"
 //! election-timeout-min = "150ms"
@@ -48,6 +54,9 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("COFFER_HSM_PIN_FILE", "hsm.pin-file"),
     ("COFFER_HSM_PIN_ENV", "hsm.pin-env"),
     ("COFFER_HSM_ROOT_KEY_LABEL", "hsm.root-key-label"),
+    ("COFFER_TLS_CERT", "tls.cert"),
+    ("COFFER_TLS_KEY", "tls.key"),
+    ("COFFER_TLS_CA", "tls.ca"),
 ];
 
 /// The largest value a server may be configured to accept: values travel in one Raft entry.
@@ -77,6 +86,22 @@ struct RawConfig {
     hsm: RawHsm,
     #[serde(default)]
     raft: RawRaft,
+    /// `"off"`, or a table of [`RawTls`]: checked by hand for a message that names the rule.
+    tls: Option<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    #[serde(default = "default_client_certs")]
+    client_certs: String,
+}
+
+fn default_client_certs() -> String {
+    "optional".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,7 +218,22 @@ pub struct Config {
     pub hsm: HsmConfig,
     /// Raft timing.
     pub raft: RaftTiming,
+    /// TLS on the port, or plaintext when the config says `tls = "off"`.
+    pub tls: Tls,
 }
+
+/// Whether a node speaks TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// Plaintext, because the config says `tls = "off"`: logged as a warning at start and shown
+    /// by `operator status`.
+    Off,
+    /// TLS with these files; `ca` also verifies the peers this node dials.
+    On(coffer_tls::ServerFiles),
+}
+
+const NO_TLS: &str = "no TLS configured: add a [tls] table with cert, key and ca (coffer operator tls ca create and \
+                      coffer operator tls issue node make them), or set tls = \"off\" to serve plaintext";
 
 /// Raft timing settings.
 #[derive(Debug, Clone)]
@@ -335,7 +375,36 @@ impl RawConfig {
                 "raft.election-timeout-min is less than three heartbeat intervals: a slow heartbeat may trigger needless elections"
             );
         }
+        let tls = match self.tls {
+            None => return invalid(NO_TLS.into()),
+            Some(toml::Value::String(word)) if word == "off" => Tls::Off,
+            Some(toml::Value::String(word)) => {
+                return invalid(format!("tls = {word:?}: the only word tls takes is \"off\"; otherwise a [tls] table"))
+            }
+            Some(table @ toml::Value::Table(_)) => {
+                let raw: RawTls =
+                    table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(format!("[tls]: {e}")))?;
+                let client_certs = match raw.client_certs.as_str() {
+                    "off" => coffer_tls::ClientCerts::Off,
+                    "optional" => coffer_tls::ClientCerts::Optional,
+                    "required" => coffer_tls::ClientCerts::Required,
+                    other => {
+                        return invalid(format!(
+                            "tls.client-certs = {other:?}: one of \"off\", \"optional\", \"required\""
+                        ))
+                    }
+                };
+                Tls::On(coffer_tls::ServerFiles {
+                    cert: resolve(path, raw.cert),
+                    key: resolve(path, raw.key),
+                    ca: Some(resolve(path, raw.ca)),
+                    client_certs,
+                })
+            }
+            Some(other) => return invalid(format!("tls = {other}: \"off\" or a [tls] table")),
+        };
         Ok(Config {
+            tls,
             node_id: NodeId(self.node_id),
             listen,
             advertise_addr: self.advertise_addr,
@@ -378,7 +447,7 @@ fn resolve(config_path: &Path, path: PathBuf) -> PathBuf {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "data-dir = \"data\"\n[hsm]\ntoken-label = \"coffer\"\npin-file = \"pin\"\n";
+    const MINIMAL: &str = "data-dir = \"data\"\ntls = \"off\"\n[hsm]\ntoken-label = \"coffer\"\npin-file = \"pin\"\n";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/coffer/node.toml"), |_| None)
@@ -424,5 +493,23 @@ mod tests {
         assert!(err.to_string().contains("max-value-bytes"), "{err}");
         let err = parse(&format!("{MINIMAL}[raft]\nheartbeat-interval = \"1s\"\n")).unwrap_err();
         assert!(err.to_string().contains("heartbeat-interval <"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_on_unless_the_config_says_off() {
+        assert_eq!(parse(MINIMAL).unwrap().tls, Tls::Off);
+        let err = parse(&MINIMAL.replace("tls = \"off\"\n", "")).unwrap_err();
+        assert!(err.to_string().contains("no TLS configured"), "{err}");
+        let err = parse(&MINIMAL.replace("tls = \"off\"", "tls = \"no\"")).unwrap_err();
+        assert!(err.to_string().contains("only word tls takes"), "{err}");
+        let files =
+            MINIMAL.replace("tls = \"off\"\n", "") + "[tls]\ncert = \"n.crt\"\nkey = \"n.key\"\nca = \"ca.crt\"\n";
+        let Tls::On(on) = parse(&files).unwrap().tls else { panic!("TLS is on") };
+        assert_eq!((on.cert, on.ca), (PathBuf::from("/etc/coffer/n.crt"), Some(PathBuf::from("/etc/coffer/ca.crt"))));
+        assert_eq!(on.client_certs, coffer_tls::ClientCerts::Optional);
+        let err = parse(&(files.clone() + "client-certs = \"maybe\"\n")).unwrap_err();
+        assert!(err.to_string().contains("client-certs"), "{err}");
+        let err = parse(&files.replace("ca = \"ca.crt\"\n", "")).unwrap_err();
+        assert!(err.to_string().contains("ca"), "{err}");
     }
 }

@@ -123,6 +123,9 @@ pub enum Error {
     /// The listener or the gRPC server failed.
     #[error("serving gRPC: {0}")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The TLS files cannot be used (missing, exposed key, mismatched pair).
+    #[error(transparent)]
+    Tls(#[from] coffer_tls::Error),
     /// The state answered a write with an outcome its proposer cannot have caused: a broken
     /// invariant.
     #[error("unexpected outcome of {what}: {outcome:?}")]
@@ -238,6 +241,7 @@ impl From<Error> for tonic::Status {
             | Error::Hsm(_)
             | Error::Envelope(_)
             | Error::Serve(_)
+            | Error::Tls(_)
             | Error::Unexpected { .. } => Code::Internal,
         };
         if code == Code::Internal {

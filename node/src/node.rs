@@ -77,6 +77,7 @@ impl Node {
     /// # Errors
     /// Any failing step: HSM, store, Raft, or a root key that is not the cluster's.
     pub async fn start(config: Config, advertise: String) -> Result<Arc<Node>, Error> {
+        create_private_dir(&config.data_dir)?;
         let store = Store::open(&config.data_dir)?;
         let member = StateReader::new(store.clone()).cluster()?;
         let hsm = open_hsm(&config, if member.is_some() { HsmDown::Wait } else { HsmDown::Fail }).await?;
@@ -94,6 +95,7 @@ impl Node {
                 snapshot_after_logs: config.raft.snapshot_after_logs,
                 dial_via: config.raft.dial_via.clone(),
                 write_timeout: config.write_timeout,
+                peer_tls: peer_tls(&config)?,
             },
             store,
         )
@@ -201,6 +203,26 @@ impl Node {
     pub fn hsm(&self) -> &Hsm {
         &self.hsm
     }
+}
+
+/// Creates the data directory `0700` if it is missing (an existing one keeps its mode).
+fn create_private_dir(dir: &std::path::Path) -> Result<(), Error> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| Error::Serve(Box::new(e)))
+}
+
+/// How this node dials its peers: with its own certificate, trusting the cluster's CA.
+fn peer_tls(config: &Config) -> Result<Option<tonic::transport::ClientTlsConfig>, Error> {
+    let crate::config::Tls::On(files) = &config.tls else { return Ok(None) };
+    let Some(ca) = files.ca.clone() else { return Ok(None) };
+    let identity = Some((files.cert.clone(), files.key.clone()));
+    Ok(Some(coffer_tls::client_config(&coffer_tls::ClientFiles { ca, identity })?))
 }
 
 /// What [`open_hsm`] does while the HSM is unreachable.

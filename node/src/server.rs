@@ -10,12 +10,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::cluster::OperatorService;
-use crate::config::Config;
+use crate::config::{Config, Tls};
 use crate::error::Error;
 use crate::keys::KeysService;
 use crate::keys::StatsService;
 use crate::node::Node;
 use crate::secrets::SecretsService;
+use coffer_tls::ReloadingServer;
 
 /// Starts a node from `config` and serves the public API (Secrets, Keys, Operator, gRPC health, server
 /// reflection) and the node-to-node Raft service on `listener` until `shutdown` completes. Tests call this with a listener bound to
@@ -25,6 +26,11 @@ use crate::secrets::SecretsService;
 /// Start-up failures (HSM, store, KCV mismatch), or a failing transport.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let bound = listener.local_addr().map_err(|e| Error::Serve(Box::new(e)))?;
+    // The files are checked before anything starts: a node with a bad key never joins half-way.
+    let tls = match &config.tls {
+        Tls::On(files) => Some(ReloadingServer::load(files.clone())?),
+        Tls::Off => None,
+    };
     let advertise = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
     let mut shutdown = std::pin::pin!(shutdown);
     // A member may wait for its HSM at start: a signal meanwhile still stops it.
@@ -39,18 +45,28 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Serve(Box::new(e)))?;
-    tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats)");
     let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(SecretsServer::new(SecretsService::new(node.clone())))
         .add_service(OperatorServer::new(OperatorService::new(node.clone())))
         .add_service(KeysServer::new(KeysService::new(node.clone())))
         .add_service(NodeStatsServer::new(StatsService::new(node.clone())))
-        .add_service(node.replica.peer_service())
-        .serve_with_incoming_shutdown(no_delay(listener), shutdown)
-        .await;
+        .add_service(node.replica.peer_service());
+    let served = match tls {
+        Some(tls) => {
+            tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats) over TLS");
+            let watcher = tls.watch();
+            let served = router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await;
+            watcher.abort();
+            served
+        }
+        None => {
+            tracing::warn!(addr = %bound, "serving PLAINTEXT (tls = \"off\"): anyone on the network can read and change what crosses it");
+            router.serve_with_incoming_shutdown(no_delay(listener), shutdown).await
+        }
+    };
     rotator.abort();
     let _ = rotator.await;
     node.shutdown().await;

@@ -24,7 +24,7 @@ use openraft::{BasicNode, RaftMetrics};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::command::{Command, Response};
 use crate::error::{Error, Peer, Refusal};
@@ -44,12 +44,14 @@ pub(crate) struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Peer address → the address dialled instead (drills put a TCP proxy on every link).
     dial_via: Arc<HashMap<String, String>>,
+    /// TLS towards peers: the cluster CA and this node's certificate; `None`: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerChannels {
     /// Channels that dial `dial_via[addr]` instead of a peer address found in the map.
-    pub(crate) fn with_dial_via(dial_via: impl IntoIterator<Item = (String, String)>) -> Self {
-        PeerChannels { channels: Arc::default(), dial_via: Arc::new(dial_via.into_iter().collect()) }
+    pub(crate) fn new(dial_via: impl IntoIterator<Item = (String, String)>, tls: Option<ClientTlsConfig>) -> Self {
+        PeerChannels { channels: Arc::default(), dial_via: Arc::new(dial_via.into_iter().collect()), tls }
     }
 
     /// The channel to `addr` (`host:port`), created on first use and reused afterwards.
@@ -62,8 +64,13 @@ impl PeerChannels {
             return Ok(channel.clone());
         }
         let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
-        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
-            .map_err(|_| Error::BadPeerAddr { addr: addr.to_owned() })?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{dial}"))
+            .map_err(|_| Error::BadPeerAddr { addr: addr.to_owned() })?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|_| Error::BadPeerAddr { addr: addr.to_owned() })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));

@@ -151,7 +151,7 @@ impl Cluster {
         std::fs::write(
             dir.join("node.toml"),
             format!(
-                "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\n{}\n\
+                "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\ntls = \"off\"\n{}\n\
                  [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"pin\"\nfault-file = \"{HSM_FAULT_FILE}\"\n",
                 self.options.extra_config
             ),

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::ClientTlsConfig;
 
 /// How long a server may take to serve after `run` is called.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -60,9 +61,28 @@ impl InProcess {
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<anyhow::Error>,
     {
+        InProcess::start_with(dir, None, run).await
+    }
+
+    /// [`InProcess::start`] for a server that speaks TLS: its URL is `https://…`, and the
+    /// readiness check connects with `tls`.
+    ///
+    /// # Errors
+    /// As [`InProcess::start`].
+    pub async fn start_with<R, F, E>(
+        dir: tempfile::TempDir,
+        tls: Option<ClientTlsConfig>,
+        run: R,
+    ) -> anyhow::Result<InProcess>
+    where
+        R: FnOnce(TcpListener, Shutdown) -> F,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<anyhow::Error>,
+    {
         let tasks_before = Handle::current().metrics().num_alive_tasks();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel::<()>();
         let signal: Shutdown = Box::pin(async move {
             // A dropped sender stops the server too.
@@ -72,7 +92,7 @@ impl InProcess {
         let task = tokio::spawn(async move { served.await.map_err(Into::into) });
         let mut server = InProcess { url, dir, tasks_before, shutdown: Some(tx), task: Some(task) };
         let started = Instant::now();
-        while !serving(&server.url).await {
+        while !serving_with(&server.url, tls.as_ref()).await {
             if server.task.as_ref().is_some_and(JoinHandle::is_finished) {
                 let result = server.join().await;
                 anyhow::bail!("the server returned before it served: {result:?}");
@@ -85,7 +105,7 @@ impl InProcess {
         Ok(server)
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when started with TLS).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -158,7 +178,16 @@ impl Drop for InProcess {
 
 /// Whether the server at `url` reports SERVING for `coffer.v1.Secrets` (one try, 2 s at most).
 pub async fn serving(url: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
+    serving_with(url, None).await
+}
+
+/// [`serving`], connecting with `tls` when given.
+pub async fn serving_with(url: &str, tls: Option<&ClientTlsConfig>) -> bool {
+    let Ok(mut endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
+    if let Some(tls) = tls {
+        let Ok(with_tls) = endpoint.tls_config(tls.clone()) else { return false };
+        endpoint = with_tls;
+    }
     let Ok(channel) = endpoint.timeout(Duration::from_secs(2)).connect_timeout(Duration::from_secs(2)).connect().await
     else {
         return false;

@@ -62,7 +62,7 @@ impl SoftHsm {
         let config = dir.join(HSM_CONFIG);
         std::fs::write(
             &config,
-            format!("data-dir = \"data\"\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"pin\"\n"),
+            format!("data-dir = \"data\"\ntls = \"off\"\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"pin\"\n"),
         )?;
         let so_pin = hsm.so_pin_file();
         let so_pin = so_pin.to_str().context("the SO PIN path is not UTF-8")?;

@@ -6,18 +6,25 @@
 //! starts every node as a `coffer server` child process, initialises the cluster on node 1, joins
 //! the others through it, prints the addresses and how to use them, and stops the nodes on Ctrl-C.
 //! Run again with the same `--dir`, it reuses the tokens and data.
+//!
+//! TLS is on, as in production: a dev CA in `<dir>/tls` issues each node a certificate (for
+//! 127.0.0.1 and localhost) and the CLI a client certificate, and `coffer dev` prints the
+//! environment variables the CLI needs. A node that dies (a `kill -9` to try a failover) leaves
+//! the others running; `coffer dev` prints how to start it again.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
 use coffer_proto::v1::operator_client::OperatorClient;
 use coffer_proto::v1::{InitRequest, JoinRequest, StatusRequest};
 use ring::rand::SecureRandom;
 use tokio::process::{Child, Command};
+
+use super::client::ConnectArgs;
 
 /// Options of `coffer dev`.
 #[derive(Debug, Args)]
@@ -51,8 +58,69 @@ impl DevNode {
         self.dir.join("softhsm2.conf")
     }
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
+}
+
+/// The dev CA and the CLI's certificate, in `<dir>/tls`.
+struct DevTls {
+    dir: PathBuf,
+}
+
+impl DevTls {
+    fn ca_cert(&self) -> PathBuf {
+        self.dir.join(coffer_tls::CA_CERT)
+    }
+    fn client_cert(&self) -> PathBuf {
+        self.dir.join("cli.crt")
+    }
+    fn client_key(&self) -> PathBuf {
+        self.dir.join("cli.key")
+    }
+    /// How the CLI (and `coffer dev` itself) connects to `node`.
+    fn connect_args(&self, node: &DevNode) -> ConnectArgs {
+        ConnectArgs {
+            addr: node.url(),
+            cacert: Some(self.ca_cert()),
+            client_cert: Some(self.client_cert()),
+            client_key: Some(self.client_key()),
+            insecure: false,
+        }
+    }
+
+    /// Creates the CA and the CLI's certificate if missing, and each node's certificate; adds a
+    /// `[tls]` table to a node config written before TLS (a dev directory from an older release).
+    fn ensure(&self, nodes: &[DevNode]) -> anyhow::Result<()> {
+        let ca = if self.ca_cert().exists() {
+            coffer_tls::Ca::load(&self.dir)?
+        } else {
+            eprintln!("coffer dev: creating a dev certificate authority in {}", self.dir.display());
+            coffer_tls::Ca::create(&self.dir, Duration::from_secs(10 * 365 * 86_400))?
+        };
+        let until = SystemTime::now() + Duration::from_secs(365 * 86_400);
+        if !self.client_cert().exists() {
+            ca.issue(&coffer_tls::Subject::Client("dev".into()), &[], until, &self.dir, "cli")?;
+        }
+        for node in nodes {
+            let tls_dir = node.dir.join("tls");
+            if !tls_dir.join("node.crt").exists() {
+                let hosts = [node.addr.ip().to_string(), "localhost".to_owned()];
+                ca.issue(&coffer_tls::Subject::Node(u64::from(node.id)), &hosts, until, &tls_dir, "node")?;
+            }
+            let config = node.config();
+            if config.exists() && !std::fs::read_to_string(&config)?.contains("[tls]") {
+                let mut text = std::fs::read_to_string(&config)?;
+                text.push_str(&tls_table(self));
+                std::fs::write(&config, text)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node config's `[tls]` table (paths relative to the node's directory).
+fn tls_table(tls: &DevTls) -> String {
+    format!("\n[tls]\ncert = \"tls/node.crt\"\nkey = \"tls/node.key\"\nca = \"{}\"\n", tls.ca_cert().display())
 }
 
 /// Runs the development cluster until Ctrl-C.
@@ -60,7 +128,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     ensure_softhsm()?;
     let (temp, root) = match args.dir {
         Some(dir) => {
-            std::fs::create_dir_all(&dir)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
             (None, std::fs::canonicalize(dir)?)
         }
         None => {
@@ -78,11 +146,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
 
+    let tls = DevTls { dir: root.join("tls") };
     for node in &nodes {
         if !node.config().exists() {
-            prepare(&exe, node, &nodes[0]).await?;
+            prepare(&exe, node, &nodes[0], &tls).await?;
         }
     }
+    tls.ensure(&nodes)?;
     let mut children = Vec::new();
     for node in &nodes {
         let child = Command::new(&exe)
@@ -95,9 +165,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         children.push(child);
     }
     for (node, child) in nodes.iter().zip(children.iter_mut()) {
-        wait_until_up(node, child).await?;
+        wait_until_up(node, child, &tls).await?;
     }
-    form_cluster(&nodes).await?;
+    form_cluster(&nodes, &tls).await?;
 
     let bin_dir = exe.parent().map(|d| d.display().to_string()).unwrap_or_default();
     let addrs: Vec<String> = nodes.iter().map(DevNode::url).collect();
@@ -110,17 +180,32 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!();
     println!("In another shell (any node will do; writes are forwarded to the leader):");
     println!("  export PATH=\"{bin_dir}:$PATH\" COFFER_ADDR={}", addrs[0]);
+    println!(
+        "  export COFFER_CACERT={} COFFER_CLIENT_CERT={} COFFER_CLIENT_KEY={}",
+        tls.ca_cert().display(),
+        tls.client_cert().display(),
+        tls.client_key().display()
+    );
     println!("  printf hunter2 | coffer secret put db/password");
     println!("  coffer secret get db/password");
     println!("  coffer operator status");
     println!();
     println!("Press Ctrl-C to stop.");
 
-    let exited = async {
+    // A node that exits (a `kill -9` to try a failover) is reported once; the others run on.
+    let watch = async {
+        let mut reported = vec![false; nodes.len()];
         loop {
-            for (node, child) in nodes.iter().zip(children.iter_mut()) {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return (node.id, status);
+            for (i, (node, child)) in nodes.iter().zip(children.iter_mut()).enumerate() {
+                if let (false, Ok(Some(status))) = (reported[i], child.try_wait()) {
+                    reported[i] = true;
+                    eprintln!(
+                        "coffer dev: node {} exited ({status}); the others keep running. Start it again with:\n  SOFTHSM2_CONF={} {} server --config {}",
+                        node.id,
+                        node.softhsm_conf().display(),
+                        exe.display(),
+                        node.config().display()
+                    );
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -128,7 +213,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     tokio::select! {
         _ = super::shutdown_signal() => {}
-        (id, status) = exited => eprintln!("coffer dev: node {id} exited ({status}); stopping the others"),
+        () = watch => {}
     }
     for child in &mut children {
         stop(child).await;
@@ -138,7 +223,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 
 /// Writes a node's SoftHSM config, PINs and node config. Node 1 gets a new token and root key;
 /// the others copy node 1's token directory and PINs.
-async fn prepare(exe: &Path, node: &DevNode, first: &DevNode) -> anyhow::Result<()> {
+async fn prepare(exe: &Path, node: &DevNode, first: &DevNode, tls: &DevTls) -> anyhow::Result<()> {
     eprintln!("coffer dev: preparing node {} in {}", node.id, node.dir.display());
     std::fs::create_dir_all(node.dir.join("tokens"))?;
     std::fs::write(
@@ -158,8 +243,10 @@ async fn prepare(exe: &Path, node: &DevNode, first: &DevNode) -> anyhow::Result<
     std::fs::write(
         node.config(),
         format!(
-            "# Written by `coffer dev`.\nnode-id = {}\nlisten = \"{}\"\ndata-dir = \"data\"\n\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"hsm-pin\"\n",
-            node.id, node.addr
+            "# Written by `coffer dev`.\nnode-id = {}\nlisten = \"{}\"\ndata-dir = \"data\"\n\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"hsm-pin\"\n{}",
+            node.id,
+            node.addr,
+            tls_table(tls)
         ),
     )?;
     if node.id == first.id {
@@ -171,15 +258,15 @@ async fn prepare(exe: &Path, node: &DevNode, first: &DevNode) -> anyhow::Result<
 }
 
 /// Initialises the cluster on node 1 and joins the others, unless they are members already.
-async fn form_cluster(nodes: &[DevNode]) -> anyhow::Result<()> {
+async fn form_cluster(nodes: &[DevNode], tls: &DevTls) -> anyhow::Result<()> {
     let first = &nodes[0];
-    let mut client = OperatorClient::new(super::client::connect(&first.url()).await?);
+    let mut client = OperatorClient::new(super::client::connect(&tls.connect_args(first)).await?);
     if client.status(StatusRequest {}).await?.into_inner().cluster_id.is_empty() {
         let init = client.init(InitRequest {}).await.map_err(|s| anyhow::anyhow!("init failed: {}", s.message()))?;
         eprintln!("coffer dev: initialised cluster {} on node 1", init.into_inner().cluster_id);
     }
     for node in &nodes[1..] {
-        let mut client = OperatorClient::new(super::client::connect(&node.url()).await?);
+        let mut client = OperatorClient::new(super::client::connect(&tls.connect_args(node)).await?);
         let status = client.status(StatusRequest {}).await?.into_inner();
         if status.members.is_empty() {
             eprintln!("coffer dev: node {} joins through node 1", node.id);
@@ -233,14 +320,14 @@ fn write_secret_file(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Waits until the node answers gRPC health checks.
-async fn wait_until_up(node: &DevNode, child: &mut Child) -> anyhow::Result<()> {
+async fn wait_until_up(node: &DevNode, child: &mut Child, tls: &DevTls) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last_note = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             anyhow::bail!("node {} exited during start-up ({status}); see its log above", node.id);
         }
-        if let Ok(channel) = super::client::connect(&node.url()).await {
+        if let Ok(channel) = super::client::connect(&tls.connect_args(node)).await {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
             if health.check(req).await.is_ok() {

@@ -1,22 +1,23 @@
 //! `coffer operator …`: cluster set-up and status, against the node at COFFER_ADDR.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use coffer_proto::v1::operator_client::OperatorClient;
 use coffer_proto::v1::{InitRequest, JoinRequest, RemoveRequest, StatusRequest, TransferLeaderRequest};
 use serde_json::json;
 
-use crate::cli::client::{connect, describe_status, DEFAULT_ADDR};
+use crate::cli::client::{connect, describe_status, ConnectArgs};
 use crate::cli::Output;
 
 /// Options shared by every operator command.
 #[derive(Debug, Args)]
 pub struct OperatorArgs {
-    /// The node to talk to.
-    #[arg(long, env = "COFFER_ADDR", default_value = DEFAULT_ADDR, global = true)]
-    addr: String,
+    #[command(flatten)]
+    conn: ConnectArgs,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
@@ -49,14 +50,113 @@ enum OperatorCommand {
     },
     /// Show this node's role, term, leader, log indexes, members and their lag, and the HSM state.
     Status,
+    /// Certificates for teams without a PKI: a cluster CA, and certificates it issues to nodes and
+    /// clients. Works on files only; talks to no server.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// The cluster's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Issue a certificate signed by the CA in --ca-dir.
+    Issue {
+        #[command(subcommand)]
+        subject: IssueSubject,
+        /// The CA's directory (ca.crt, ca.key).
+        #[arg(long, default_value = "coffer-ca", global = true)]
+        ca_dir: PathBuf,
+        /// Where to write <name>.crt and <name>.key (0600).
+        #[arg(long, default_value = ".", global = true)]
+        out: PathBuf,
+        /// How long the certificate is valid (such as 90d, 1y).
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration, global = true)]
+        valid_for: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a CA: writes ca.crt (give it to every node and client) and ca.key (0600; keep it
+    /// off the nodes once they have their certificates).
+    Create {
+        /// The directory to write (created 0700).
+        #[arg(long, default_value = "coffer-ca")]
+        dir: PathBuf,
+        /// How long the CA is valid.
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IssueSubject {
+    /// A node's certificate (server and client use), naming spiffe://coffer/node/<ID>.
+    Node {
+        /// The node's id (node-id in its config).
+        #[arg(long)]
+        id: u64,
+        /// A DNS name or IP address clients and peers dial it at; repeat for more.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+    },
+    /// A client's certificate, naming spiffe://coffer/client/<NAME>.
+    Client {
+        /// The client's name: A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// Runs `coffer operator tls …`: files only.
+fn run_tls(command: TlsCommand, json: bool) -> anyhow::Result<String> {
+    match command {
+        TlsCommand::Ca { command: CaCommand::Create { dir, valid_for } } => {
+            coffer_tls::Ca::create(&dir, valid_for)?;
+            let (cert, key) = (dir.join(coffer_tls::CA_CERT), dir.join(coffer_tls::CA_KEY));
+            Ok(if json {
+                json!({"cert": cert, "key": key}).to_string()
+            } else {
+                format!("created a CA: {} (give to nodes and clients), {} (keep safe)", cert.display(), key.display())
+            })
+        }
+        TlsCommand::Issue { subject, ca_dir, out, valid_for } => {
+            let ca = coffer_tls::Ca::load(&ca_dir)?;
+            let until = SystemTime::now() + valid_for;
+            let issued = match &subject {
+                IssueSubject::Node { id, hosts } => {
+                    ca.issue(&coffer_tls::Subject::Node(*id), hosts, until, &out, &format!("node-{id}"))?
+                }
+                IssueSubject::Client { name } => {
+                    ca.issue(&coffer_tls::Subject::Client(name.clone()), &[], until, &out, name)?
+                }
+            };
+            Ok(if json {
+                json!({"cert": issued.cert, "key": issued.key}).to_string()
+            } else {
+                format!("issued {} and {}", issued.cert.display(), issued.key.display())
+            })
+        }
+    }
 }
 
 /// Runs an operator command; a gRPC error prints its code and message and exits 1.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
-    let mut client = OperatorClient::new(connect(&args.addr).await?);
-    let mut out = std::io::stdout().lock();
     let json = args.output == Output::Json;
+    if let OperatorCommand::Tls { command } = args.command {
+        writeln!(std::io::stdout().lock(), "{}", run_tls(command, json)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut client = OperatorClient::new(connect(&args.conn).await?);
+    let mut out = std::io::stdout().lock();
     let result = match args.command {
+        OperatorCommand::Tls { .. } => unreachable!("handled above"),
         OperatorCommand::Init => client.init(InitRequest {}).await.map(|r| {
             let r = r.into_inner();
             if json {
@@ -102,12 +202,12 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                 json!({
                     "node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "last_log_index": s.last_log_index, "committed_index": s.committed_index, "applied_index": s.applied_index,
-                    "cluster_id": s.cluster_id, "kcv": s.kcv, "hsm": s.hsm, "members": members,
+                    "cluster_id": s.cluster_id, "kcv": s.kcv, "hsm": s.hsm, "members": members, "transport": s.transport,
                 })
                 .to_string()
             } else {
                 let mut text = format!(
-                    "node {} ({}), term {}, leader {}\nlast log {}, committed {}, applied {}\ncluster {}\nHSM {} (KCV {})\nmembers:",
+                    "node {} ({}), term {}, leader {}\nlast log {}, committed {}, applied {}\ncluster {}\nHSM {} (KCV {})\ntransport {}\nmembers:",
                     s.node_id,
                     s.role,
                     s.term,
@@ -117,7 +217,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                     opt(s.applied_index),
                     if s.cluster_id.is_empty() { "(not initialised)" } else { &s.cluster_id },
                     s.hsm,
-                    s.kcv
+                    s.kcv,
+                    if s.transport == "plaintext" { "PLAINTEXT (tls = \"off\" in the node's config)" } else { &s.transport }
                 );
                 for m in &s.members {
                     text.push_str(&format!(

@@ -84,6 +84,10 @@ impl Operator for OperatorService {
             members,
             cluster_id,
             kcv: node.hsm().kcv().to_string(),
+            transport: match node.config.tls {
+                crate::config::Tls::On(_) => "tls".into(),
+                crate::config::Tls::Off => "plaintext".into(),
+            },
             hsm,
         }))
     }

@@ -14,16 +14,15 @@ use coffer_proto::v1::{
 };
 use serde_json::json;
 
-use crate::cli::client::{connect, describe_status, DEFAULT_ADDR};
+use crate::cli::client::{connect, describe_status, ConnectArgs};
 use crate::cli::Output;
 use crate::secrets::cli::{millis, random_request_id, read_value};
 
 /// Options shared by every key command.
 #[derive(Debug, Args)]
 pub struct KeyArgs {
-    /// The server address.
-    #[arg(long, env = "COFFER_ADDR", default_value = DEFAULT_ADDR, global = true)]
-    addr: String,
+    #[command(flatten)]
+    conn: ConnectArgs,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
@@ -233,7 +232,7 @@ fn key_text(key: &Key) -> String {
 
 /// Runs a key command; a gRPC error prints its code and message and exits 1.
 pub async fn run(args: KeyArgs) -> anyhow::Result<ExitCode> {
-    let mut c = KeysClient::new(connect(&args.addr).await?);
+    let mut c = KeysClient::new(connect(&args.conn).await?);
     let json_out = args.output == Output::Json;
     let mut out = std::io::stdout().lock();
     let result: Result<Vec<u8>, tonic::Status> = match args.command {

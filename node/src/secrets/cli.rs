@@ -14,15 +14,14 @@ use serde_json::json;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::cli::client::{connect, describe_status, DEFAULT_ADDR};
+use crate::cli::client::{connect, describe_status, ConnectArgs};
 use crate::cli::Output;
 
 /// Options shared by every secret command.
 #[derive(Debug, Args)]
 pub struct SecretArgs {
-    /// The server address.
-    #[arg(long, env = "COFFER_ADDR", default_value = DEFAULT_ADDR, global = true)]
-    addr: String,
+    #[command(flatten)]
+    conn: ConnectArgs,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
@@ -141,7 +140,7 @@ pub(crate) fn read_value(value: Option<String>, file: Option<PathBuf>) -> anyhow
 
 /// Runs a secret command; a gRPC error prints its code and message and exits 1.
 pub async fn run(args: SecretArgs) -> anyhow::Result<ExitCode> {
-    let channel = connect(&args.addr).await?;
+    let channel = connect(&args.conn).await?;
     match execute(SecretsClient::new(channel), args.command, args.output).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(Failure::Status(status)) => {

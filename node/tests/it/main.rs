@@ -12,6 +12,7 @@
 #![allow(missing_docs)] // test helpers are documented where it helps, not by rule
 
 mod t10_secrets_api;
+mod t15_tls;
 mod t20_bad_input;
 mod t25_forged_and_retried;
 mod t30_cli;
@@ -61,7 +62,7 @@ impl InProcessNode {
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\n{SINGLE_NODE_CONFIG}\
+                "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\ntls = \"off\"\n{SINGLE_NODE_CONFIG}\
                  [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"{}\"\n",
                 tokens.pin_file().display()
             ),

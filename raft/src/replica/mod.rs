@@ -65,6 +65,8 @@ pub struct ReplicaConfig {
     pub dial_via: BTreeMap<String, String>,
     /// How long a write may wait to be committed before it is reported [`Error::OutcomeUnknown`].
     pub write_timeout: Duration,
+    /// TLS for dialling peers (the cluster's CA, this node's certificate); `None`: plaintext.
+    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// This node's role in the cluster.
@@ -183,7 +185,7 @@ impl Replica {
         }
         .validate()
         .map_err(Error::raft)?;
-        let channels = PeerChannels::with_dial_via(config.dial_via.clone());
+        let channels = PeerChannels::new(config.dial_via.clone(), config.peer_tls.clone());
         let metrics: LocalMetrics = Arc::new(OnceLock::new());
         let raft = Raft::new(
             config.node_id,
