@@ -40,15 +40,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(coffer_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Serve(Box::new(e)))?;
+    let (reflection, reflection_v1alpha) = reflection()?;
     let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(SecretsServer::new(SecretsService::new(node.clone())))
         .add_service(OperatorServer::new(OperatorService::new(node.clone())))
         .add_service(KeysServer::new(KeysService::new(node.clone())))
@@ -71,6 +68,33 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let _ = rotator.await;
     node.shutdown().await;
     served.map_err(|e| Error::Serve(Box::new(e)))
+}
+
+/// Server reflection for the public API only: the node-to-node package (`coffer.raft.v1`) is
+/// removed from the descriptors, so neither its services nor its messages can be looked up.
+/// Both versions answer: `grpc.reflection.v1`, and `v1alpha`, which older grpcurl and Python's
+/// grpcio-reflection speak.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    Error,
+> {
+    use prost::Message as _;
+    let serve = |e: tonic_reflection::server::Error| Error::Serve(Box::new(e));
+    let mut public = prost_types::FileDescriptorSet::decode(coffer_proto::FILE_DESCRIPTOR_SET)
+        .map_err(|e| Error::Serve(Box::new(e)))?;
+    public.file.retain(|f| f.package() != "coffer.raft.v1");
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_file_descriptor_set(public.clone())
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1().map_err(serve)?, builder().build_v1alpha().map_err(serve)?))
 }
 
 /// Accepted connections with Nagle's algorithm off. tonic configures only sockets it binds
