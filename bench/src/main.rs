@@ -106,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         duration: cli.duration,
         max_ops: 50_000_000,
     };
-    let (cluster, urls) = if cli.target.is_empty() {
+    let (cluster, urls, tls) = if cli.target.is_empty() {
         let coffer = cli
             .coffer
             .clone()
@@ -115,16 +115,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("coffer-bench: starting a local 3-node cluster ({})", coffer.display());
         let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, Options::drills()))?;
         let urls = cluster.nodes.iter().map(|n| n.url()).collect();
-        (Some(cluster), urls)
+        let tls = cluster.client_tls()?;
+        (Some(cluster), urls, tls)
     } else {
-        (None, cli.target.iter().map(|t| url(t)).collect::<Vec<_>>())
+        let urls = cli.target.iter().map(|t| url(t)).collect::<Vec<_>>();
+        // TLS to an operator's cluster: its CA and a client certificate, as the CLI takes them.
+        let tls = if urls.iter().any(|u| u.starts_with("https://")) {
+            let path = |var: &str| std::env::var_os(var).map(PathBuf::from);
+            let ca = path("COFFER_CACERT")
+                .ok_or_else(|| anyhow::anyhow!("https targets need COFFER_CACERT (the cluster's CA certificate)"))?;
+            let identity = path("COFFER_CLIENT_CERT").zip(path("COFFER_CLIENT_KEY"));
+            Some(coffer_tls::client_config(&coffer_tls::ClientFiles { ca, identity })?)
+        } else {
+            None
+        };
+        (None, urls, tls)
     };
     let pids: Vec<u32> =
         cluster.as_ref().map(|c| (0..c.nodes.len()).filter_map(|i| c.pid(i)).collect()).unwrap_or_default();
     let mut report = Report::new(cli.clients, cli.rate, cli.duration, urls.len());
 
     eprintln!("coffer-bench: preparing keys and {} secrets", scenarios::SEEDED);
-    let target = Target::prepare(&urls).await?;
+    let target = Target::prepare(&urls, tls.as_ref()).await?;
     let chosen = if cli.scenario.is_empty() {
         <Scenario as clap::ValueEnum>::value_variants().to_vec()
     } else {

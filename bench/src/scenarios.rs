@@ -10,7 +10,7 @@ use coffer_proto::v1::{
     GenerateDataKeyRequest, GetRequest, KeyType, PutRequest, RotateKeyRequest, SignRequest, StreamRequest,
 };
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::etcd::kv_client::KvClient;
 use crate::etcd::{PutRequest as EtcdPut, RangeRequest};
@@ -76,8 +76,8 @@ impl Target {
     ///
     /// # Errors
     /// A node that does not answer, or set-up calls that fail.
-    pub(crate) async fn prepare(urls: &[String]) -> anyhow::Result<Target> {
-        let channels = connect(urls)?;
+    pub(crate) async fn prepare(urls: &[String], tls: Option<&ClientTlsConfig>) -> anyhow::Result<Target> {
+        let channels = connect(urls, tls)?;
         let mut keys = KeysClient::new(channels[0].clone());
         for (name, kind) in [(AES_KEY, KeyType::Aes256Gcm), (ED_KEY, KeyType::Ed25519)] {
             let create =
@@ -193,11 +193,16 @@ impl Target {
     }
 }
 
-/// One lazily connected channel per address, Nagle off, calls bounded to 10 s.
-fn connect(urls: &[String]) -> anyhow::Result<Vec<Channel>> {
+/// One lazily connected channel per address (over TLS when `tls` is given), Nagle off, calls
+/// bounded to 10 s.
+fn connect(urls: &[String], tls: Option<&ClientTlsConfig>) -> anyhow::Result<Vec<Channel>> {
     urls.iter()
         .map(|u| {
-            Ok(Endpoint::from_shared(u.clone())?.tcp_nodelay(true).timeout(Duration::from_secs(10)).connect_lazy())
+            let mut endpoint = Endpoint::from_shared(u.clone())?.tcp_nodelay(true).timeout(Duration::from_secs(10));
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls.clone())?;
+            }
+            Ok(endpoint.connect_lazy())
         })
         .collect()
 }
@@ -237,7 +242,7 @@ impl Etcd {
     /// # Errors
     /// etcd does not answer.
     pub(crate) async fn prepare(urls: &[String]) -> anyhow::Result<Etcd> {
-        let channels = connect(urls)?;
+        let channels = connect(urls, None)?;
         let mut kv = KvClient::new(channels[0].clone());
         for i in 0..SEEDED {
             kv.put(EtcdPut {

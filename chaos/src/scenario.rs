@@ -11,16 +11,16 @@ use anyhow::Context;
 use coffer_proto::v1::keys_client::KeysClient;
 use coffer_proto::v1::secrets_client::SecretsClient;
 use coffer_proto::v1::{DecryptRequest, DescribeRequest, GetRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use coffer_testkit::{Cluster, Options};
+use coffer_testkit::{Cluster, Options, TestPki};
 
 use crate::checker;
 use crate::fault::{FaultKind, FaultLog, Hit, Role};
 use crate::history::{Call, Op, Outcome};
 use crate::links::Links;
 use crate::report::{Latency, Report};
-use crate::workload::{self, Recorder, KEY_NAME};
+use crate::workload::{self, Recorder, Targets, KEY_NAME};
 
 /// The drills that run against a local cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -123,10 +123,10 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             cluster.start_node(i)
         })?;
     }
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let targets = Targets { urls: cluster.nodes.iter().map(|n| n.url()).collect(), tls: cluster.client_tls()? };
     // The rotation drill must actually rotate: at least a few versions by the end.
     let min_versions = if scenario == Scenario::KillLeaderDuringRotation { 3 } else { 1 };
-    drive(scenario.name(), &urls, settings, min_versions, |faults| {
+    drive(scenario.name(), &targets, settings, min_versions, |faults| {
         inject(scenario, &mut cluster, links.as_ref(), settings.fault_duration, faults)
     })
     .await
@@ -168,7 +168,17 @@ pub async fn run_against(
 ) -> anyhow::Result<Report> {
     let urls: Vec<String> =
         targets.iter().map(|t| if t.contains("://") { t.clone() } else { format!("http://{t}") }).collect();
-    let channel = Endpoint::from_shared(urls[0].clone())?.timeout(Duration::from_secs(5)).connect_lazy();
+    // TLS to an operator's cluster: its CA and a client certificate, as the CLI takes them.
+    let tls = if urls.iter().any(|u| u.starts_with("https://")) {
+        let path = |var: &str| std::env::var_os(var).map(PathBuf::from);
+        let ca = path("COFFER_CACERT").context("https targets need COFFER_CACERT (the cluster's CA certificate)")?;
+        let identity = path("COFFER_CLIENT_CERT").zip(path("COFFER_CLIENT_KEY"));
+        Some(coffer_tls::client_config(&coffer_tls::ClientFiles { ca, identity })?)
+    } else {
+        None
+    };
+    let targets = Targets { urls, tls };
+    let channel = targets.endpoint(0)?.timeout(Duration::from_secs(5)).connect_lazy();
     let create = coffer_proto::v1::CreateKeyRequest {
         name: KEY_NAME.into(),
         r#type: coffer_proto::v1::KeyType::Aes256Gcm as i32,
@@ -177,10 +187,10 @@ pub async fn run_against(
     match KeysClient::new(channel).create_key(create).await {
         Ok(_) => {}
         Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-        Err(s) => anyhow::bail!("cannot create the drill key on {}: {}", urls[0], s.message()),
+        Err(s) => anyhow::bail!("cannot create the drill key on {}: {}", targets.urls[0], s.message()),
     }
     let duration = settings.fault_duration;
-    drive("target", &urls, settings, 1, |faults| {
+    drive("target", &targets, settings, 1, |faults| {
         shell(fault_cmd)?;
         // Which nodes the command hits, and when it really takes effect, only the operator knows.
         faults.in_effect(FaultKind::Command, Vec::new());
@@ -201,14 +211,14 @@ fn shell(cmd: &str) -> anyhow::Result<()> {
 /// every check.
 async fn drive(
     name: &str,
-    urls: &[String],
+    targets: &Targets,
     settings: &Settings,
     min_key_versions: u32,
     inject: impl FnOnce(&mut FaultLog) -> anyhow::Result<()>,
 ) -> anyhow::Result<Report> {
     let recorder = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = workload::start(urls, settings.clients, 8, &recorder, &stop)?;
+    let clients = workload::start(targets, settings.clients, 8, &recorder, &stop)?;
     tokio::time::sleep(WARM_UP).await;
 
     let mut faults = FaultLog::new(&recorder);
@@ -228,7 +238,7 @@ async fn drive(
     let (found, search) = tokio::task::block_in_place(|| checker::search(&history));
     violations.extend(found);
     violations.extend(check_stale_reads(&history));
-    violations.extend(verify_state(urls, &history, min_key_versions).await?);
+    violations.extend(verify_state(targets, &history, min_key_versions).await?);
     Ok(Report::new(name, &history, faults, heal_us, violations, search))
 }
 
@@ -283,6 +293,7 @@ fn inject(
             // Rotations through every node, several a second, while the leader dies and returns.
             let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
             let coffer = cluster.coffer().to_owned();
+            let tls_env = cluster.pki().map(TestPki::cli_env).unwrap_or_default();
             let rotating = Arc::new(AtomicBool::new(true));
             let flag = rotating.clone();
             let rotator = std::thread::spawn(move || {
@@ -291,6 +302,7 @@ fn inject(
                     let _ = std::process::Command::new(&coffer)
                         .args(["key", "rotate", KEY_NAME])
                         .env("COFFER_ADDR", &urls[i % urls.len()])
+                        .envs(tls_env.iter().cloned())
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
                         .status();
@@ -313,10 +325,12 @@ fn inject(
             let leader = cluster.leader()?;
             let peer = format!("127.0.0.1:{}", cluster.nodes[leader].port);
             let (coffer, url) = (cluster.coffer().to_owned(), cluster.nodes[joiner].url());
+            let tls_env = cluster.pki().map(TestPki::cli_env).unwrap_or_default();
             let join = std::thread::spawn(move || {
                 std::process::Command::new(coffer)
                     .args(["operator", "join", "--peer", &peer])
                     .env("COFFER_ADDR", url)
+                    .envs(tls_env)
                     .output()
             });
             std::thread::sleep(Duration::from_millis(30));
@@ -495,11 +509,10 @@ where
 
 /// After recovery: every acknowledged write reads back on every node, every acknowledged ciphertext
 /// decrypts on every node, and no value was applied twice.
-async fn verify_state(urls: &[String], history: &[Op], min_key_versions: u32) -> anyhow::Result<Vec<String>> {
+async fn verify_state(targets: &Targets, history: &[Op], min_key_versions: u32) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
-    let channels: Vec<Channel> = urls
-        .iter()
-        .map(|u| Ok(Endpoint::from_shared(u.clone())?.timeout(Duration::from_secs(5)).connect_lazy()))
+    let channels: Vec<Channel> = (0..targets.urls.len())
+        .map(|i| Ok(targets.endpoint(i)?.timeout(Duration::from_secs(5)).connect_lazy()))
         .collect::<anyhow::Result<_>>()?;
     // The workload keeps 1000 versions a secret: in a long drill the oldest are pruned by design.
     // A version below the oldest kept one counts as pruned only if the secret keeps a full set.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use coffer_proto::v1::keys_client::KeysClient;
 use coffer_proto::v1::secrets_client::SecretsClient;
 use coffer_proto::v1::{DecryptRequest, EncryptRequest, GetRequest, PutRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::history::{Call, Op, Outcome};
 
@@ -54,16 +54,32 @@ impl Default for Recorder {
     }
 }
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .timeout(OP_TIMEOUT)
-        .connect_timeout(Duration::from_millis(500))
-        .connect_lazy())
+/// The nodes a drill talks to, and the TLS its clients use (`None`: plaintext).
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// The nodes' URLs.
+    pub urls: Vec<String>,
+    /// The clients' TLS: the cluster's CA and a client certificate.
+    pub tls: Option<ClientTlsConfig>,
 }
 
-/// Starts `clients` clients against `urls`; they run until `stop` is set.
+impl Targets {
+    /// An endpoint for node `i`, with TLS when the targets use it.
+    ///
+    /// # Errors
+    /// A malformed URL or TLS configuration.
+    pub fn endpoint(&self, i: usize) -> anyhow::Result<Endpoint> {
+        let endpoint = Endpoint::from_shared(self.urls[i].clone())?;
+        Ok(match &self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone())?,
+            None => endpoint,
+        })
+    }
+}
+
+/// Starts `clients` clients against `targets`; they run until `stop` is set.
 pub fn start(
-    urls: &[String],
+    targets: &Targets,
     clients: usize,
     keys: usize,
     recorder: &Recorder,
@@ -71,7 +87,11 @@ pub fn start(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut handles = Vec::new();
     for client in 0..clients {
-        let channels = urls.iter().map(|u| channel(u)).collect::<anyhow::Result<Vec<_>>>()?;
+        let channels = (0..targets.urls.len())
+            .map(|i| {
+                Ok(targets.endpoint(i)?.timeout(OP_TIMEOUT).connect_timeout(Duration::from_millis(500)).connect_lazy())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let recorder = recorder.clone();
         let stop = stop.clone();
         handles.push(tokio::spawn(async move { run_client(client, channels, keys, recorder, stop).await }));

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use coffer_proto::v1::secrets_client::SecretsClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
+use crate::pki::TestPki;
 use crate::softhsm::{SoftHsm, TOKEN_LABEL};
 
 /// The node's HSM fault-injection file (`hsm.fault-file`), relative to its directory.
@@ -43,6 +44,8 @@ pub struct Options {
     pub ready: Ready,
     /// `COFFER_TIMEOUT` of the CLI runs; `None`: the CLI's own default (60 s).
     pub cli_timeout: Option<Duration>,
+    /// TLS on (the default, as a user runs Coffer), or the nodes' configs say `tls = "off"`.
+    pub tls: bool,
 }
 
 impl Options {
@@ -53,6 +56,7 @@ impl Options {
             log_filter: "info".into(),
             ready: Ready::Serving,
             cli_timeout: None,
+            tls: true,
         }
     }
 
@@ -65,6 +69,7 @@ impl Options {
             log_filter: "warn,openraft=error".into(),
             ready: Ready::Listening,
             cli_timeout: Some(Duration::from_secs(5)),
+            tls: true,
         }
     }
 }
@@ -78,13 +83,15 @@ pub struct Node {
     pub dir: PathBuf,
     /// Its loopback port.
     pub port: u16,
+    /// Whether it speaks TLS.
+    pub tls: bool,
     child: Option<Child>,
 }
 
 impl Node {
-    /// `http://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>` (`http://` with TLS off).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", if self.tls { "https" } else { "http" }, self.port)
     }
 
     /// Whether its process runs (as far as the launcher knows).
@@ -99,6 +106,7 @@ pub struct Cluster {
     coffer: PathBuf,
     options: Options,
     root: tempfile::TempDir,
+    pki: Option<TestPki>,
     /// The nodes, in the order they were added.
     pub nodes: Vec<Node>,
 }
@@ -128,7 +136,8 @@ impl Cluster {
             root.disable_cleanup(true);
             eprintln!("cluster directory kept: {}", root.path().display());
         }
-        let mut cluster = Cluster { coffer: coffer.to_owned(), options, root, nodes: Vec::new() };
+        let pki = if options.tls { Some(TestPki::create(&root.path().join("tls"))?) } else { None };
+        let mut cluster = Cluster { coffer: coffer.to_owned(), options, root, pki, nodes: Vec::new() };
         for _ in 0..n {
             cluster.add_node()?;
         }
@@ -148,15 +157,22 @@ impl Cluster {
             Some(first) => SoftHsm::at(&first.dir).copy_to(&dir)?,
         };
         let port = free_port()?;
+        let (tls_top, tls_table) = match &self.pki {
+            Some(pki) => {
+                pki.issue_node(id, &dir.join("tls"))?;
+                (String::new(), pki.tls_table(&dir.join("tls")))
+            }
+            None => ("tls = \"off\"\n".to_owned(), String::new()),
+        };
         std::fs::write(
             dir.join("node.toml"),
             format!(
-                "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\ntls = \"off\"\n{}\n\
-                 [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"pin\"\nfault-file = \"{HSM_FAULT_FILE}\"\n",
+                "node-id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata-dir = \"data\"\nwrite-timeout = \"2s\"\n{tls_top}{}\n\
+                 [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"pin\"\nfault-file = \"{HSM_FAULT_FILE}\"\n{tls_table}",
                 self.options.extra_config
             ),
         )?;
-        self.nodes.push(Node { id, dir, port, child: None });
+        self.nodes.push(Node { id, dir, port, tls: self.pki.is_some(), child: None });
         Ok(self.nodes.len() - 1)
     }
 
@@ -205,6 +221,7 @@ impl Cluster {
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         let (dir, url, port) = (node.dir.clone(), node.url(), node.port);
+        let tls = self.client_tls()?;
         let log_path = dir.join("server.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let child = Command::new(&self.coffer)
@@ -221,7 +238,7 @@ impl Cluster {
         loop {
             let ready = match self.options.ready {
                 Ready::Listening => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-                Ready::Serving => crate::in_process::serving_blocking(&url),
+                Ready::Serving => crate::in_process::serving_blocking(&url, tls.clone()),
             };
             if ready {
                 return Ok(());
@@ -312,10 +329,34 @@ impl Cluster {
     /// # Errors
     /// The URL is malformed.
     pub fn client(&self, i: usize) -> anyhow::Result<SecretsClient<Channel>> {
-        let channel = tonic::transport::Endpoint::from_shared(self.nodes[i].url())?
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(SecretsClient::new(channel))
+        Ok(SecretsClient::new(self.channel(i)?))
+    }
+
+    /// A channel to node `i`, over TLS with the test client certificate when the cluster runs TLS
+    /// (connects on first use; each call times out after 5 s).
+    ///
+    /// # Errors
+    /// The URL is malformed or the TLS files cannot be read.
+    pub fn channel(&self, i: usize) -> anyhow::Result<Channel> {
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(self.nodes[i].url())?.timeout(Duration::from_secs(5));
+        if let Some(tls) = self.client_tls()? {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint.connect_lazy())
+    }
+
+    /// The test PKI, when the cluster runs TLS.
+    pub fn pki(&self) -> Option<&TestPki> {
+        self.pki.as_ref()
+    }
+
+    /// The clients' TLS configuration, when the cluster runs TLS.
+    ///
+    /// # Errors
+    /// The TLS files cannot be read.
+    pub fn client_tls(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        self.pki.as_ref().map(TestPki::client_tls).transpose()
     }
 
     /// Runs the CLI against node `i`.
@@ -323,7 +364,7 @@ impl Cluster {
     /// # Errors
     /// The CLI cannot be run.
     pub fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
-        coffer_cli(&self.coffer, &self.nodes[i].url(), args, None, self.options.cli_timeout)
+        coffer_cli(&self.coffer, &self.nodes[i].url(), self.pki.as_ref(), args, None, self.options.cli_timeout)
     }
 
     /// Runs the CLI and fails with its stderr unless it succeeds; returns its stdout.
@@ -390,14 +431,15 @@ impl Drop for Cluster {
     }
 }
 
-/// Runs `coffer ARGS` as a client of the node at `url`, with `input` on its stdin if given, and
-/// `COFFER_TIMEOUT` if `timeout` is given.
+/// Runs `coffer ARGS` as a client of the node at `url` (with `pki`'s CA and client certificate
+/// when given), with `input` on its stdin if given, and `COFFER_TIMEOUT` if `timeout` is given.
 ///
 /// # Errors
 /// The CLI cannot be run.
 pub fn coffer_cli(
     coffer: &Path,
     url: &str,
+    pki: Option<&TestPki>,
     args: &[&str],
     input: Option<&[u8]>,
     timeout: Option<Duration>,
@@ -411,6 +453,9 @@ pub fn coffer_cli(
         .stderr(Stdio::piped());
     if let Some(timeout) = timeout {
         command.env("COFFER_TIMEOUT", format!("{}ms", timeout.as_millis()));
+    }
+    for (var, path) in pki.map(TestPki::cli_env).unwrap_or_default() {
+        command.env(var, path);
     }
     let mut child = command.spawn().with_context(|| format!("running {}", coffer.display()))?;
     if let (Some(bytes), Some(mut pipe)) = (input, child.stdin.take()) {

@@ -202,11 +202,11 @@ pub async fn serving_with(url: &str, tls: Option<&ClientTlsConfig>) -> bool {
 
 /// [`serving`] from synchronous code, on a runtime of its own in a thread of its own (the caller
 /// may be a Tokio worker, where blocking on another runtime is not allowed).
-pub fn serving_blocking(url: &str) -> bool {
+pub fn serving_blocking(url: &str, tls: Option<ClientTlsConfig>) -> bool {
     let url = url.to_owned();
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
-        rt.block_on(serving(&url))
+        rt.block_on(serving_with(&url, tls.as_ref()))
     })
     .join()
     .unwrap_or(false)

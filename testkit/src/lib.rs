@@ -9,6 +9,7 @@
 //! - [`cluster`]: real `coffer server` processes on fixed loopback ports, formed with
 //!   `coffer operator init` and `join`: for what needs a process (kill -9, a cut link, a restart,
 //!   an HSM outage at start).
+//! - [`pki`]: a CA and certificates, so that nodes, tests, drills and benchmarks run with TLS.
 //! - [`in_process`]: a server run by a `run(listener, shutdown)` function on a listener bound to
 //!   `127.0.0.1:0`, inside the test's Tokio runtime: for the API tests.
 //!
@@ -31,8 +32,10 @@
 
 pub mod cluster;
 pub mod in_process;
+pub mod pki;
 pub mod softhsm;
 
 pub use cluster::{coffer_cli, free_port, Cluster, Node, Options, Ready};
 pub use in_process::InProcess;
+pub use pki::TestPki;
 pub use softhsm::{copy_dir, process_softhsm, SoftHsm, PIN, SO_PIN, TOKEN_LABEL};

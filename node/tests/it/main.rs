@@ -29,7 +29,7 @@ use std::process::Output;
 use coffer_proto::v1::operator_client::OperatorClient;
 use coffer_proto::v1::secrets_client::SecretsClient;
 use coffer_proto::v1::InitRequest;
-use coffer_testkit::{coffer_cli, process_softhsm, Cluster, InProcess, Options, SoftHsm, TOKEN_LABEL};
+use coffer_testkit::{coffer_cli, process_softhsm, Cluster, InProcess, Options, SoftHsm, TestPki, TOKEN_LABEL};
 use tonic::transport::Channel;
 
 /// The `coffer` binary under test.
@@ -46,10 +46,12 @@ pub fn must_start_cluster(n: usize, extra: &str) -> anyhow::Result<Cluster> {
     Cluster::start(coffer_bin(), n, Options::tests(extra))
 }
 
-/// A node served in this process, initialised as a single-voter cluster; stopped when dropped.
+/// A node served in this process over TLS (a CA of its own), initialised as a single-voter
+/// cluster; stopped when dropped.
 pub struct InProcessNode {
     server: InProcess,
     pub addr: String,
+    pki: TestPki,
 }
 
 impl InProcessNode {
@@ -58,20 +60,35 @@ impl InProcessNode {
         // Made once per process, with the commands a process node's token is made with.
         let tokens = process_softhsm(|dir| SoftHsm::create_with_coffer(dir, coffer_bin()))?;
         let dir = tempfile::tempdir()?;
+        let pki = TestPki::create(&dir.path().join("ca"))?;
+        pki.issue_node(1, &dir.path().join("tls"))?;
         let config_path = dir.path().join("node.toml");
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\ntls = \"off\"\n{SINGLE_NODE_CONFIG}\
-                 [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"{}\"\n",
-                tokens.pin_file().display()
+                "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\n{SINGLE_NODE_CONFIG}\
+                 [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"{}\"\n{}",
+                tokens.pin_file().display(),
+                pki.tls_table(&dir.path().join("tls"))
             ),
         )?;
         let config = coffer_node::Config::load(&config_path)?;
-        let server = InProcess::start(dir, |listener, shutdown| coffer_node::run(config, listener, shutdown)).await?;
+        let server = InProcess::start_with(dir, Some(pki.client_tls()?), |listener, shutdown| {
+            coffer_node::run(config, listener, shutdown)
+        })
+        .await?;
         let addr = server.url().to_owned();
-        OperatorClient::connect(addr.clone()).await?.init(InitRequest {}).await?;
-        Ok(InProcessNode { server, addr })
+        let node = InProcessNode { server, addr, pki };
+        OperatorClient::new(node.channel().await?).init(InitRequest {}).await?;
+        Ok(node)
+    }
+
+    /// A channel to the node over TLS, with the test client certificate.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(tonic::transport::Endpoint::from_shared(self.addr.clone())?
+            .tls_config(self.pki.client_tls()?)?
+            .connect()
+            .await?)
     }
 
     /// The node's directory (config and data).
@@ -80,12 +97,12 @@ impl InProcessNode {
     }
 
     pub async fn client(&self) -> anyhow::Result<SecretsClient<Channel>> {
-        Ok(SecretsClient::connect(self.addr.clone()).await?)
+        Ok(SecretsClient::new(self.channel().await?))
     }
 
     /// Runs the CLI against this node.
     pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
-        coffer_cli(coffer_bin(), &self.addr, args, stdin, None)
+        coffer_cli(coffer_bin(), &self.addr, Some(&self.pki), args, stdin, None)
     }
 }
 
@@ -135,7 +152,13 @@ impl TestNode {
     }
 
     pub async fn client(&self) -> anyhow::Result<SecretsClient<Channel>> {
-        Ok(SecretsClient::connect(self.addr.clone()).await?)
+        Ok(SecretsClient::new(self.channel().await?))
+    }
+
+    /// A channel to the node over TLS, with the test client certificate.
+    #[allow(clippy::unused_async)] // the shape of InProcessNode::channel, so tests take either
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        self.cluster.channel(0)
     }
 }
 

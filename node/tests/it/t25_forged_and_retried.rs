@@ -18,8 +18,8 @@ use tonic::Code;
 use crate::{get, put, InProcessNode};
 
 async fn forge(node: &InProcessNode, payload: Vec<u8>) -> Result<tonic::Response<Envelope>, tonic::Status> {
-    let mut raft =
-        RaftClient::connect(node.addr.clone()).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let channel = node.channel().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut raft = RaftClient::new(channel);
     raft.client_write(Envelope { payload, quorum_ack_age_ms: None }).await
 }
 
@@ -139,7 +139,7 @@ async fn versions_at_their_limits_are_refused_not_overflowed() -> anyhow::Result
     };
     forge(&node, forged_writes(vec![Op::CreateKey(CreateKey { name: coffer_raft::KeyName::parse("max")?, record })])?)
         .await?;
-    let mut k = KeysClient::connect(node.addr.clone()).await?;
+    let mut k = KeysClient::new(node.channel().await?);
     let err = k
         .rotate_key(RotateKeyRequest { name: "max".into(), ..Default::default() })
         .await
@@ -198,7 +198,7 @@ async fn a_request_id_is_bound_to_its_first_write_and_a_retry_applies_once() -> 
     assert_eq!(c.put(bad).await.expect_err("a bad id").code(), Code::InvalidArgument);
 
     // Keys: a retried rotation rotates once.
-    let mut k = KeysClient::connect(node.addr.clone()).await?;
+    let mut k = KeysClient::new(node.channel().await?);
     let create = CreateKeyRequest {
         name: "k".into(),
         r#type: KeyType::Aes256Gcm as i32,
@@ -216,7 +216,7 @@ async fn a_request_id_is_bound_to_its_first_write_and_a_retry_applies_once() -> 
 #[tokio::test(flavor = "multi_thread")]
 async fn min_decryption_version_only_moves_forward() -> anyhow::Result<()> {
     let node = InProcessNode::must_start().await?;
-    let mut k = KeysClient::connect(node.addr.clone()).await?;
+    let mut k = KeysClient::new(node.channel().await?);
     let create = CreateKeyRequest { name: "k".into(), r#type: KeyType::Aes256Gcm as i32, ..Default::default() };
     k.create_key(create).await?;
     k.rotate_key(RotateKeyRequest { name: "k".into(), ..Default::default() }).await?;

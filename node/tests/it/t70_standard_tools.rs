@@ -9,7 +9,7 @@ use crate::InProcessNode;
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_reflection() -> anyhow::Result<()> {
     let node = InProcessNode::must_start().await?;
-    let channel = tonic::transport::Endpoint::from_shared(node.addr.clone())?.connect().await?;
+    let channel = node.channel().await?;
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let reply = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?.into_inner();

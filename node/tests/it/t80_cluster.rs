@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use coffer_proto::v1::{GetRequest, PutRequest};
+use tonic::transport::Channel;
 use tonic::Code;
 
 use coffer_testkit::Cluster;
@@ -41,7 +42,8 @@ fn spawn_writers(
     stop: Arc<std::sync::atomic::AtomicBool>,
     acked: Arc<Mutex<Vec<Acked>>>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let urls: Vec<Channel> =
+        (0..cluster.nodes.len()).map(|i| cluster.channel(i)).collect::<anyhow::Result<_>>().expect("channels");
     (0..writers)
         .map(|w| {
             let urls = urls.clone();
@@ -54,10 +56,7 @@ fn spawn_writers(
                         break;
                     }
                     let url = &urls[(w + i) % urls.len()];
-                    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else { break };
-                    let mut c = coffer_proto::v1::secrets_client::SecretsClient::new(
-                        endpoint.timeout(Duration::from_secs(3)).connect_lazy(),
-                    );
+                    let mut c = coffer_proto::v1::secrets_client::SecretsClient::new(url.clone());
                     let path = format!("load/w{w}/{i}");
                     let value = format!("w{w}-i{i}").into_bytes();
                     let req = PutRequest { request_id: format!("w{w}-i{i}"), ..put(&path, &value, None) };

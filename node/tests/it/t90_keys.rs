@@ -11,8 +11,8 @@ use tonic::Code;
 
 use crate::{must_start_cluster, InProcessNode, TestNode};
 
-async fn keys(addr: &str) -> anyhow::Result<KeysClient<Channel>> {
-    Ok(KeysClient::connect(addr.to_owned()).await?)
+fn keys(channel: Channel) -> anyhow::Result<KeysClient<Channel>> {
+    Ok(KeysClient::new(channel))
 }
 
 fn create(name: &str, t: KeyType) -> CreateKeyRequest {
@@ -40,7 +40,7 @@ fn tamper(text: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_key_type_round_trips_and_rejects_tampering() -> anyhow::Result<()> {
     let node = InProcessNode::must_start().await?;
-    let mut k = keys(&node.addr).await?;
+    let mut k = keys(node.channel().await?)?;
     for (name, t) in [
         ("aes", KeyType::Aes256Gcm),
         ("ed", KeyType::Ed25519),
@@ -114,7 +114,7 @@ async fn every_key_type_round_trips_and_rejects_tampering() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result<()> {
     let mut node = TestNode::must_start()?;
-    let mut k = keys(&node.addr).await?;
+    let mut k = keys(node.channel().await?)?;
     k.create_key(create("app", KeyType::Aes256Gcm)).await?;
     let old = k.encrypt(enc("app", b"v1 data", b"")).await?.into_inner();
     let key = k.rotate_key(RotateKeyRequest { name: "app".into(), ..Default::default() }).await?.into_inner();
@@ -150,7 +150,7 @@ async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result
     // A restarted node unwraps its keys through the HSM again and answers.
     node.must_stop()?;
     node.must_restart()?;
-    let mut k = keys(&node.addr).await?;
+    let mut k = keys(node.channel().await?)?;
     assert_eq!(k.decrypt(dec("app", &new.ciphertext, b"")).await?.into_inner().plaintext, b"v2 data");
 
     // Deletion only when allowed.
@@ -166,13 +166,13 @@ async fn rotation_min_decryption_version_rewrap_and_deletion() -> anyhow::Result
 async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> anyhow::Result<()> {
     let mut cluster = must_start_cluster(3, "")?;
     let leader = cluster.leader()?;
-    let mut on_leader = keys(&cluster.nodes[leader].url()).await?;
+    let mut on_leader = keys(cluster.channel(leader)?)?;
     on_leader.create_key(create("shared", KeyType::Aes256Gcm)).await?;
     let ct = on_leader.encrypt(enc("shared", b"hello", b"")).await?.into_inner();
     on_leader.rotate_key(RotateKeyRequest { name: "shared".into(), ..Default::default() }).await?;
     let ct2 = on_leader.encrypt(enc("shared", b"hello2", b"")).await?.into_inner();
     for i in 0..3 {
-        let mut k = keys(&cluster.nodes[i].url()).await?;
+        let mut k = keys(cluster.channel(i)?)?;
         // A follower may apply the key a moment after the leader acknowledged it.
         let started = Instant::now();
         let plain = loop {
@@ -203,7 +203,7 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
         })
         .await?;
     for i in 0..3 {
-        let mut k = keys(&cluster.nodes[i].url()).await?;
+        let mut k = keys(cluster.channel(i)?)?;
         let started = Instant::now();
         loop {
             match k.decrypt(dec("shared", &ct.ciphertext, b"")).await {
@@ -220,7 +220,7 @@ async fn every_node_answers_and_a_cut_off_follower_stops_within_the_bound() -> a
     for i in &others {
         cluster.kill(*i)?;
     }
-    let mut k = keys(&cluster.nodes[follower].url()).await?;
+    let mut k = keys(cluster.channel(follower)?)?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let err = k.decrypt(dec("shared", &ct2.ciphertext, b"")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
@@ -251,7 +251,7 @@ async fn batch_and_stream_give_per_item_results() -> anyhow::Result<()> {
     use coffer_proto::v1::{BatchRequest, CryptoRequest, StreamRequest};
 
     let node = InProcessNode::must_start().await?;
-    let mut k = keys(&node.addr).await?;
+    let mut k = keys(node.channel().await?)?;
     k.create_key(create("b", KeyType::Aes256Gcm)).await?;
     k.create_key(create("s", KeyType::Ed25519)).await?;
     let item = |call: Call| CryptoRequest { call: Some(call) };
@@ -341,10 +341,10 @@ async fn batch_and_stream_give_per_item_results() -> anyhow::Result<()> {
 async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
     let cluster = must_start_cluster(3, "")?;
     let leader = cluster.leader()?;
-    keys(&cluster.nodes[leader].url()).await?.create_key(create("hot", KeyType::Aes256Gcm)).await?;
+    keys(cluster.channel(leader)?)?.create_key(create("hot", KeyType::Aes256Gcm)).await?;
     // Let every node see the key.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let urls: Vec<Channel> = (0..cluster.nodes.len()).map(|i| cluster.channel(i)).collect::<anyhow::Result<_>>()?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..4usize {
@@ -353,7 +353,7 @@ async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
         workers.push(tokio::spawn(async move {
             let mut clients = Vec::new();
             for u in &urls {
-                clients.push(keys(u).await?);
+                clients.push(keys(u.clone())?);
             }
             let mut made: Vec<(String, Vec<u8>)> = Vec::new();
             let mut decrypts = 0usize;
@@ -375,7 +375,7 @@ async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
             anyhow::Ok((made, decrypts))
         }));
     }
-    let mut on_leader = keys(&urls[leader]).await?;
+    let mut on_leader = keys(urls[leader].clone())?;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         on_leader.rotate_key(RotateKeyRequest { name: "hot".into(), ..Default::default() }).await?;
@@ -394,7 +394,7 @@ async fn rotating_under_load_fails_no_decrypt() -> anyhow::Result<()> {
     assert!(versions.len() >= 3, "ciphertexts span several versions: {versions:?}");
     // Every ciphertext made during the run still decrypts, on every node.
     for (i, url) in urls.iter().enumerate() {
-        let mut k = keys(url).await?;
+        let mut k = keys(url.clone())?;
         for (ct, plain) in all.iter().step_by(7) {
             assert_eq!(&k.decrypt(dec("hot", ct, b"")).await?.into_inner().plaintext, plain, "node {}", i + 1);
         }
@@ -444,7 +444,7 @@ async fn key_cli_round_trips() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
     let node = InProcessNode::must_start().await?;
-    let mut k = keys(&node.addr).await?;
+    let mut k = keys(node.channel().await?)?;
     k.create_key(create("auto", KeyType::HmacSha256)).await?;
     k.create_key(create("manual", KeyType::HmacSha256)).await?;
     k.update_key_config(UpdateKeyConfigRequest {
@@ -471,10 +471,10 @@ async fn the_leader_rotates_keys_on_their_period() -> anyhow::Result<()> {
 async fn usage_per_version_is_aggregated_from_all_nodes() -> anyhow::Result<()> {
     let cluster = must_start_cluster(3, "")?;
     let leader = cluster.leader()?;
-    keys(&cluster.nodes[leader].url()).await?.create_key(create("used", KeyType::Aes256Gcm)).await?;
+    keys(cluster.channel(leader)?)?.create_key(create("used", KeyType::Aes256Gcm)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut a = keys(&cluster.nodes[0].url()).await?;
-    let mut b = keys(&cluster.nodes[1].url()).await?;
+    let mut a = keys(cluster.channel(0)?)?;
+    let mut b = keys(cluster.channel(1)?)?;
     let mut cts = Vec::new();
     for i in 0..3 {
         cts.push(a.encrypt(enc("used", format!("{i}").as_bytes(), b"")).await?.into_inner().ciphertext);
@@ -483,7 +483,7 @@ async fn usage_per_version_is_aggregated_from_all_nodes() -> anyhow::Result<()> 
         b.decrypt(dec("used", ct, b"")).await?;
     }
     b.encrypt(enc("used", b"x", b"")).await?;
-    let key = keys(&cluster.nodes[2].url()).await?.get_key(GetKeyRequest { name: "used".into() }).await?.into_inner();
+    let key = keys(cluster.channel(2)?)?.get_key(GetKeyRequest { name: "used".into() }).await?.into_inner();
     assert_eq!((key.usage_nodes_answered, key.usage_nodes_total), (3, 3));
     let v1 = &key.versions[0];
     assert_eq!((v1.encrypts, v1.decrypts), (4, 2));
@@ -497,7 +497,7 @@ async fn usage_per_version_is_aggregated_from_all_nodes() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread")]
 async fn key_material_never_at_rest_in_plaintext() -> anyhow::Result<()> {
     let mut node = TestNode::must_start()?;
-    let mut k = keys(&node.addr).await?;
+    let mut k = keys(node.channel().await?)?;
     for (name, t) in [
         ("m-aes", KeyType::Aes256Gcm),
         ("m-ed", KeyType::Ed25519),
