@@ -139,7 +139,7 @@ fn start_cluster(coffer: &Path, n: usize, cuttable_links: bool) -> anyhow::Resul
     let mut cluster = Cluster::prepare(coffer, n, Options::drills())?;
     let mut links = None;
     if cuttable_links {
-        let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+        let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.peer_port).collect();
         let proxies = Links::start(&ports)?;
         for from in 0..n {
             let via: Vec<String> = (0..n)
@@ -323,7 +323,7 @@ fn inject(
         Scenario::KillLeaderDuringJoin => {
             let joiner = cluster.nodes.len() - 1;
             let leader = cluster.leader()?;
-            let peer = format!("127.0.0.1:{}", cluster.nodes[leader].port);
+            let peer = cluster.nodes[leader].peer_addr();
             let (coffer, url) = (cluster.coffer().to_owned(), cluster.nodes[joiner].url());
             let tls_env = cluster.pki().map(TestPki::cli_env).unwrap_or_default();
             let join = std::thread::spawn(move || {

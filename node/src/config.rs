@@ -4,7 +4,9 @@
 //! ```toml
 //! node-id = 1
 //! listen = "127.0.0.1:8200"
-//! # advertise-addr = "10.0.0.5:8200"     # what other nodes dial; default: the bound address
+//! # advertise-addr = "10.0.0.5:8200"     # what clients dial; default: the bound address
+//! # peer-listen = "10.0.0.5:8201"        # node-to-node, mutual TLS; default: listen's port + 1
+//! # advertise-peer-addr = "10.0.0.5:8201" # what other nodes dial; default: advertise-addr's host
 //! # write-timeout = "5s"                 # a write not committed by then is UNAVAILABLE
 //! data-dir = "/var/lib/coffer"
 //! max-value-bytes = 65536
@@ -70,6 +72,8 @@ struct RawConfig {
     #[serde(default = "default_listen")]
     listen: String,
     advertise_addr: Option<String>,
+    peer_listen: Option<String>,
+    advertise_peer_addr: Option<String>,
     #[serde(with = "humantime_serde", default = "default_write_timeout")]
     write_timeout: Duration,
     data_dir: PathBuf,
@@ -198,8 +202,14 @@ pub struct Config {
     pub node_id: NodeId,
     /// The address the gRPC server binds.
     pub listen: SocketAddr,
-    /// The address other nodes reach this one at; `None`: the bound address.
+    /// The address clients reach this one at; `None`: the bound address.
     pub advertise_addr: Option<String>,
+    /// The address the node-to-node listener binds (TLS on only); `None`: `listen` with the
+    /// next port up (port 0 stays 0).
+    pub peer_listen: Option<SocketAddr>,
+    /// The address other nodes dial; `None`: `advertise-addr`'s host with the peer port, or the
+    /// bound peer address.
+    pub advertise_peer_addr: Option<String>,
     /// How long a write may wait to be committed before it is reported `UNAVAILABLE`.
     pub write_timeout: Duration,
     /// Where RocksDB and snapshots live.
@@ -375,6 +385,25 @@ impl RawConfig {
                 "raft.election-timeout-min is less than three heartbeat intervals: a slow heartbeat may trigger needless elections"
             );
         }
+        let peer_listen = match &self.peer_listen {
+            Some(text) => match text.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => return invalid(format!("peer-listen = {text:?} is not an IP:port address")),
+            },
+            None => {
+                let mut addr = listen;
+                addr.set_port(if listen.port() == 0 { 0 } else { listen.port().saturating_add(1) });
+                Some(addr)
+            }
+        };
+        if peer_listen.is_some_and(|p| p.ip().is_unspecified())
+            && self.advertise_peer_addr.is_none()
+            && self.advertise_addr.is_none()
+        {
+            return invalid(
+                "peer-listen binds every interface: set advertise-peer-addr (or advertise-addr) to what other nodes dial".into(),
+            );
+        }
         let tls = match self.tls {
             None => return invalid(NO_TLS.into()),
             Some(toml::Value::String(word)) if word == "off" => Tls::Off,
@@ -403,8 +432,16 @@ impl RawConfig {
             }
             Some(other) => return invalid(format!("tls = {other}: \"off\" or a [tls] table")),
         };
+        if matches!(tls, Tls::Off) && (self.peer_listen.is_some() || self.advertise_peer_addr.is_some()) {
+            return invalid(
+                "peer-listen needs TLS: with tls = \"off\" the node-to-node service shares the client port".into(),
+            );
+        }
+        let peer_listen = if tls_on(&tls) { peer_listen } else { None };
         Ok(Config {
             tls,
+            peer_listen,
+            advertise_peer_addr: self.advertise_peer_addr,
             node_id: NodeId(self.node_id),
             listen,
             advertise_addr: self.advertise_addr,
@@ -432,6 +469,10 @@ impl RawConfig {
             },
         })
     }
+}
+
+fn tls_on(tls: &Tls) -> bool {
+    matches!(tls, Tls::On(_))
 }
 
 /// Relative paths in a config file are relative to the file's directory.

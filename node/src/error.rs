@@ -207,7 +207,7 @@ impl From<Error> for tonic::Status {
             Error::Replica(replica) => match replica {
                 R::NotLeader { leader } => {
                     let mut status = tonic::Status::unavailable(err.to_string());
-                    if let Some(addr) = leader.as_ref().and_then(|l| l.addr.parse().ok()) {
+                    if let Some(addr) = leader.as_ref().and_then(|l| l.addr.client.parse().ok()) {
                         status.metadata_mut().insert(LEADER_METADATA, addr);
                     }
                     return status;
@@ -230,6 +230,8 @@ impl From<Error> for tonic::Status {
                     Code::FailedPrecondition
                 }
                 R::BadPeerAddr { .. } | R::InvalidInput { .. } => Code::InvalidArgument,
+                R::PeerUnauthenticated => Code::Unauthenticated,
+                R::PeerMismatch { .. } | R::PeerNotMember { .. } => Code::PermissionDenied,
                 R::Rocks { .. }
                 | R::Decode { .. }
                 | R::SnapshotIo { .. }

@@ -76,7 +76,7 @@ impl Node {
     ///
     /// # Errors
     /// Any failing step: HSM, store, Raft, or a root key that is not the cluster's.
-    pub async fn start(config: Config, advertise: String) -> Result<Arc<Node>, Error> {
+    pub async fn start(config: Config, advertise: coffer_raft::NodeAddrs) -> Result<Arc<Node>, Error> {
         create_private_dir(&config.data_dir)?;
         let store = Store::open(&config.data_dir)?;
         let member = StateReader::new(store.clone()).cluster()?;
@@ -96,6 +96,7 @@ impl Node {
                 dial_via: config.raft.dial_via.clone(),
                 write_timeout: config.write_timeout,
                 peer_tls: peer_tls(&config)?,
+                authenticate_peers: matches!(config.tls, crate::config::Tls::On(_)),
             },
             store,
         )

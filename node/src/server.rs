@@ -16,58 +16,149 @@ use crate::keys::KeysService;
 use crate::keys::StatsService;
 use crate::node::Node;
 use crate::secrets::SecretsService;
-use coffer_tls::ReloadingServer;
+use coffer_raft::{NodeAddrs, NodeId, PeerIdentity};
+use coffer_tls::{ClientCerts, ReloadingServer, ServerFiles};
+use tonic::service::interceptor::InterceptedService;
 
-/// Starts a node from `config` and serves the public API (Secrets, Keys, Operator, gRPC health, server
-/// reflection) and the node-to-node Raft service on `listener` until `shutdown` completes. Tests call this with a listener bound to
-/// `127.0.0.1:0`.
+/// Starts a node from `config` and serves until `shutdown` completes. Tests call this with a
+/// listener bound to `127.0.0.1:0`.
+///
+/// With TLS on (the default), `listener` serves the public API (Secrets, Keys, Operator, gRPC
+/// health, server reflection) over TLS, and a second listener, bound here to `peer-listen`,
+/// serves the node-to-node services (`coffer.raft.v1`: Raft, NodeStats) over mutual TLS: a
+/// caller must present a node certificate of the cluster's CA, and every message is checked
+/// against the node it names. With `tls = "off"` everything shares `listener`, in plaintext.
 ///
 /// # Errors
-/// Start-up failures (HSM, store, KCV mismatch), or a failing transport.
+/// Start-up failures (TLS files, HSM, store, KCV mismatch), or a failing transport.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let bound = listener.local_addr().map_err(|e| Error::Serve(Box::new(e)))?;
+    let serve_err = |e: std::io::Error| Error::Serve(Box::new(e));
+    let bound = listener.local_addr().map_err(serve_err)?;
     // The files are checked before anything starts: a node with a bad key never joins half-way.
     let tls = match &config.tls {
-        Tls::On(files) => Some(ReloadingServer::load(files.clone())?),
+        Tls::On(files) => {
+            let public = ReloadingServer::load(files.clone())?;
+            let peer_files = ServerFiles { client_certs: ClientCerts::Required, ..files.clone() };
+            let peers = ReloadingServer::load(peer_files)?;
+            let peer_bind = config.peer_listen.unwrap_or(bound);
+            let peer_listener = TcpListener::bind(peer_bind).await.map_err(|e| {
+                Error::Serve(format!("cannot bind the peer listener (peer-listen = {peer_bind}): {e}").into())
+            })?;
+            Some((public, peers, peer_listener))
+        }
         Tls::Off => None,
     };
-    let advertise = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+    let client_addr = config.advertise_addr.clone().unwrap_or_else(|| bound.to_string());
+    let advertise = match &tls {
+        Some((_, _, peer_listener)) => {
+            let peer_bound = peer_listener.local_addr().map_err(serve_err)?;
+            let peer = config.advertise_peer_addr.clone().unwrap_or_else(|| match &config.advertise_addr {
+                // The advertised host with the peer port.
+                Some(addr) => match addr.rsplit_once(':') {
+                    Some((host, _)) => format!("{host}:{}", peer_bound.port()),
+                    None => peer_bound.to_string(),
+                },
+                None => peer_bound.to_string(),
+            });
+            NodeAddrs { client: client_addr, peer }
+        }
+        None => NodeAddrs::single(&client_addr),
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     // A member may wait for its HSM at start: a signal meanwhile still stops it.
     let node = tokio::select! {
-        node = Node::start(config, advertise) => node?,
+        node = Node::start(config, advertise.clone()) => node?,
         () = &mut shutdown => return Ok(()),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
     let (reflection, reflection_v1alpha) = reflection()?;
     let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
-    let router = tonic::transport::Server::builder()
+    let public = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(SecretsServer::new(SecretsService::new(node.clone())))
         .add_service(OperatorServer::new(OperatorService::new(node.clone())))
-        .add_service(KeysServer::new(KeysService::new(node.clone())))
-        .add_service(NodeStatsServer::new(StatsService::new(node.clone())))
-        .add_service(node.replica.peer_service());
+        .add_service(KeysServer::new(KeysService::new(node.clone())));
     let served = match tls {
-        Some(tls) => {
-            tracing::info!(addr = %bound, "serving coffer.v1 (Secrets, Keys, Operator) and coffer.raft.v1 (Raft, NodeStats) over TLS");
-            let watcher = tls.watch();
-            let served = router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await;
-            watcher.abort();
-            served
+        Some((public_tls, peer_tls, peer_listener)) => {
+            tracing::info!(
+                client = %bound, peer = %advertise.peer,
+                "serving coffer.v1 over TLS, and coffer.raft.v1 to nodes of this cluster over mutual TLS"
+            );
+            let peers = tonic::transport::Server::builder()
+                .add_service(InterceptedService::new(node.replica.peer_service(), node_identity))
+                .add_service(InterceptedService::new(
+                    NodeStatsServer::new(StatsService::new(node.clone())),
+                    node_identity,
+                ));
+            let watchers = [public_tls.watch(), peer_tls.watch()];
+            // Either server stopping stops the other: a node half-served would look alive.
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            let client_side = async {
+                let r = public
+                    .serve_with_incoming_shutdown(public_tls.incoming(listener), until_stopped(stopped.clone()))
+                    .await;
+                let _ = stop.send(true);
+                r
+            };
+            let peer_side = async {
+                let r = peers
+                    .serve_with_incoming_shutdown(peer_tls.incoming(peer_listener), until_stopped(stopped.clone()))
+                    .await;
+                let _ = stop.send(true);
+                r
+            };
+            let signal = async {
+                tokio::select! {
+                    () = &mut shutdown => {}
+                    () = until_stopped(stopped.clone()) => {}
+                }
+                let _ = stop.send(true);
+            };
+            let (client_result, peer_result, ()) = tokio::join!(client_side, peer_side, signal);
+            for watcher in watchers {
+                watcher.abort();
+            }
+            client_result.and(peer_result)
         }
         None => {
-            tracing::warn!(addr = %bound, "serving PLAINTEXT (tls = \"off\"): anyone on the network can read and change what crosses it");
-            router.serve_with_incoming_shutdown(no_delay(listener), shutdown).await
+            tracing::warn!(addr = %bound, "serving PLAINTEXT (tls = \"off\"): anyone on the network can read and change what crosses it, and the node-to-node service shares this port");
+            public
+                .add_service(NodeStatsServer::new(StatsService::new(node.clone())))
+                .add_service(node.replica.peer_service())
+                .serve_with_incoming_shutdown(no_delay(listener), shutdown)
+                .await
         }
     };
     rotator.abort();
     let _ = rotator.await;
     node.shutdown().await;
     served.map_err(|e| Error::Serve(Box::new(e)))
+}
+
+/// The peer listener's gate: the caller's certificate (verified by mutual TLS against the
+/// cluster's CA) must name a node (`spiffe://coffer/node/<id>`); a client certificate of the same
+/// CA is refused. The node id goes into the request for the service's per-message checks.
+fn node_identity(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let identity = request.peer_certs().and_then(|certs| certs.first().and_then(coffer_tls::identity));
+    match identity {
+        Some(coffer_tls::Identity::Node(id)) => {
+            request.extensions_mut().insert(PeerIdentity(NodeId(id)));
+            Ok(request)
+        }
+        other => {
+            tracing::warn!(
+                remote = ?request.remote_addr(), identity = ?other,
+                "refused a node-to-node call: its certificate names no node"
+            );
+            Err(Error::Replica(coffer_raft::Error::PeerUnauthenticated).into())
+        }
+    }
 }
 
 /// Server reflection for the public API only: the node-to-node package (`coffer.raft.v1`) is

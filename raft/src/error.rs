@@ -14,20 +14,20 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::NodeId;
+use crate::{NodeAddrs, NodeId};
 
 /// A node of the cluster: its id and the address peers reach it at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
     /// The node id.
     pub id: NodeId,
-    /// Its `host:port`.
-    pub addr: String,
+    /// Where it is reached.
+    pub addr: NodeAddrs,
 }
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "node {} at {}", self.id, self.addr)
+        write!(f, "node {} at {}", self.id, self.addr.client)
     }
 }
 
@@ -195,6 +195,23 @@ pub enum Error {
     /// Removing the node would leave the cluster without voters.
     #[error("cannot remove the last voter of a cluster")]
     LastVoter,
+    /// A node-to-node call carried no node certificate (mutual TLS is on).
+    #[error("node-to-node calls need a node certificate of this cluster")]
+    PeerUnauthenticated,
+    /// A message claims to come from another node than the certificate it came with names.
+    #[error("refused: a message sent with node {certified}'s certificate claims to come from node {claimed}")]
+    PeerMismatch {
+        /// The node the TLS certificate names.
+        certified: NodeId,
+        /// The node the message says it is from.
+        claimed: NodeId,
+    },
+    /// The certificate names a node that is not a member of this cluster.
+    #[error("refused: node {node} is not a member of this cluster")]
+    PeerNotMember {
+        /// The node the certificate names.
+        node: NodeId,
+    },
     /// A peer answered with bytes that do not decode.
     #[error("undecodable message from a peer: {source}")]
     BadMessage {

@@ -38,12 +38,12 @@ pub use error::{Error, JoinRefusal, Peer};
 pub use log_store::LogStore;
 pub use reader::{StateReader, VersionRead};
 pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, ReplicaStatus, Role};
-pub use service::PeerService;
+pub use service::{PeerIdentity, PeerService};
 pub use state_machine::StateMachine;
 pub use store::Store;
 pub use types::{
-    KeyName, KeyVersion, KeyringVersion, NodeId, RequestId, SecretPath, SecretVersion, UnixMillis, MAX_KEY_NAME_BYTES,
-    MAX_PATH_BYTES, MAX_REQUEST_ID_BYTES,
+    KeyName, KeyVersion, KeyringVersion, NodeAddrs, NodeId, RequestId, SecretPath, SecretVersion, UnixMillis,
+    MAX_KEY_NAME_BYTES, MAX_PATH_BYTES, MAX_REQUEST_ID_BYTES,
 };
 
 openraft::declare_raft_types!(

@@ -120,7 +120,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        PeerClient { target, addr: node.addr.clone(), channels: self.channels.clone(), metrics: self.metrics.clone() }
+        let addr = crate::NodeAddrs::from(node.addr.clone()).peer;
+        PeerClient { target, addr, channels: self.channels.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -212,11 +213,16 @@ pub(crate) fn refused(e: &Error) -> tonic::Status {
             Code::FailedPrecondition
         }
         Error::BadMessage { .. } | Error::BadPeerAddr { .. } | Error::InvalidInput { .. } => Code::InvalidArgument,
+        Error::PeerUnauthenticated => Code::Unauthenticated,
+        Error::PeerMismatch { .. } | Error::PeerNotMember { .. } => Code::PermissionDenied,
         e if e.is_retryable() || matches!(e, Error::NotInitialized) => Code::Unavailable,
         _ => Code::Internal,
     };
     if let Some(refusal) = e.refusal() {
         return tonic::Status::with_details(code, e.to_string(), encode(&refusal).into());
+    }
+    if matches!(code, Code::PermissionDenied | Code::Unauthenticated) {
+        tracing::warn!(error = %e, "refused a node-to-node call");
     }
     if code != Code::Internal {
         return tonic::Status::new(code, e.to_string());
@@ -251,19 +257,19 @@ pub(crate) async fn forward(
     command: &Command,
     deadline: Duration,
 ) -> Result<Response, Error> {
-    let mut client = channels.client(&leader.addr)?;
+    let mut client = channels.client(&leader.addr.peer)?;
     let mut request = tonic::Request::new(Envelope { payload: encode(command), quorum_ack_age_ms: None });
     request.set_timeout(deadline);
-    let reply = client.client_write(request).await.map_err(|s| status_error(&leader.addr, &s))?;
+    let reply = client.client_write(request).await.map_err(|s| status_error(&leader.addr.peer, &s))?;
     postcard::from_bytes(&reply.into_inner().payload).map_err(|source| Error::BadMessage { source })
 }
 
 /// Asks the leader for a read index.
 pub(crate) async fn read_index(channels: &PeerChannels, leader: &Peer, deadline: Duration) -> Result<u64, Error> {
-    let mut client = channels.client(&leader.addr)?;
+    let mut client = channels.client(&leader.addr.peer)?;
     let mut request = tonic::Request::new(coffer_proto::raft::v1::ReadIndexRequest {});
     request.set_timeout(deadline);
-    client.read_index(request).await.map(|r| r.into_inner().index).map_err(|s| status_error(&leader.addr, &s))
+    client.read_index(request).await.map(|r| r.into_inner().index).map_err(|s| status_error(&leader.addr.peer, &s))
 }
 
 /// Asks the cluster `peer` belongs to to admit this node; returns the cluster id.
@@ -277,15 +283,24 @@ pub(crate) async fn join(
     let mut client = channels.client(peer)?;
     let request =
         coffer_proto::raft::v1::JoinRequest { node_id: node_id.0, addr: addr.to_owned(), kcv: kcv.to_owned() };
-    client.join(request).await.map(|r| r.into_inner().cluster_id).map_err(|s| status_error(peer, &s))
+    client.join(request).await.map(|r| r.into_inner().cluster_id).map_err(|s| match s.code() {
+        // The client port answers, but without the node-to-node service: the wrong port.
+        tonic::Code::Unimplemented => Error::PeerUnreachable {
+            peer: peer.to_owned(),
+            detail:
+                "it has no node-to-node service there: give the peer address (its peer-listen), not the client port"
+                    .into(),
+        },
+        _ => status_error(peer, &s),
+    })
 }
 
 /// Asks the leader to hand leadership to `target`; returns how long it stays quiet.
 pub(crate) async fn handoff(channels: &PeerChannels, leader: &Peer, target: NodeId) -> Result<Duration, Error> {
-    let mut client = channels.client(&leader.addr)?;
+    let mut client = channels.client(&leader.addr.peer)?;
     let reply = client
         .handoff(coffer_proto::raft::v1::HandoffRequest { node_id: target.0 })
         .await
-        .map_err(|s| status_error(&leader.addr, &s))?;
+        .map_err(|s| status_error(&leader.addr.peer, &s))?;
     Ok(Duration::from_millis(reply.into_inner().quiet_ms))
 }

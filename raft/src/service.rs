@@ -23,6 +23,12 @@ use crate::replica::{Inner, Leadership};
 use crate::store::encode;
 use crate::NodeId;
 
+/// The node a call's TLS client certificate names. The node's peer listener puts it into each
+/// request's extensions after TLS verified the certificate against the cluster's CA; the service
+/// checks every message against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIdentity(pub NodeId);
+
 /// The node-to-node service of one node.
 #[derive(Clone)]
 pub struct PeerService {
@@ -38,6 +44,36 @@ impl std::fmt::Debug for PeerService {
 impl PeerService {
     pub(crate) fn new(replica: Arc<Inner>) -> Self {
         PeerService { replica }
+    }
+
+    /// Who sent `request`, when peers are authenticated (`None` when they are not: tls = "off").
+    fn sender<T>(&self, request: &Request<T>) -> Result<Option<NodeId>, Error> {
+        if !self.replica.config.authenticate_peers {
+            return Ok(None);
+        }
+        request.extensions().get::<PeerIdentity>().map(|p| Some(p.0)).ok_or(Error::PeerUnauthenticated)
+    }
+
+    /// A Raft message must come from the node it names (`claimed`): a certificate of node 2
+    /// sending a vote as node 3 is refused.
+    fn check_claim(sender: Option<NodeId>, claimed: Option<NodeId>) -> Result<(), Error> {
+        match sender {
+            Some(certified) if claimed != Some(certified) => {
+                Err(Error::PeerMismatch { certified, claimed: claimed.unwrap_or_default() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Forwarded writes and read-index requests come only from members.
+    fn check_member(&self, sender: Option<NodeId>) -> Result<(), Error> {
+        let Some(node) = sender else { return Ok(()) };
+        let metrics = self.replica.raft.metrics();
+        if metrics.borrow().membership_config.membership().get_node(&node).is_some() {
+            Ok(())
+        } else {
+            Err(Error::PeerNotMember { node })
+        }
     }
 
     /// The leader's side of a forwarded write: into this node's next batch. A node that does not
@@ -100,8 +136,10 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Envelope>, Status> {
 #[tonic::async_trait]
 impl RaftRpc for PeerService {
     async fn append_entries(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let quorum_ack_age_ms = request.get_ref().quorum_ack_age_ms;
         let req: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(request)?;
+        Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
         let leader_commit = req.leader_commit.map(|l| l.index);
         let raft = &self.replica.raft;
         let result = raft.append_entries(req).await;
@@ -119,16 +157,24 @@ impl RaftRpc for PeerService {
     }
 
     async fn vote(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
-        let result = self.replica.raft.vote(decode(request)?).await;
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
+        let req: openraft::raft::VoteRequest<NodeId> = decode(request)?;
+        Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
+        let result = self.replica.raft.vote(req).await;
         reply(&result)
     }
 
     async fn install_snapshot(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
-        let result = self.replica.raft.install_snapshot(decode(request)?).await;
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
+        let req: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> = decode(request)?;
+        Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
+        let result = self.replica.raft.install_snapshot(req).await;
         reply(&result)
     }
 
     async fn client_write(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
+        self.check_member(sender).map_err(|e| refused(&e))?;
         let command: Command = decode(request)?;
         let timeout = self.replica.config.write_timeout;
         match tokio::time::timeout(timeout, self.take_forwarded(command)).await {
@@ -138,7 +184,9 @@ impl RaftRpc for PeerService {
         }
     }
 
-    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+    async fn read_index(&self, request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
+        self.check_member(sender).map_err(|e| refused(&e))?;
         self.replica.quiet.wait().await;
         if !matches!(self.replica.leadership(), Leadership::Me) {
             return Err(refused(&Error::NotLeader { leader: self.replica.leader_peer() }));
@@ -150,9 +198,14 @@ impl RaftRpc for PeerService {
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // A node joins as itself; a member may pass a join on to the leader.
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let req = request.into_inner();
+        if sender.is_some_and(|s| s != NodeId(req.node_id)) {
+            self.check_member(sender).map_err(|e| refused(&e))?;
+        }
         if let Leadership::Other(leader) = self.replica.leadership() {
-            let mut client = self.replica.channels.client(&leader.addr).map_err(|e| refused(&e))?;
+            let mut client = self.replica.channels.client(&leader.addr.peer).map_err(|e| refused(&e))?;
             return client.join(req).await;
         }
         match self.replica.admit(NodeId(req.node_id), &req.addr, &req.kcv).await {
@@ -162,7 +215,11 @@ impl RaftRpc for PeerService {
     }
 
     async fn handoff(&self, request: Request<HandoffRequest>) -> Result<Response<HandoffResponse>, Status> {
-        match self.replica.hand_off(NodeId(request.into_inner().node_id)).await {
+        // Only the target asks for leadership: a node cannot make another one stand.
+        let sender = self.sender(&request).map_err(|e| refused(&e))?;
+        let target = NodeId(request.into_inner().node_id);
+        Self::check_claim(sender, Some(target)).map_err(|e| refused(&e))?;
+        match self.replica.hand_off(target).await {
             Ok(quiet) => {
                 Ok(Response::new(HandoffResponse { quiet_ms: u64::try_from(quiet.as_millis()).unwrap_or(u64::MAX) }))
             }

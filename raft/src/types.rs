@@ -209,6 +209,57 @@ number_newtype!(
     NodeId(u64)
 );
 
+/// Where a node is reached: its client address (the public API) and its peer address
+/// (`coffer.raft.v1`, mutual TLS). Membership keeps both in openraft's `BasicNode.addr` as
+/// `client;peer=peer`; a plain `host:port` (a node with TLS off, or a member recorded before
+/// the peer port existed) means both are on one port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub struct NodeAddrs {
+    /// `host:port` of the public API.
+    pub client: String,
+    /// `host:port` other nodes dial.
+    pub peer: String,
+}
+
+const PEER_MARK: &str = ";peer=";
+
+impl NodeAddrs {
+    /// Both on one port.
+    pub fn single(addr: &str) -> NodeAddrs {
+        NodeAddrs { client: addr.to_owned(), peer: addr.to_owned() }
+    }
+}
+
+impl From<String> for NodeAddrs {
+    fn from(text: String) -> NodeAddrs {
+        match text.split_once(PEER_MARK) {
+            Some((client, peer)) => NodeAddrs { client: client.to_owned(), peer: peer.to_owned() },
+            None => NodeAddrs::single(&text),
+        }
+    }
+}
+
+impl From<NodeAddrs> for String {
+    fn from(addrs: NodeAddrs) -> String {
+        if addrs.client == addrs.peer {
+            addrs.client
+        } else {
+            format!("{}{PEER_MARK}{}", addrs.client, addrs.peer)
+        }
+    }
+}
+
+impl fmt::Display for NodeAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.client == self.peer {
+            f.write_str(&self.client)
+        } else {
+            write!(f, "{} (peers: {})", self.client, self.peer)
+        }
+    }
+}
+
 /// A wall-clock time, milliseconds since the Unix epoch, as the proposer stamped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -287,5 +338,14 @@ mod tests {
         assert!(postcard::from_bytes::<RequestId>(&postcard::to_allocvec("")?).is_err());
         assert_eq!(postcard::from_bytes::<SecretPath>(&postcard::to_allocvec("a/b")?)?, path);
         Ok(())
+    }
+
+    #[test]
+    fn node_addresses_round_trip_and_a_plain_one_means_one_port() {
+        let both = NodeAddrs { client: "10.0.0.1:8200".into(), peer: "10.0.0.1:8201".into() };
+        assert_eq!(String::from(both.clone()), "10.0.0.1:8200;peer=10.0.0.1:8201");
+        assert_eq!(NodeAddrs::from(String::from(both.clone())), both);
+        assert_eq!(NodeAddrs::from("10.0.0.1:8200".to_owned()), NodeAddrs::single("10.0.0.1:8200"));
+        assert_eq!(String::from(NodeAddrs::single("h:1")), "h:1");
     }
 }

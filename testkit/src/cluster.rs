@@ -83,6 +83,8 @@ pub struct Node {
     pub dir: PathBuf,
     /// Its loopback port.
     pub port: u16,
+    /// Its node-to-node port (the client port with TLS off).
+    pub peer_port: u16,
     /// Whether it speaks TLS.
     pub tls: bool,
     child: Option<Child>,
@@ -92,6 +94,11 @@ impl Node {
     /// `https://127.0.0.1:<port>` (`http://` with TLS off).
     pub fn url(&self) -> String {
         format!("{}://127.0.0.1:{}", if self.tls { "https" } else { "http" }, self.port)
+    }
+
+    /// `127.0.0.1:<peer port>`: what other nodes dial, and what `operator join --peer` takes.
+    pub fn peer_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port)
     }
 
     /// Whether its process runs (as far as the launcher knows).
@@ -157,12 +164,13 @@ impl Cluster {
             Some(first) => SoftHsm::at(&first.dir).copy_to(&dir)?,
         };
         let port = free_port()?;
-        let (tls_top, tls_table) = match &self.pki {
+        let (tls_top, tls_table, peer_port) = match &self.pki {
             Some(pki) => {
                 pki.issue_node(id, &dir.join("tls"))?;
-                (String::new(), pki.tls_table(&dir.join("tls")))
+                let peer_port = free_port()?;
+                (format!("peer-listen = \"127.0.0.1:{peer_port}\"\n"), pki.tls_table(&dir.join("tls")), peer_port)
             }
-            None => ("tls = \"off\"\n".to_owned(), String::new()),
+            None => ("tls = \"off\"\n".to_owned(), String::new(), port),
         };
         std::fs::write(
             dir.join("node.toml"),
@@ -172,7 +180,7 @@ impl Cluster {
                 self.options.extra_config
             ),
         )?;
-        self.nodes.push(Node { id, dir, port, tls: self.pki.is_some(), child: None });
+        self.nodes.push(Node { id, dir, port, peer_port, tls: self.pki.is_some(), child: None });
         Ok(self.nodes.len() - 1)
     }
 
@@ -206,7 +214,7 @@ impl Cluster {
     /// A `coffer operator` command fails.
     pub fn form(&self) -> anyhow::Result<()> {
         self.cli_ok(0, &["operator", "init"])?;
-        let first = format!("127.0.0.1:{}", self.nodes[0].port);
+        let first = self.nodes[0].peer_addr();
         for i in 1..self.nodes.len() {
             self.cli_ok(i, &["operator", "join", "--peer", &first])?;
         }

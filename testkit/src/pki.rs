@@ -66,6 +66,16 @@ impl TestPki {
         Ok(coffer_tls::client_config(&self.client_files())?)
     }
 
+    /// TLS as the node whose certificate is in `node_tls_dir` dials its peers: trusting the CA,
+    /// presenting the node certificate.
+    ///
+    /// # Errors
+    /// The files cannot be read.
+    pub fn node_tls(&self, node_tls_dir: &Path) -> anyhow::Result<ClientTlsConfig> {
+        let identity = Some((node_tls_dir.join("node.crt"), node_tls_dir.join("node.key")));
+        Ok(coffer_tls::client_config(&ClientFiles { ca: self.ca_cert(), identity })?)
+    }
+
     /// The CLI's environment: `COFFER_CACERT`, `COFFER_CLIENT_CERT`, `COFFER_CLIENT_KEY`.
     pub fn cli_env(&self) -> Vec<(&'static str, PathBuf)> {
         let files = self.client_files();

@@ -42,12 +42,16 @@ pub struct DevArgs {
 }
 
 const TOKEN_LABEL: &str = "coffer-dev";
+/// A node's peer port is its client port plus this (the default, +1, is the next node's port).
+const PEER_PORT_OFFSET: u16 = 100;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct DevNode {
     id: u16,
     dir: PathBuf,
     addr: SocketAddr,
+    /// Node-to-node (mutual TLS): 100 ports above the client port.
+    peer: SocketAddr,
 }
 
 impl DevNode {
@@ -110,12 +114,18 @@ impl DevTls {
             let config = node.config();
             if config.exists() && !std::fs::read_to_string(&config)?.contains("[tls]") {
                 let mut text = std::fs::read_to_string(&config)?;
+                text = text.replacen("\n\n[hsm]", &format!("\n{}\n[hsm]", peer_listen(node)), 1);
                 text.push_str(&tls_table(self));
                 std::fs::write(&config, text)?;
             }
         }
         Ok(())
     }
+}
+
+/// A node config's `peer-listen` line.
+fn peer_listen(node: &DevNode) -> String {
+    format!("peer-listen = \"{}\"", node.peer)
 }
 
 /// A node config's `[tls]` table (paths relative to the node's directory).
@@ -142,7 +152,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         .map(|id| {
             let mut addr = args.listen;
             addr.set_port(args.listen.port() + id - 1);
-            DevNode { id, dir: root.join(format!("node{id}")), addr }
+            let mut peer = addr;
+            peer.set_port(addr.port() + PEER_PORT_OFFSET);
+            DevNode { id, dir: root.join(format!("node{id}")), addr, peer }
         })
         .collect();
 
@@ -243,9 +255,10 @@ async fn prepare(exe: &Path, node: &DevNode, first: &DevNode, tls: &DevTls) -> a
     std::fs::write(
         node.config(),
         format!(
-            "# Written by `coffer dev`.\nnode-id = {}\nlisten = \"{}\"\ndata-dir = \"data\"\n\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"hsm-pin\"\n{}",
+            "# Written by `coffer dev`.\nnode-id = {}\nlisten = \"{}\"\n{}\ndata-dir = \"data\"\n\n[hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"hsm-pin\"\n{}",
             node.id,
             node.addr,
+            peer_listen(node),
             tls_table(tls)
         ),
     )?;
@@ -271,7 +284,7 @@ async fn form_cluster(nodes: &[DevNode], tls: &DevTls) -> anyhow::Result<()> {
         if status.members.is_empty() {
             eprintln!("coffer dev: node {} joins through node 1", node.id);
             client
-                .join(JoinRequest { peer: first.addr.to_string() })
+                .join(JoinRequest { peer: first.peer.to_string() })
                 .await
                 .map_err(|s| anyhow::anyhow!("node {} could not join: {}", node.id, s.message()))?;
         }

@@ -34,7 +34,7 @@ enum OperatorCommand {
     /// node's HSM holds the same root key, adds it as a learner, and makes it a voter once it has
     /// caught up.
     Join {
-        /// host:port of any node of the cluster.
+        /// The node-to-node address (its peer-listen, host:port) of any node of the cluster.
         #[arg(long)]
         peer: String,
     },

@@ -65,7 +65,7 @@ impl Operator for OperatorService {
         let members = status
             .members
             .into_iter()
-            .map(|m| MemberStatus { node_id: m.id.0, addr: m.addr, voter: m.voter, lag: m.lag })
+            .map(|m| MemberStatus { node_id: m.id.0, addr: m.addr.to_string(), voter: m.voter, lag: m.lag })
             .collect();
         let hsm = match node.hsm().probe().await {
             Ok(kcv) if kcv == *node.hsm().kcv() => "ok".to_owned(),

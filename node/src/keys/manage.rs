@@ -202,7 +202,7 @@ pub async fn cluster_usage(node: &Node, name: &str) -> ClusterUsage {
     use coffer_proto::raft::v1::node_stats_client::NodeStatsClient;
     use coffer_proto::raft::v1::KeyUsageRequest;
 
-    let members: Vec<(NodeId, String)> = node.replica.members().into_iter().map(|m| (m.id, m.addr)).collect();
+    let members: Vec<(NodeId, String)> = node.replica.members().into_iter().map(|m| (m.id, m.addr.peer)).collect();
     let mut sums = ClusterUsage { total: members.len().max(1) as u32, ..ClusterUsage::default() };
     for (id, addr) in members {
         if id == node.config.node_id {

@@ -13,6 +13,7 @@
 
 mod t10_secrets_api;
 mod t15_tls;
+mod t16_peer_port;
 mod t20_bad_input;
 mod t25_forged_and_retried;
 mod t30_cli;
@@ -51,7 +52,9 @@ pub fn must_start_cluster(n: usize, extra: &str) -> anyhow::Result<Cluster> {
 pub struct InProcessNode {
     server: InProcess,
     pub addr: String,
-    pki: TestPki,
+    /// `127.0.0.1:<port>` of its node-to-node listener.
+    pub peer_addr: String,
+    pub pki: TestPki,
 }
 
 impl InProcessNode {
@@ -63,10 +66,11 @@ impl InProcessNode {
         let pki = TestPki::create(&dir.path().join("ca"))?;
         pki.issue_node(1, &dir.path().join("tls"))?;
         let config_path = dir.path().join("node.toml");
+        let peer_addr = format!("127.0.0.1:{}", coffer_testkit::free_port()?);
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\n{SINGLE_NODE_CONFIG}\
+                "listen = \"127.0.0.1:0\"\npeer-listen = \"{peer_addr}\"\ndata-dir = \"data\"\n{SINGLE_NODE_CONFIG}\
                  [hsm]\ntoken-label = \"{TOKEN_LABEL}\"\npin-file = \"{}\"\n{}",
                 tokens.pin_file().display(),
                 pki.tls_table(&dir.path().join("tls"))
@@ -78,9 +82,26 @@ impl InProcessNode {
         })
         .await?;
         let addr = server.url().to_owned();
-        let node = InProcessNode { server, addr, pki };
+        let node = InProcessNode { server, addr, peer_addr, pki };
         OperatorClient::new(node.channel().await?).init(InitRequest {}).await?;
         Ok(node)
+    }
+
+    /// A channel to the node's peer port with `tls` (a node certificate, a client one, another
+    /// CA's, …); `None`: plaintext.
+    pub async fn peer_channel(&self, tls: Option<tonic::transport::ClientTlsConfig>) -> anyhow::Result<Channel> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", self.peer_addr))?
+            .timeout(std::time::Duration::from_secs(5));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint.connect().await?)
+    }
+
+    /// TLS as this node (node 1) dials its peers.
+    pub fn node_tls(&self) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+        self.pki.node_tls(&self.path().join("tls"))
     }
 
     /// A channel to the node over TLS, with the test client certificate.

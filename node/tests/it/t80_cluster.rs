@@ -285,8 +285,8 @@ async fn adding_and_removing_members_during_writes_loses_nothing() -> anyhow::Re
     // Writers go through every node, node 4 included: before it joins, its writes fail and move on.
     let writers = spawn_writers(&cluster, 3, stop.clone(), acked.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let leader_port = cluster.nodes[cluster.leader()?].port;
-    cluster.cli_ok(fourth, &["operator", "join", "--peer", &format!("127.0.0.1:{leader_port}")])?;
+    let leader_peer = cluster.nodes[cluster.leader()?].peer_addr();
+    cluster.cli_ok(fourth, &["operator", "join", "--peer", &leader_peer])?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Remove a node that is not the leader.
     let leader = cluster.leader()?;
@@ -321,7 +321,7 @@ async fn a_node_with_another_root_key_is_refused_and_leadership_can_move() -> an
     let stranger = cluster.add_node()?;
     cluster.replace_token(stranger)?;
     cluster.start_node(stranger)?;
-    let peer = format!("127.0.0.1:{}", cluster.nodes[0].port);
+    let peer = cluster.nodes[0].peer_addr();
     let out = cluster.cli(stranger, &["operator", "join", "--peer", &peer])?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -26,7 +26,7 @@ impl Inner {
             return Err(Error::AlreadyInitialized);
         }
         let me = self.config.node_id;
-        let members = BTreeMap::from([(me, BasicNode { addr: self.config.advertise.clone() })]);
+        let members = BTreeMap::from([(me, BasicNode { addr: self.config.advertise.clone().into() })]);
         self.raft.initialize(members).await.map_err(Error::raft)?;
         self.raft.wait(Some(LEADER_WAIT)).current_leader(me, "init").await.map_err(Error::raft)?;
         Ok(())
@@ -43,7 +43,8 @@ impl Inner {
         if self.is_voter() {
             return Err(Error::AlreadyInitialized);
         }
-        crate::network::join(&self.channels, peer, self.config.node_id, &self.config.advertise, kcv).await
+        let me: String = self.config.advertise.clone().into();
+        crate::network::join(&self.channels, peer, self.config.node_id, &me, kcv).await
     }
 
     /// The leader's side of a join: check the KCV, add the node as a learner (blocking until it

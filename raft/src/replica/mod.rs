@@ -32,7 +32,7 @@ use crate::error::{Error, Peer};
 use crate::handoff::Quiet;
 use crate::network::{GrpcNetwork, LocalMetrics, PeerChannels};
 use crate::service::PeerService;
-use crate::{Coalescer, LogStore, NodeId, Raft, StateMachine, StateReader, Store};
+use crate::{Coalescer, LogStore, NodeAddrs, NodeId, Raft, StateMachine, StateReader, Store};
 
 pub(crate) use batch::{weight as batch_weight, MAX_BYTES as MAX_BATCH_BYTES, MAX_ITEMS as MAX_BATCH_ITEMS};
 pub(crate) use reads::LeaderContact;
@@ -51,8 +51,8 @@ pub enum Consistency {
 pub struct ReplicaConfig {
     /// This node's id.
     pub node_id: NodeId,
-    /// The address other nodes reach this one at.
-    pub advertise: String,
+    /// Where clients and other nodes reach this one.
+    pub advertise: NodeAddrs,
     /// How often the leader sends heartbeats.
     pub heartbeat_interval: Duration,
     /// Election timeout, lower bound (also the leader lease).
@@ -67,6 +67,9 @@ pub struct ReplicaConfig {
     pub write_timeout: Duration,
     /// TLS for dialling peers (the cluster's CA, this node's certificate); `None`: plaintext.
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Whether every peer call must carry a [`crate::PeerIdentity`] (mutual TLS on the peer
+    /// port), checked against the node each message claims to come from.
+    pub authenticate_peers: bool,
 }
 
 /// This node's role in the cluster.
@@ -102,8 +105,8 @@ impl Role {
 pub struct Member {
     /// The node id.
     pub id: NodeId,
-    /// Its address.
-    pub addr: String,
+    /// Where it is reached.
+    pub addr: NodeAddrs,
     /// Whether it votes.
     pub voter: bool,
     /// How many entries it is behind the leader (known on the leader only).
@@ -306,7 +309,12 @@ impl Replica {
             applied_index: m.last_applied.map(|l| l.index),
             members: membership
                 .nodes()
-                .map(|(id, n)| Member { id: *id, addr: n.addr.clone(), voter: voters.contains(id), lag: lag(*id) })
+                .map(|(id, n)| Member {
+                    id: *id,
+                    addr: NodeAddrs::from(n.addr.clone()),
+                    voter: voters.contains(id),
+                    lag: lag(*id),
+                })
                 .collect(),
         }
     }
@@ -394,7 +402,7 @@ impl Inner {
         match m.current_leader {
             Some(id) if id == m.id => Leadership::Me,
             Some(id) => match m.membership_config.membership().get_node(&id) {
-                Some(node) => Leadership::Other(Peer { id, addr: node.addr.clone() }),
+                Some(node) => Leadership::Other(Peer { id, addr: NodeAddrs::from(node.addr.clone()) }),
                 None => Leadership::Unknown,
             },
             None => Leadership::Unknown,
