@@ -324,11 +324,13 @@ fn inject(
             let joiner = cluster.nodes.len() - 1;
             let leader = cluster.leader()?;
             let peer = cluster.nodes[leader].peer_addr();
+            let token = cluster.join_token(leader)?;
+            let retry_token = token.clone();
             let (coffer, url) = (cluster.coffer().to_owned(), cluster.nodes[joiner].url());
             let tls_env = cluster.pki().map(TestPki::cli_env).unwrap_or_default();
             let join = std::thread::spawn(move || {
                 std::process::Command::new(coffer)
-                    .args(["operator", "join", "--peer", &peer])
+                    .args(["operator", "join", "--peer", &peer, "--token", &token])
                     .env("COFFER_ADDR", url)
                     .envs(tls_env)
                     .output()
@@ -344,8 +346,9 @@ fn inject(
             let mut joined = first_try.status.success();
             while !joined && started.elapsed() < Duration::from_secs(30) {
                 let leader = cluster.leader()?;
-                let peer = format!("127.0.0.1:{}", cluster.nodes[leader].port);
-                let out = cluster.cli(joiner, &["operator", "join", "--peer", &peer])?;
+                let peer = cluster.nodes[leader].peer_addr();
+                // The same token: spent on this node already, or not at all.
+                let out = cluster.cli(joiner, &["operator", "join", "--peer", &peer, "--token", &retry_token])?;
                 let text = String::from_utf8_lossy(&out.stderr);
                 // A join that did land leaves the node a voter; asking again says so. A join cut
                 // short leaves a learner, and asking again promotes it.

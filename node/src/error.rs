@@ -123,6 +123,16 @@ pub enum Error {
     /// The listener or the gRPC server failed.
     #[error("serving gRPC: {0}")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A cluster change from a caller without an operator certificate.
+    #[error(
+        "{action} needs an operator certificate (coffer operator tls issue operator); this call came with {presented}"
+    )]
+    OperatorRequired {
+        /// What was asked.
+        action: &'static str,
+        /// What the caller presented, in words.
+        presented: String,
+    },
     /// The TLS files cannot be used (missing, exposed key, mismatched pair).
     #[error(transparent)]
     Tls(#[from] coffer_tls::Error),
@@ -176,7 +186,8 @@ impl Error {
             other @ (R::VersionTaken { .. }
             | R::KeyVersionTaken { .. }
             | R::KeyConfigRefused { .. }
-            | R::NestedBatch) => {
+            | R::NestedBatch
+            | R::JoinToken(_)) => {
                 Error::Unexpected { what: "a write", outcome: Box::new(coffer_raft::Outcome::Rejected(other)) }
             }
         }
@@ -200,6 +211,7 @@ impl From<Error> for tonic::Status {
             | Error::VersionDeleted { .. }
             | Error::VersionDestroyed { .. } => Code::NotFound,
             Error::KeyExists { .. } => Code::AlreadyExists,
+            Error::OperatorRequired { .. } => Code::PermissionDenied,
             Error::CasMismatch { .. } | Error::KeyVersionRetired { .. } | Error::KeyRule(_) => Code::FailedPrecondition,
             Error::VersionsExhausted { .. } => Code::ResourceExhausted,
             Error::Contended { .. } => Code::Aborted,

@@ -77,6 +77,64 @@ pub enum Op {
     DeleteKey(DeleteKey),
     /// See [`SetVersionState`].
     SetVersionState(SetVersionState),
+    /// See [`CreateJoinToken`].
+    CreateJoinToken(CreateJoinToken),
+    /// See [`UseJoinToken`].
+    UseJoinToken(UseJoinToken),
+}
+
+/// A join token's SHA-256: 32 bytes, checked when decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_bytes::ByteBuf", into = "serde_bytes::ByteBuf")]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TryFrom<serde_bytes::ByteBuf> for TokenHash {
+    type Error = String;
+    fn try_from(bytes: serde_bytes::ByteBuf) -> Result<Self, String> {
+        let array: [u8; 32] =
+            bytes.as_slice().try_into().map_err(|_| format!("a token hash is 32 bytes, not {}", bytes.len()))?;
+        Ok(TokenHash(array))
+    }
+}
+
+impl From<TokenHash> for serde_bytes::ByteBuf {
+    fn from(hash: TokenHash) -> Self {
+        serde_bytes::ByteBuf::from(hash.0.to_vec())
+    }
+}
+
+/// Records a join token: only its SHA-256, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateJoinToken {
+    /// SHA-256 of the token.
+    pub hash: TokenHash,
+    /// When it was created (the proposer's clock).
+    pub created_at_ms: UnixMillis,
+    /// After this, the token admits no one.
+    pub expires_at_ms: UnixMillis,
+}
+
+/// Spends a join token on a node: applies once per token, before its expiry. The leader proposes
+/// it, stamped with its own clock, before it admits the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UseJoinToken {
+    /// SHA-256 of the token presented.
+    pub hash: TokenHash,
+    /// The joining node.
+    pub node: crate::NodeId,
+    /// When the leader checked it.
+    pub at_ms: UnixMillis,
+}
+
+/// A join token as the replicated state keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// When it was created.
+    pub created_at_ms: UnixMillis,
+    /// When it stops admitting.
+    pub expires_at_ms: UnixMillis,
+    /// The node it admitted, once spent.
+    pub used_by: Option<crate::NodeId>,
 }
 
 impl Op {
@@ -92,6 +150,8 @@ impl Op {
             Op::SetVersionState(s) => {
                 Intent::SetVersionState { path: s.path.clone(), state: s.state, versions: s.versions.clone() }
             }
+            Op::CreateJoinToken(_) => Intent::CreateJoinToken,
+            Op::UseJoinToken(u) => Intent::UseJoinToken { node: u.node },
         }
     }
 
@@ -106,7 +166,11 @@ impl Op {
             }
             Op::RotateKey(r) => r.name.as_str().len() + r.material.wrapped.len() + 64,
             Op::SetVersionState(s) => s.path.as_str().len() + s.versions.len() * 8 + 32,
-            Op::InitCluster(_) | Op::UpdateKeyConfig(_) | Op::DeleteKey(_) => 256,
+            Op::InitCluster(_)
+            | Op::UpdateKeyConfig(_)
+            | Op::DeleteKey(_)
+            | Op::CreateJoinToken(_)
+            | Op::UseJoinToken(_) => 256,
         }
     }
 }
@@ -153,6 +217,13 @@ pub enum Intent {
         /// The versions.
         versions: Vec<SecretVersion>,
     },
+    /// Create a join token.
+    CreateJoinToken,
+    /// Admit a node with a join token.
+    UseJoinToken {
+        /// The node.
+        node: crate::NodeId,
+    },
 }
 
 impl std::fmt::Display for Intent {
@@ -167,6 +238,8 @@ impl std::fmt::Display for Intent {
             Intent::SetVersionState { path, state, versions } => {
                 write!(f, "{state} versions {versions:?} of secret {path}")
             }
+            Intent::CreateJoinToken => write!(f, "creating a join token"),
+            Intent::UseJoinToken { node } => write!(f, "admitting node {node} with a join token"),
         }
     }
 }
@@ -432,6 +505,29 @@ pub enum Rejection {
         version: KeyVersion,
         /// The key's primary version.
         current: KeyVersion,
+    },
+    /// A join token that admits no one.
+    #[error("{0}")]
+    JoinToken(JoinTokenRefusal),
+}
+
+/// Why a join token admits no one. None of these says whether some other token exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum JoinTokenRefusal {
+    /// No token with this hash was created.
+    #[error("the join token is not one this cluster issued (create one with: coffer operator join-token create)")]
+    Unknown,
+    /// The token's time is up.
+    #[error("the join token expired at {expired_at_ms} ms since the epoch; create a new one")]
+    Expired {
+        /// When it expired.
+        expired_at_ms: UnixMillis,
+    },
+    /// The token admitted a node already; tokens are single-use.
+    #[error("the join token was already used (by node {by}); tokens are single-use, create a new one")]
+    Used {
+        /// The node it admitted.
+        by: crate::NodeId,
     },
 }
 

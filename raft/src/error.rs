@@ -248,6 +248,14 @@ pub enum JoinRefusal {
     /// The node asked has not been initialised.
     #[error("the node asked is not part of an initialised cluster")]
     NotInitialized,
+    /// A join without a join token (the cluster runs TLS).
+    #[error(
+        "joining needs a join token: create one on a member with `coffer operator join-token create --ttl 10m` and pass it with --token"
+    )]
+    TokenRequired,
+    /// The join token admits no one.
+    #[error("{0}")]
+    Token(crate::JoinTokenRefusal),
 }
 
 /// The typed part of a refusal between nodes, carried in a status's details.

@@ -30,9 +30,10 @@ use std::io::Cursor;
 
 pub(crate) use coalesce::Coalescer;
 pub use command::{
-    ClusterRecord, Command, CreateKey, DeleteKey, InitCluster, Intent, KeyRule, KeyVersionRecord, KeyringRecord,
-    NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret, Rejection, Response, RotateKey, SealedValue, SecretMeta,
-    SetVersionState, UpdateKeyConfig, VersionMeta, VersionState, Write,
+    ClusterRecord, Command, CreateJoinToken, CreateKey, DeleteKey, InitCluster, Intent, JoinTokenRecord,
+    JoinTokenRefusal, KeyRule, KeyVersionRecord, KeyringRecord, NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret,
+    Rejection, Response, RotateKey, SealedValue, SecretMeta, SetVersionState, TokenHash, UpdateKeyConfig, UseJoinToken,
+    VersionMeta, VersionState, Write,
 };
 pub use error::{Error, JoinRefusal, Peer};
 pub use log_store::LogStore;
@@ -45,6 +46,14 @@ pub use types::{
     KeyName, KeyVersion, KeyringVersion, NodeAddrs, NodeId, RequestId, SecretPath, SecretVersion, UnixMillis,
     MAX_KEY_NAME_BYTES, MAX_PATH_BYTES, MAX_REQUEST_ID_BYTES,
 };
+
+/// The SHA-256 of a join token: what the replicated state keeps of it, and what a join is
+/// checked against. The token itself is never stored.
+pub fn join_token_hash(token: &str) -> TokenHash {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    TokenHash(hash)
+}
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of Coffer (for this crate's storage tests; nodes use

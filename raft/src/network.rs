@@ -279,10 +279,15 @@ pub(crate) async fn join(
     node_id: NodeId,
     addr: &str,
     kcv: &str,
+    token: &str,
 ) -> Result<String, Error> {
     let mut client = channels.client(peer)?;
-    let request =
-        coffer_proto::raft::v1::JoinRequest { node_id: node_id.0, addr: addr.to_owned(), kcv: kcv.to_owned() };
+    let request = coffer_proto::raft::v1::JoinRequest {
+        node_id: node_id.0,
+        addr: addr.to_owned(),
+        kcv: kcv.to_owned(),
+        token: token.to_owned(),
+    };
     client.join(request).await.map(|r| r.into_inner().cluster_id).map_err(|s| match s.code() {
         // The client port answers, but without the node-to-node service: the wrong port.
         tonic::Code::Unimplemented => Error::PeerUnreachable {

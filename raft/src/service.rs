@@ -125,8 +125,14 @@ fn into_writes(command: Command) -> (Vec<Write>, bool) {
     }
 }
 
+/// Decodes a whole payload: trailing bytes make it undecodable too (a message means one thing).
 fn decode<T: DeserializeOwned>(request: Request<Envelope>) -> Result<T, Status> {
-    postcard::from_bytes(&request.into_inner().payload).map_err(|source| refused(&Error::BadMessage { source }))
+    let payload = request.into_inner().payload;
+    match postcard::take_from_bytes(&payload) {
+        Ok((value, [])) => Ok(value),
+        Ok(_) => Err(refused(&Error::BadMessage { source: postcard::Error::DeserializeBadEncoding })),
+        Err(source) => Err(refused(&Error::BadMessage { source })),
+    }
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Envelope>, Status> {
@@ -208,7 +214,7 @@ impl RaftRpc for PeerService {
             let mut client = self.replica.channels.client(&leader.addr.peer).map_err(|e| refused(&e))?;
             return client.join(req).await;
         }
-        match self.replica.admit(NodeId(req.node_id), &req.addr, &req.kcv).await {
+        match self.replica.admit(NodeId(req.node_id), &req.addr, &req.kcv, &req.token).await {
             Ok(cluster_id) => Ok(Response::new(JoinResponse { cluster_id })),
             Err(e) => Err(refused(&e)),
         }

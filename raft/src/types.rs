@@ -273,6 +273,12 @@ impl UnixMillis {
     }
 }
 
+impl fmt::Display for UnixMillis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl From<UnixMillis> for u64 {
     fn from(value: UnixMillis) -> u64 {
         value.0

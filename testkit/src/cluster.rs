@@ -216,9 +216,21 @@ impl Cluster {
         self.cli_ok(0, &["operator", "init"])?;
         let first = self.nodes[0].peer_addr();
         for i in 1..self.nodes.len() {
-            self.cli_ok(i, &["operator", "join", "--peer", &first])?;
+            let token = self.join_token(0)?;
+            self.cli_ok(i, &["operator", "join", "--peer", &first, "--token", &token])?;
         }
         Ok(())
+    }
+
+    /// A new join token, created through node `i` (`coffer operator join-token create`).
+    ///
+    /// # Errors
+    /// The CLI fails or prints no token.
+    pub fn join_token(&self, i: usize) -> anyhow::Result<String> {
+        let text = self.cli_ok(i, &["operator", "join-token", "create", "--ttl", "10m"])?;
+        let token = text.trim().to_owned();
+        anyhow::ensure!(token.starts_with("cfr_join_"), "no join token in {text:?}");
+        Ok(token)
     }
 
     /// Starts node `i` and waits until it is [`Ready`] as the options say, or fails with its log

@@ -30,8 +30,11 @@ const URI_PREFIX: &str = "spiffe://coffer/";
 pub enum Subject {
     /// A cluster node: serves, and dials its peers.
     Node(u64),
-    /// A client (a person, a service, an operator's tools).
+    /// A client (a person, a service).
     Client(String),
+    /// An operator: a client allowed to change the cluster (create join tokens, remove nodes,
+    /// move leadership) until policies exist.
+    Operator(String),
 }
 
 /// Who a verified certificate names, read from its `spiffe://coffer/…` URI SAN.
@@ -41,6 +44,8 @@ pub enum Identity {
     Node(u64),
     /// `spiffe://coffer/client/<name>`.
     Client(String),
+    /// `spiffe://coffer/operator/<name>`.
+    Operator(String),
 }
 
 /// Files written by [`Ca::issue`].
@@ -143,7 +148,7 @@ impl Ca {
                 format!("coffer node {id}"),
                 vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
             ),
-            Subject::Client(client) => {
+            Subject::Client(client) | Subject::Operator(client) => {
                 if client.is_empty()
                     || !client.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
                 {
@@ -151,9 +156,10 @@ impl Ca {
                         rule: format!("client name {client:?}: 1 or more of A-Z a-z 0-9 . _ -"),
                     });
                 }
+                let kind = if matches!(subject, Subject::Operator(_)) { "operator" } else { "client" };
                 (
-                    format!("{URI_PREFIX}client/{client}"),
-                    format!("coffer client {client}"),
+                    format!("{URI_PREFIX}{kind}/{client}"),
+                    format!("coffer {kind} {client}"),
                     vec![ExtendedKeyUsagePurpose::ClientAuth],
                 )
             }
@@ -202,6 +208,9 @@ pub fn identity(cert: &CertificateDer<'_>) -> Option<Identity> {
         if let Some(id) = rest.strip_prefix("node/") {
             return id.parse().ok().map(Identity::Node);
         }
+        if let Some(name) = rest.strip_prefix("operator/") {
+            return Some(Identity::Operator(name.to_owned()));
+        }
         rest.strip_prefix("client/").map(|name| Identity::Client(name.to_owned()))
     });
     found
@@ -222,6 +231,8 @@ mod tests {
         let client = ca.issue(&Subject::Client("ops".into()), &[], year, dir.path(), "ops")?;
         assert_eq!(identity(&read_certs(&node.cert)?[0]), Some(Identity::Node(3)));
         assert_eq!(identity(&read_certs(&client.cert)?[0]), Some(Identity::Client("ops".into())));
+        let operator = ca.issue(&Subject::Operator("root".into()), &[], year, dir.path(), "root")?;
+        assert_eq!(identity(&read_certs(&operator.cert)?[0]), Some(Identity::Operator("root".into())));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

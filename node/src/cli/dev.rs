@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
 use coffer_proto::v1::operator_client::OperatorClient;
-use coffer_proto::v1::{InitRequest, JoinRequest, StatusRequest};
+use coffer_proto::v1::{CreateJoinTokenRequest, InitRequest, JoinRequest, StatusRequest};
 use ring::rand::SecureRandom;
 use tokio::process::{Child, Command};
 
@@ -103,7 +103,7 @@ impl DevTls {
         };
         let until = SystemTime::now() + Duration::from_secs(365 * 86_400);
         if !self.client_cert().exists() {
-            ca.issue(&coffer_tls::Subject::Client("dev".into()), &[], until, &self.dir, "cli")?;
+            ca.issue(&coffer_tls::Subject::Operator("dev".into()), &[], until, &self.dir, "cli")?;
         }
         for node in nodes {
             let tls_dir = node.dir.join("tls");
@@ -283,8 +283,14 @@ async fn form_cluster(nodes: &[DevNode], tls: &DevTls) -> anyhow::Result<()> {
         let status = client.status(StatusRequest {}).await?.into_inner();
         if status.members.is_empty() {
             eprintln!("coffer dev: node {} joins through node 1", node.id);
+            let token = OperatorClient::new(super::client::connect(&tls.connect_args(first)).await?)
+                .create_join_token(CreateJoinTokenRequest { ttl: None })
+                .await
+                .map_err(|s| anyhow::anyhow!("cannot create a join token for node {}: {}", node.id, s.message()))?
+                .into_inner()
+                .token;
             client
-                .join(JoinRequest { peer: first.peer.to_string() })
+                .join(JoinRequest { peer: first.peer.to_string(), token })
                 .await
                 .map_err(|s| anyhow::anyhow!("node {} could not join: {}", node.id, s.message()))?;
         }

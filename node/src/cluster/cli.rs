@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use coffer_proto::v1::operator_client::OperatorClient;
-use coffer_proto::v1::{InitRequest, JoinRequest, RemoveRequest, StatusRequest, TransferLeaderRequest};
+use coffer_proto::v1::{
+    CreateJoinTokenRequest, InitRequest, JoinRequest, RemoveRequest, StatusRequest, TransferLeaderRequest,
+};
 use serde_json::json;
 
 use crate::cli::client::{connect, describe_status, ConnectArgs};
@@ -37,6 +39,14 @@ enum OperatorCommand {
         /// The node-to-node address (its peer-listen, host:port) of any node of the cluster.
         #[arg(long)]
         peer: String,
+        /// A join token from `coffer operator join-token create` on a member (required with TLS).
+        #[arg(long, env = "COFFER_JOIN_TOKEN", hide_env_values = true, default_value = "")]
+        token: String,
+    },
+    /// Join tokens: single-use, short-lived permissions for one node to join.
+    JoinToken {
+        #[command(subcommand)]
+        command: JoinTokenCommand,
     },
     /// Remove a node from the cluster (run against the leader).
     Remove {
@@ -55,6 +65,16 @@ enum OperatorCommand {
     Tls {
         #[command(subcommand)]
         command: TlsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JoinTokenCommand {
+    /// Create a token; it is printed once, and the cluster keeps only its hash.
+    Create {
+        /// How long it admits a node (at most 24h).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
     },
 }
 
@@ -112,6 +132,13 @@ enum IssueSubject {
         #[arg(long)]
         name: String,
     },
+    /// An operator's certificate, naming spiffe://coffer/operator/<NAME>: allowed to initialise,
+    /// join, remove nodes, move leadership and create join tokens.
+    Operator {
+        /// The operator's name: A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+    },
 }
 
 /// Runs `coffer operator tls …`: files only.
@@ -135,6 +162,9 @@ fn run_tls(command: TlsCommand, json: bool) -> anyhow::Result<String> {
                 }
                 IssueSubject::Client { name } => {
                     ca.issue(&coffer_tls::Subject::Client(name.clone()), &[], until, &out, name)?
+                }
+                IssueSubject::Operator { name } => {
+                    ca.issue(&coffer_tls::Subject::Operator(name.clone()), &[], until, &out, name)?
                 }
             };
             Ok(if json {
@@ -165,7 +195,23 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                 format!("initialised cluster {} (root key KCV {})", r.cluster_id, r.kcv)
             }
         }),
-        OperatorCommand::Join { peer } => client.join(JoinRequest { peer }).await.map(|r| {
+        OperatorCommand::JoinToken { command: JoinTokenCommand::Create { ttl } } => {
+            let ttl = prost_types::Duration::try_from(ttl).map_err(|_| anyhow::anyhow!("--ttl is too long"))?;
+            client.create_join_token(CreateJoinTokenRequest { ttl: Some(ttl) }).await.map(|r| {
+                let r = r.into_inner();
+                let expires = r.expires_at.map(|t| t.to_string()).unwrap_or_default();
+                if json {
+                    json!({"token": r.token, "expires_at": expires}).to_string()
+                } else {
+                    // The token alone on stdout, for $(…); the note for people on stderr.
+                    eprintln!(
+                        "single-use, expires {expires}; join with: coffer operator join --peer <a member's peer address> --token <token>"
+                    );
+                    r.token
+                }
+            })
+        }
+        OperatorCommand::Join { peer, token } => client.join(JoinRequest { peer, token }).await.map(|r| {
             let id = r.into_inner().cluster_id;
             if json {
                 json!({"cluster_id": id}).to_string()

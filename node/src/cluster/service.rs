@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use coffer_proto::v1::operator_server::Operator;
 use coffer_proto::v1::{
-    InitRequest, InitResponse, JoinRequest, JoinResponse, MemberStatus, RemoveRequest, RemoveResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    CreateJoinTokenRequest, CreateJoinTokenResponse, InitRequest, InitResponse, JoinRequest, JoinResponse,
+    MemberStatus, RemoveRequest, RemoveResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use coffer_raft::NodeId;
 use tonic::{Request, Response, Status};
@@ -25,21 +26,43 @@ impl OperatorService {
     pub fn new(node: Arc<Node>) -> Self {
         OperatorService { node }
     }
+
+    /// Cluster changes need an operator certificate (`spiffe://coffer/operator/<name>`, verified
+    /// by the node's TLS against the cluster's CA) until policies exist. With `tls = "off"`
+    /// nothing can be verified, and nothing is asked.
+    fn require_operator<T>(&self, request: &Request<T>, action: &'static str) -> Result<(), Error> {
+        if matches!(self.node.config.tls, crate::config::Tls::Off) {
+            return Ok(());
+        }
+        let identity = request.peer_certs().and_then(|certs| certs.first().and_then(coffer_tls::identity));
+        let presented = match identity {
+            Some(coffer_tls::Identity::Operator(_)) => return Ok(()),
+            None => "no client certificate".to_owned(),
+            Some(coffer_tls::Identity::Client(name)) => format!("the client certificate of {name:?}"),
+            Some(coffer_tls::Identity::Node(id)) => format!("node {id}'s certificate"),
+        };
+        tracing::warn!(action, presented = %presented, remote = ?request.remote_addr(), "refused an operator call");
+        Err(Error::OperatorRequired { action, presented })
+    }
 }
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
-    async fn init(&self, _request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+    async fn init(&self, request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        self.require_operator(&request, "initialising a cluster")?;
         let cluster = self.node.init_cluster().await?;
         Ok(Response::new(InitResponse { cluster_id: cluster.cluster_id, kcv: cluster.root_kcv }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let cluster_id = operator::join(&self.node, &request.into_inner().peer).await?;
+        self.require_operator(&request, "joining a cluster")?;
+        let req = request.into_inner();
+        let cluster_id = operator::join(&self.node, &req.peer, &req.token).await?;
         Ok(Response::new(JoinResponse { cluster_id }))
     }
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+        self.require_operator(&request, "removing a node")?;
         operator::remove(&self.node, NodeId(request.into_inner().node_id)).await?;
         Ok(Response::new(RemoveResponse {}))
     }
@@ -48,6 +71,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.require_operator(&request, "moving leadership")?;
         let target = request.into_inner().node_id;
         if target != 0 && target != self.node.config.node_id.0 {
             return Err(Error::InvalidArgument {
@@ -57,6 +81,16 @@ impl Operator for OperatorService {
         }
         let leader_id = operator::take_leadership(&self.node).await?;
         Ok(Response::new(TransferLeaderResponse { leader_id: leader_id.0 }))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        self.require_operator(&request, "creating a join token")?;
+        let ttl = request.into_inner().ttl.map(|d| crate::wire::duration("ttl", d)).transpose()?;
+        let (token, expires) = operator::create_join_token(&self.node, ttl).await?;
+        Ok(Response::new(CreateJoinTokenResponse { token, expires_at: Some(crate::wire::timestamp(expires.0)) }))
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

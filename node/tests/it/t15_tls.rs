@@ -41,7 +41,18 @@ impl Pki {
             "--out",
             path(&out)?,
         ])?;
-        cli_ok(&["operator", "tls", "issue", "client", "--name", "ops", "--ca-dir", path(&ca)?, "--out", path(&out)?])?;
+        cli_ok(&[
+            "operator",
+            "tls",
+            "issue",
+            "operator",
+            "--name",
+            "ops",
+            "--ca-dir",
+            path(&ca)?,
+            "--out",
+            path(&out)?,
+        ])?;
         Ok(Pki { dir })
     }
     fn ca_cert(&self) -> PathBuf {

@@ -73,7 +73,9 @@ async fn every_message(channel: Channel, claim: u64) -> anyhow::Result<Vec<(&'st
     record("Handoff", raft.handoff(HandoffRequest { node_id: claim }).await.map(drop));
     record(
         "Join",
-        raft.join(JoinRequest { node_id: claim, addr: "127.0.0.1:1".into(), kcv: String::new() }).await.map(drop),
+        raft.join(JoinRequest { node_id: claim, addr: "127.0.0.1:1".into(), kcv: String::new(), token: String::new() })
+            .await
+            .map(drop),
     );
     Ok(codes)
 }

@@ -286,7 +286,8 @@ async fn adding_and_removing_members_during_writes_loses_nothing() -> anyhow::Re
     let writers = spawn_writers(&cluster, 3, stop.clone(), acked.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let leader_peer = cluster.nodes[cluster.leader()?].peer_addr();
-    cluster.cli_ok(fourth, &["operator", "join", "--peer", &leader_peer])?;
+    let token = cluster.join_token(0)?;
+    cluster.cli_ok(fourth, &["operator", "join", "--peer", &leader_peer, "--token", &token])?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Remove a node that is not the leader.
     let leader = cluster.leader()?;
@@ -322,7 +323,8 @@ async fn a_node_with_another_root_key_is_refused_and_leadership_can_move() -> an
     cluster.replace_token(stranger)?;
     cluster.start_node(stranger)?;
     let peer = cluster.nodes[0].peer_addr();
-    let out = cluster.cli(stranger, &["operator", "join", "--peer", &peer])?;
+    let token = cluster.join_token(0)?;
+    let out = cluster.cli(stranger, &["operator", "join", "--peer", &peer, "--token", &token])?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("FailedPrecondition") && stderr.contains("KCV"), "{stderr}");

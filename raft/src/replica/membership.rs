@@ -13,9 +13,10 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 
+use crate::command::{Op, Outcome, Rejection, UseJoinToken, Write};
 use crate::error::{Error, JoinRefusal};
 use crate::replica::{write_error, Inner, Leadership};
-use crate::NodeId;
+use crate::{join_token_hash, NodeId, UnixMillis};
 
 /// How long `initialize` waits for this node to lead its new single-node cluster.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -37,19 +38,21 @@ impl Inner {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == me)
     }
 
-    pub(crate) async fn join(&self, peer: &str, kcv: &str) -> Result<String, Error> {
+    pub(crate) async fn join(&self, peer: &str, kcv: &str, token: &str) -> Result<String, Error> {
         // A node that is already a voter is done. A learner (a join that was cut short, say by a
         // leader failover before the promotion) may ask again: the leader promotes it.
         if self.is_voter() {
             return Err(Error::AlreadyInitialized);
         }
         let me: String = self.config.advertise.clone().into();
-        crate::network::join(&self.channels, peer, self.config.node_id, &me, kcv).await
+        crate::network::join(&self.channels, peer, self.config.node_id, &me, kcv, token).await
     }
 
-    /// The leader's side of a join: check the KCV, add the node as a learner (blocking until it
-    /// has caught up, so the promotion does not stall writes), then make it a voter.
-    pub(crate) async fn admit(&self, node: NodeId, addr: &str, kcv: &str) -> Result<String, Error> {
+    /// The leader's side of a join: check the KCV and spend the join token (with peers
+    /// authenticated), and only then add the node as a learner (the first time its address is
+    /// dialled; blocking until it has caught up, so the promotion does not stall writes), then
+    /// make it a voter.
+    pub(crate) async fn admit(&self, node: NodeId, addr: &str, kcv: &str, token: &str) -> Result<String, Error> {
         let cluster = self.reader.cluster()?.ok_or(Error::JoinRefused(JoinRefusal::NotInitialized))?;
         if kcv != cluster.root_kcv {
             return Err(Error::JoinRefused(JoinRefusal::KcvMismatch {
@@ -57,6 +60,24 @@ impl Inner {
                 theirs: kcv.to_owned(),
                 ours: cluster.root_kcv,
             }));
+        }
+        let member = self.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some();
+        // A member (a learner whose join was cut short) was admitted already.
+        if self.config.authenticate_peers && !member {
+            if token.is_empty() {
+                return Err(Error::JoinRefused(JoinRefusal::TokenRequired));
+            }
+            let spend = UseJoinToken { hash: join_token_hash(token), node, at_ms: UnixMillis::now() };
+            match self.batcher.propose(vec![Write::new(Op::UseJoinToken(spend))]).await?.pop() {
+                Some(Outcome::Applied) => {}
+                Some(Outcome::Rejected(Rejection::JoinToken(refusal))) => {
+                    tracing::warn!(node_id = %node, %refusal, "refused a join");
+                    return Err(Error::JoinRefused(JoinRefusal::Token(refusal)));
+                }
+                other => {
+                    return Err(Error::InvalidInput { rule: format!("spending the join token answered {other:?}") })
+                }
+            }
         }
         self.raft
             .add_learner(node, BasicNode { addr: addr.to_owned() }, true)

@@ -364,8 +364,8 @@ impl Replica {
     /// [`Error::AlreadyInitialized`] when this node is a voter already; [`Error::JoinRefused`];
     /// [`Error::PeerUnreachable`], [`Error::NoLeader`] and the like: retry (a join cut short is
     /// finished by the next one).
-    pub async fn join(&self, peer: &str, kcv: &str) -> Result<String, Error> {
-        self.inner.join(peer, kcv).await
+    pub async fn join(&self, peer: &str, kcv: &str, token: &str) -> Result<String, Error> {
+        self.inner.join(peer, kcv, token).await
     }
 
     /// Removes `node` from the membership. Runs on the leader.

@@ -124,6 +124,8 @@ impl<'a> Txn<'a> {
             Op::UpdateKeyConfig(u) => keys::update_config(self, u),
             Op::DeleteKey(d) => keys::delete(self, d),
             Op::SetVersionState(s) => secrets::set_version_state(self, s),
+            Op::CreateJoinToken(c) => cluster::create_join_token(self, c),
+            Op::UseJoinToken(u) => cluster::use_join_token(self, u),
         }
     }
 }
