@@ -70,6 +70,10 @@ struct Cli {
     /// Skip the ring and SoftHSM baselines (for a second, open-loop pass).
     #[arg(long)]
     no_baselines: bool,
+    /// Skip the TLS cost pass (empty RPC, get-linear and encrypt64 against the TLS cluster and a
+    /// plaintext one, alternately).
+    #[arg(long)]
+    no_tls_cost: bool,
 }
 
 fn main() -> ExitCode {
@@ -106,12 +110,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         duration: cli.duration,
         max_ops: 50_000_000,
     };
+    let coffer = cli
+        .coffer
+        .clone()
+        .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("coffer"))))
+        .unwrap_or_else(|| PathBuf::from("coffer"));
     let (cluster, urls, tls) = if cli.target.is_empty() {
-        let coffer = cli
-            .coffer
-            .clone()
-            .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("coffer"))))
-            .unwrap_or_else(|| PathBuf::from("coffer"));
         eprintln!("coffer-bench: starting a local 3-node cluster ({})", coffer.display());
         let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, Options::drills()))?;
         let urls = cluster.nodes.iter().map(|n| n.url()).collect();
@@ -177,6 +181,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
+    if cluster.is_some() && !cli.no_tls_cost && cli.rate.is_none() {
+        tls_cost(&coffer, shape, &target, &pids, &mut report).await?;
+    }
+
     if cli.memory_secrets > 0 && !pids.is_empty() {
         eprintln!("coffer-bench: writing {} secrets for the memory figure", cli.memory_secrets);
         let rss_before: Vec<u64> = pids.iter().filter_map(|p| baselines::resident_bytes(*p)).collect();
@@ -197,6 +205,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let md = report.markdown();
     std::fs::write(cli.out.join("bench.md"), &md)?;
     println!("{md}");
+    Ok(())
+}
+
+/// TLS's cost: a second, plaintext 3-node cluster beside the TLS one, and each of
+/// [`report::TLS_COST_SCENARIOS`] run against one then the other, so both share the machine the
+/// same way.
+async fn tls_cost(
+    coffer: &std::path::Path,
+    shape: Shape,
+    tls_target: &Target,
+    tls_pids: &[u32],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    eprintln!("coffer-bench: TLS cost: starting a plaintext 3-node cluster beside the TLS one");
+    let options = Options { tls: false, ..Options::drills() };
+    let plain = tokio::task::block_in_place(|| Cluster::start(coffer, 3, options))?;
+    let plain_urls: Vec<String> = plain.nodes.iter().map(|n| n.url()).collect();
+    let plain_target = Target::prepare(&plain_urls, None).await?;
+    let plain_pids: Vec<u32> = (0..plain.nodes.len()).filter_map(|i| plain.pid(i)).collect();
+    for name in report::TLS_COST_SCENARIOS {
+        let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
+        for (system, target, pids) in
+            [(report::TLS_PASS, tls_target, tls_pids), (report::PLAIN_PASS, &plain_target, &plain_pids[..])]
+        {
+            let before = baselines::total_cpu(pids);
+            let m = load::run(&format!("{system} {name}"), shape, target.op(scenario)).await;
+            let cpu = baselines::total_cpu(pids).saturating_sub(before);
+            report.push(Figure::new(system, name, m, Some(cpu)));
+        }
+    }
+    drop(plain);
     Ok(())
 }
 

@@ -58,6 +58,13 @@ pub(crate) struct Report {
     pub memory: Option<Memory>,
 }
 
+/// The scenarios measured with and without TLS.
+pub(crate) const TLS_COST_SCENARIOS: [&str; 3] = ["empty-rpc", "get-linear", "encrypt64"];
+/// The system name of the TLS side of the cost pass.
+pub(crate) const TLS_PASS: &str = "tls cost: TLS";
+/// The system name of the plaintext side of the cost pass.
+pub(crate) const PLAIN_PASS: &str = "tls cost: plaintext";
+
 impl Report {
     /// An empty report of a run's settings.
     pub(crate) fn new(clients: usize, rate: Option<u64>, duration: Duration, nodes: usize) -> Report {
@@ -205,6 +212,19 @@ impl Report {
             _ => ("—".to_owned(), None),
         };
         goals.push(("encrypt64 unary: ≥ 80 % of an empty RPC".to_owned(), measured, met));
+        // TLS's cost: the same scenario against a TLS cluster and a plaintext one, same run.
+        for sc in TLS_COST_SCENARIOS {
+            let (measured, met) = match (rate(TLS_PASS, sc), rate(PLAIN_PASS, sc)) {
+                (Some(t), Some(p)) if p > 0.0 => {
+                    let cost = 100.0 * (1.0 - t / p);
+                    let shown =
+                        if cost >= 0.0 { format!("{cost:.1} % slower") } else { format!("{:.1} % faster", -cost) };
+                    (format!("{t:.0}/s with TLS, {p:.0}/s without: {shown}"), Some(cost < 15.0))
+                }
+                _ => ("—".to_owned(), None),
+            };
+            goals.push((format!("TLS costs < 15 % on {sc}"), measured, met));
+        }
         let (measured, met) = match (self.find("coffer", "put"), self.find("etcd", "put")) {
             (Some(c), Some(e)) if e.measured.ops_per_sec > 0.0 => {
                 let ratio = c.measured.ops_per_sec / e.measured.ops_per_sec;
@@ -303,6 +323,11 @@ mod tests {
         assert_eq!(goals[3].2, Some(true), "1.5× at a lower p99");
         assert_eq!(goals[4].2, None, "no etcd get measured");
         assert_eq!(goals[0].2, None, "no SoftHSM figure");
+        r.push(Figure::new(TLS_PASS, "encrypt64", measured(900.0, 900, 100), None));
+        r.push(Figure::new(PLAIN_PASS, "encrypt64", measured(1000.0, 1000, 100), None));
+        let goals = r.goals();
+        let tls = goals.iter().find(|g| g.0 == "TLS costs < 15 % on encrypt64").expect("the TLS goal");
+        assert_eq!((tls.1.as_str(), tls.2), ("900/s with TLS, 1000/s without: 10.0 % slower", Some(true)));
     }
 
     #[test]
