@@ -13,7 +13,7 @@
 //! the others running; `coffer dev` prints how to start it again.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
@@ -237,7 +237,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 /// the others copy node 1's token directory and PINs.
 async fn prepare(exe: &Path, node: &DevNode, first: &DevNode, tls: &DevTls) -> anyhow::Result<()> {
     eprintln!("coffer dev: preparing node {} in {}", node.id, node.dir.display());
-    std::fs::create_dir_all(node.dir.join("tokens"))?;
+    // The node's directory holds its PINs and token: only its owner may enter it.
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(node.dir.join("tokens"))?;
+    std::fs::set_permissions(&node.dir, std::fs::Permissions::from_mode(0o700))?;
     std::fs::write(
         node.softhsm_conf(),
         format!(
