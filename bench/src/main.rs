@@ -209,8 +209,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// TLS's cost: a second, plaintext 3-node cluster beside the TLS one, and each of
-/// [`report::TLS_COST_SCENARIOS`] run against one then the other, so both share the machine the
-/// same way.
+/// [`report::TLS_COST_SCENARIOS`] run against one then the other, the other frozen meanwhile, so
+/// each has the machine to itself as the main pass had.
 async fn tls_cost(
     coffer: &std::path::Path,
     shape: Shape,
@@ -226,17 +226,29 @@ async fn tls_cost(
     let plain_pids: Vec<u32> = (0..plain.nodes.len()).filter_map(|i| plain.pid(i)).collect();
     for name in report::TLS_COST_SCENARIOS {
         let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
-        for (system, target, pids) in
-            [(report::TLS_PASS, tls_target, tls_pids), (report::PLAIN_PASS, &plain_target, &plain_pids[..])]
-        {
+        for (system, target, pids, idle) in [
+            (report::TLS_PASS, tls_target, tls_pids, &plain_pids[..]),
+            (report::PLAIN_PASS, &plain_target, &plain_pids[..], tls_pids),
+        ] {
+            // The other cluster is frozen (SIGSTOP) meanwhile: its timers and heartbeats do not
+            // take the cores from the one measured.
+            signal(idle, "-STOP");
             let before = baselines::total_cpu(pids);
             let m = load::run(&format!("{system} {name}"), shape, target.op(scenario)).await;
             let cpu = baselines::total_cpu(pids).saturating_sub(before);
+            signal(idle, "-CONT");
             report.push(Figure::new(system, name, m, Some(cpu)));
         }
     }
     drop(plain);
     Ok(())
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `pids`; best effort.
+fn signal(pids: &[u32], signal: &str) {
+    for pid in pids {
+        let _ = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+    }
 }
 
 /// The ring and SoftHSM baselines, at the same concurrency as the Coffer scenarios.
