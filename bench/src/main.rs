@@ -209,8 +209,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// TLS's cost: a second, plaintext 3-node cluster beside the TLS one, and each of
-/// [`report::TLS_COST_SCENARIOS`] run against one then the other, the other frozen meanwhile, so
-/// each has the machine to itself as the main pass had.
+/// [`report::TLS_COST_SCENARIOS`] run against the plaintext one and then the TLS one, the other
+/// frozen meanwhile, so each has the machine to itself as the main pass had.
 async fn tls_cost(
     coffer: &std::path::Path,
     shape: Shape,
@@ -224,25 +224,30 @@ async fn tls_cost(
     let plain_urls: Vec<String> = plain.nodes.iter().map(|n| n.url()).collect();
     let plain_target = Target::prepare(&plain_urls, None).await?;
     let plain_pids: Vec<u32> = (0..plain.nodes.len()).filter_map(|i| plain.pid(i)).collect();
-    for name in report::TLS_COST_SCENARIOS {
-        let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
-        for (system, target, pids, idle) in [
-            (report::TLS_PASS, tls_target, tls_pids, &plain_pids[..]),
-            (report::PLAIN_PASS, &plain_target, &plain_pids[..], tls_pids),
-        ] {
-            // The other cluster is frozen (SIGSTOP) meanwhile: its timers and heartbeats do not
-            // take the cores from the one measured.
-            signal(idle, "-STOP");
+    // One cluster at a time has the machine: the other is frozen (SIGSTOP) for the whole side,
+    // and a resumed one settles (a new election, followers hearing from the leader) before it is
+    // measured. Plaintext first, then TLS.
+    for (system, target, pids, idle) in [
+        (report::PLAIN_PASS, &plain_target, &plain_pids[..], tls_pids),
+        (report::TLS_PASS, tls_target, tls_pids, &plain_pids[..]),
+    ] {
+        signal(idle, "-STOP");
+        tokio::time::sleep(SETTLE).await;
+        for name in report::TLS_COST_SCENARIOS {
+            let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
             let before = baselines::total_cpu(pids);
             let m = load::run(&format!("{system} {name}"), shape, target.op(scenario)).await;
             let cpu = baselines::total_cpu(pids).saturating_sub(before);
-            signal(idle, "-CONT");
             report.push(Figure::new(system, name, m, Some(cpu)));
         }
+        signal(idle, "-CONT");
     }
     drop(plain);
     Ok(())
 }
+
+/// How long a cluster resumed from SIGSTOP is left to settle before it is measured.
+const SETTLE: Duration = Duration::from_secs(3);
 
 /// Sends `signal` (`-STOP`, `-CONT`) to `pids`; best effort.
 fn signal(pids: &[u32], signal: &str) {
