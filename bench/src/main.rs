@@ -182,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     if cluster.is_some() && !cli.no_tls_cost && cli.rate.is_none() {
-        tls_cost(&coffer, shape, &target, &pids, &mut report).await?;
+        tls_cost(&coffer, shape, &mut report).await?;
     }
 
     if cli.memory_secrets > 0 && !pids.is_empty() {
@@ -208,30 +208,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TLS's cost: a second, plaintext 3-node cluster beside the TLS one, and each of
-/// [`report::TLS_COST_SCENARIOS`] run against the plaintext one and then the TLS one, the other
-/// frozen meanwhile, so each has the machine to itself as the main pass had.
-async fn tls_cost(
-    coffer: &std::path::Path,
-    shape: Shape,
-    tls_target: &Target,
-    tls_pids: &[u32],
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    eprintln!("coffer-bench: TLS cost: starting a plaintext 3-node cluster beside the TLS one");
-    let options = Options { tls: false, ..Options::drills() };
-    let plain = tokio::task::block_in_place(|| Cluster::start(coffer, 3, options))?;
-    let plain_urls: Vec<String> = plain.nodes.iter().map(|n| n.url()).collect();
-    let plain_target = Target::prepare(&plain_urls, None).await?;
-    let plain_pids: Vec<u32> = (0..plain.nodes.len()).filter_map(|i| plain.pid(i)).collect();
-    // One cluster at a time has the machine: the other is frozen (SIGSTOP) for the whole side,
-    // and a resumed one settles (a new election, followers hearing from the leader) before it is
-    // measured. Plaintext first, then TLS.
-    for (system, target, pids, idle) in [
-        (report::PLAIN_PASS, &plain_target, &plain_pids[..], tls_pids),
-        (report::TLS_PASS, tls_target, tls_pids, &plain_pids[..]),
-    ] {
-        signal(idle, "-STOP");
+/// TLS's cost: two fresh 3-node clusters, one with TLS and one without, seeded alike, and each
+/// of [`report::TLS_COST_SCENARIOS`] run against the plaintext one and then the TLS one, the
+/// other frozen (SIGSTOP) meanwhile, so each has the machine to itself. Fresh, not the main
+/// pass's cluster: that one carries the main pass's writes (RocksDB compacting them would be
+/// measured as TLS's cost).
+async fn tls_cost(coffer: &std::path::Path, shape: Shape, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!("coffer-bench: TLS cost: starting two fresh 3-node clusters, with TLS and without");
+    let mut sides = Vec::new();
+    for (system, tls) in [(report::PLAIN_PASS, false), (report::TLS_PASS, true)] {
+        let options = Options { tls, ..Options::drills() };
+        let cluster = tokio::task::block_in_place(|| Cluster::start(coffer, 3, options))?;
+        let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+        let target = Target::prepare(&urls, cluster.client_tls()?.as_ref()).await?;
+        let pids: Vec<u32> = (0..cluster.nodes.len()).filter_map(|i| cluster.pid(i)).collect();
+        sides.push((system, cluster, target, pids));
+    }
+    for i in 0..sides.len() {
+        let idle: Vec<u32> = sides.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, s)| s.3.clone()).collect();
+        let (system, _, target, pids) = &sides[i];
+        signal(&idle, "-STOP");
         tokio::time::sleep(SETTLE).await;
         for name in report::TLS_COST_SCENARIOS {
             let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
@@ -240,9 +236,8 @@ async fn tls_cost(
             let cpu = baselines::total_cpu(pids).saturating_sub(before);
             report.push(Figure::new(system, name, m, Some(cpu)));
         }
-        signal(idle, "-CONT");
+        signal(&idle, "-CONT");
     }
-    drop(plain);
     Ok(())
 }
 
