@@ -219,7 +219,7 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), Error> {
 }
 
 /// How this node dials its peers: with its own certificate, trusting the cluster's CA.
-fn peer_tls(config: &Config) -> Result<Option<tonic::transport::ClientTlsConfig>, Error> {
+pub(crate) fn peer_tls(config: &Config) -> Result<Option<tonic::transport::ClientTlsConfig>, Error> {
     let crate::config::Tls::On(files) = &config.tls else { return Ok(None) };
     let Some(ca) = files.ca.clone() else { return Ok(None) };
     let identity = Some((files.cert.clone(), files.key.clone()));

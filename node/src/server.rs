@@ -93,7 +93,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                     NodeStatsServer::new(StatsService::new(node.clone())),
                     node_identity,
                 ));
-            let watchers = [public_tls.watch(), peer_tls.watch()];
+            // The peer side's files are this node's identity: a renewal also reaches how it dials.
+            let replica = node.replica.clone();
+            let peer_files = node.config.clone();
+            let watchers = [
+                public_tls.watch(),
+                peer_tls.watch_then(move || match crate::node::peer_tls(&peer_files) {
+                    Ok(Some(tls)) => replica.set_peer_tls(tls),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "the renewed certificate cannot be used to dial peers"),
+                }),
+            ];
             // Either server stopping stops the other: a node half-served would look alive.
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

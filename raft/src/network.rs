@@ -41,9 +41,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// insert a map entry, never across an `.await`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerChannels {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    pool: Arc<Mutex<Pool>>,
     /// Peer address → the address dialled instead (drills put a TCP proxy on every link).
     dial_via: Arc<HashMap<String, String>>,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    channels: HashMap<String, Channel>,
     /// TLS towards peers: the cluster CA and this node's certificate; `None`: plaintext.
     tls: Option<ClientTlsConfig>,
 }
@@ -51,7 +56,18 @@ pub(crate) struct PeerChannels {
 impl PeerChannels {
     /// Channels that dial `dial_via[addr]` instead of a peer address found in the map.
     pub(crate) fn new(dial_via: impl IntoIterator<Item = (String, String)>, tls: Option<ClientTlsConfig>) -> Self {
-        PeerChannels { channels: Arc::default(), dial_via: Arc::new(dial_via.into_iter().collect()), tls }
+        PeerChannels {
+            pool: Arc::new(Mutex::new(Pool { channels: HashMap::new(), tls })),
+            dial_via: Arc::new(dial_via.into_iter().collect()),
+        }
+    }
+
+    /// Dials with `tls` from now on (a renewed node certificate): channels already made are
+    /// forgotten, so the next call to each peer connects anew; calls in flight finish on theirs.
+    pub(crate) fn set_tls(&self, tls: ClientTlsConfig) {
+        let mut pool = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pool.tls = Some(tls);
+        pool.channels.clear();
     }
 
     /// The channel to `addr` (`host:port`), created on first use and reused afterwards.
@@ -59,15 +75,15 @@ impl PeerChannels {
     /// # Errors
     /// [`Error::BadPeerAddr`] when the address cannot be a URI.
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Error> {
-        let mut map = self.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(channel) = map.get(addr) {
+        let mut pool = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(channel) = pool.channels.get(addr) {
             return Ok(channel.clone());
         }
         let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let scheme = if pool.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{dial}"))
             .map_err(|_| Error::BadPeerAddr { addr: addr.to_owned() })?;
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = &pool.tls {
             endpoint = endpoint.tls_config(tls.clone()).map_err(|_| Error::BadPeerAddr { addr: addr.to_owned() })?;
         }
         let endpoint = endpoint
@@ -75,7 +91,7 @@ impl PeerChannels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
         let channel = endpoint.connect_lazy();
-        map.insert(addr.to_owned(), channel.clone());
+        pool.channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }
 

@@ -49,6 +49,11 @@ impl TestPki {
         )
     }
 
+    /// The directory: `ca.crt`, `ca.key`, `client.crt`, `client.key`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The CA certificate.
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join(coffer_tls::CA_CERT)

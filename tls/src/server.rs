@@ -102,6 +102,12 @@ impl ReloadingServer {
 
     /// Reloads on file changes and on SIGHUP until the returned task is aborted.
     pub fn watch(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.watch_then(|| {})
+    }
+
+    /// [`ReloadingServer::watch`], calling `reloaded` after each successful reload (a node
+    /// renews the certificate it dials its peers with).
+    pub fn watch_then(self: &Arc<Self>, reloaded: impl Fn() + Send + 'static) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             #[cfg(unix)]
@@ -123,7 +129,10 @@ impl ReloadingServer {
                     false
                 };
                 match this.reload(force) {
-                    Ok(true) => tracing::info!(cert = %this.files.cert.display(), "TLS certificate and key reloaded"),
+                    Ok(true) => {
+                        tracing::info!(cert = %this.files.cert.display(), "TLS certificate and key reloaded");
+                        reloaded();
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "TLS files changed but cannot be loaded; serving with the previous ones")

@@ -15,6 +15,7 @@ mod t10_secrets_api;
 mod t15_tls;
 mod t16_peer_port;
 mod t17_join;
+mod t18_ca_rotation;
 mod t20_bad_input;
 mod t25_forged_and_retried;
 mod t30_cli;

@@ -333,6 +333,12 @@ impl Replica {
         self.inner.channels.channel(addr)
     }
 
+    /// Dials peers with `tls` from now on: a renewed node certificate reaches the outgoing side
+    /// without a restart. Connections already open are dropped once their calls finish.
+    pub fn set_peer_tls(&self, tls: tonic::transport::ClientTlsConfig) {
+        self.inner.channels.set_tls(tls);
+    }
+
     /// The `coffer.raft.v1.Raft` service other nodes call, to mount on the peer listener.
     pub fn peer_service(&self) -> coffer_proto::raft::v1::raft_server::RaftServer<PeerService> {
         coffer_proto::raft::v1::raft_server::RaftServer::new(PeerService::new(self.inner.clone()))
