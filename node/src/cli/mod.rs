@@ -42,7 +42,8 @@ enum Commands {
     Hsm(hsm::HsmCommand),
     /// Read and write secrets on a running server (found through COFFER_ADDR).
     Secret(secret::SecretArgs),
-    /// Set up and inspect a cluster: init, join, remove, transfer-leader, status.
+    /// Set up and inspect a cluster: init, join (with a join token), remove, transfer-leader,
+    /// status, and certificates (tls).
     Operator(operator::OperatorArgs),
     /// Encryption as a service: named keys, encrypt, decrypt, sign, HMAC, data keys.
     Key(key::KeyArgs),

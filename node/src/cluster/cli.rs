@@ -32,7 +32,8 @@ enum OperatorCommand {
     /// Start a new cluster with this node as its first member: records the cluster id, the HSM root
     /// key's KCV and the first keyring key.
     Init,
-    /// Add this (new, empty) node to the cluster that PEER belongs to. The cluster checks that this
+    /// Add this (new, empty) node to the cluster that PEER belongs to, with a join token from a
+    /// member. The cluster checks this node's certificate, spends the token, checks that this
     /// node's HSM holds the same root key, adds it as a learner, and makes it a voter once it has
     /// caught up.
     Join {
