@@ -238,9 +238,11 @@ impl From<Error> for tonic::Status {
                 | R::HandoffBusy
                 | R::Lagging { .. }
                 | R::ElectionLost { .. } => Code::Unavailable,
-                R::AlreadyInitialized | R::JoinRefused(_) | R::NotVoter { .. } | R::LastVoter => {
-                    Code::FailedPrecondition
-                }
+                R::AlreadyInitialized
+                | R::JoinRefused(_)
+                | R::NotVoter { .. }
+                | R::UnknownMember { .. }
+                | R::LastVoter => Code::FailedPrecondition,
                 R::BadPeerAddr { .. } | R::InvalidInput { .. } => Code::InvalidArgument,
                 R::PeerUnauthenticated => Code::Unauthenticated,
                 R::PeerMismatch { .. } | R::PeerNotMember { .. } => Code::PermissionDenied,

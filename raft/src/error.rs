@@ -192,6 +192,12 @@ pub enum Error {
         /// The leader now, if known.
         leader: Option<NodeId>,
     },
+    /// The node named is not a member (voter or learner) of the cluster.
+    #[error("node {node} is not a member of the cluster")]
+    UnknownMember {
+        /// The node.
+        node: NodeId,
+    },
     /// Removing the node would leave the cluster without voters.
     #[error("cannot remove the last voter of a cluster")]
     LastVoter,

@@ -225,9 +225,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub(crate) fn refused(e: &Error) -> tonic::Status {
     use tonic::Code;
     let code = match e {
-        Error::JoinRefused(_) | Error::NotVoter { .. } | Error::LastVoter | Error::AlreadyInitialized => {
-            Code::FailedPrecondition
-        }
+        Error::JoinRefused(_)
+        | Error::NotVoter { .. }
+        | Error::UnknownMember { .. }
+        | Error::LastVoter
+        | Error::AlreadyInitialized => Code::FailedPrecondition,
         Error::BadMessage { .. } | Error::BadPeerAddr { .. } | Error::InvalidInput { .. } => Code::InvalidArgument,
         Error::PeerUnauthenticated => Code::Unauthenticated,
         Error::PeerMismatch { .. } | Error::PeerNotMember { .. } => Code::PermissionDenied,

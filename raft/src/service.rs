@@ -65,6 +65,35 @@ impl PeerService {
         }
     }
 
+    /// A vote is asked for only by a voter this node knows (unless this node is in no membership
+    /// itself: one whose data was lost, recovering).
+    fn check_voter(&self, sender: Option<NodeId>) -> Result<(), Error> {
+        let Some(node) = sender else { return Ok(()) };
+        let metrics = self.replica.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        if membership.get_node(&self.replica.config.node_id).is_none() || membership.voter_ids().any(|id| id == node) {
+            Ok(())
+        } else {
+            Err(Error::PeerNotMember { node })
+        }
+    }
+
+    /// Log entries and snapshots come only from a member this node knows, unless it is in no
+    /// membership itself yet (a node joining, before its first entries). A node certificate of
+    /// the cluster's CA alone (a node never admitted, or one removed) cannot make it follow.
+    fn check_leader(&self, sender: Option<NodeId>) -> Result<(), Error> {
+        let Some(node) = sender else { return Ok(()) };
+        let metrics = self.replica.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        if membership.get_node(&self.replica.config.node_id).is_none() || membership.get_node(&node).is_some() {
+            Ok(())
+        } else {
+            Err(Error::PeerNotMember { node })
+        }
+    }
+
     /// Forwarded writes and read-index requests come only from members.
     fn check_member(&self, sender: Option<NodeId>) -> Result<(), Error> {
         let Some(node) = sender else { return Ok(()) };
@@ -146,6 +175,7 @@ impl RaftRpc for PeerService {
         let quorum_ack_age_ms = request.get_ref().quorum_ack_age_ms;
         let req: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(request)?;
         Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
+        self.check_leader(sender).map_err(|e| refused(&e))?;
         let leader_commit = req.leader_commit.map(|l| l.index);
         let raft = &self.replica.raft;
         let result = raft.append_entries(req).await;
@@ -166,6 +196,7 @@ impl RaftRpc for PeerService {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let req: openraft::raft::VoteRequest<NodeId> = decode(request)?;
         Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
+        self.check_voter(sender).map_err(|e| refused(&e))?;
         let result = self.replica.raft.vote(req).await;
         reply(&result)
     }
@@ -174,6 +205,7 @@ impl RaftRpc for PeerService {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let req: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> = decode(request)?;
         Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
+        self.check_leader(sender).map_err(|e| refused(&e))?;
         let result = self.replica.raft.install_snapshot(req).await;
         reply(&result)
     }

@@ -126,6 +126,11 @@ async fn the_peer_port_refuses_anything_but_a_node_certificate() -> anyhow::Resu
     let err = raft.vote(vote_from(1, 1_000)?).await.expect_err("a vote as another node");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("node 2") && err.message().contains("node 1"), "{}", err.message());
+    // As itself, a node the cluster never admitted cannot make this node follow it: the largest
+    // term, which would end every later election, is refused before openraft sees it.
+    let err = raft.vote(vote_from(2, u64::MAX)?).await.expect_err("a non-member's vote");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not a member"), "{}", err.message());
     let err = raft.handoff(HandoffRequest { node_id: 1 }).await.expect_err("a hand-off to another node");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     let err = raft.client_write(Envelope { payload: vec![0; 16], quorum_ack_age_ms: None }).await.expect_err("write");

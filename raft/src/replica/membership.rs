@@ -101,8 +101,22 @@ impl Inner {
     }
 
     pub(crate) async fn remove(&self, node: NodeId) -> Result<(), Error> {
-        let members: BTreeSet<NodeId> =
-            self.raft.metrics().borrow().membership_config.membership().voter_ids().filter(|id| *id != node).collect();
+        let (voters, known) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            (membership.voter_ids().collect::<BTreeSet<NodeId>>(), membership.get_node(&node).is_some())
+        };
+        if !known {
+            return Err(Error::UnknownMember { node });
+        }
+        if !voters.contains(&node) {
+            // A learner (a join cut short): removed from the nodes, or it would keep receiving
+            // the log and could be promoted later without a token.
+            let change = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([node]));
+            return self.raft.change_membership(change, false).await.map(|_| ()).map_err(|e| self.membership_error(e));
+        }
+        let members: BTreeSet<NodeId> = voters.into_iter().filter(|id| *id != node).collect();
         if members.is_empty() {
             return Err(Error::LastVoter);
         }

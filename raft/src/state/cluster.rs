@@ -40,13 +40,15 @@ pub(crate) fn use_join_token(txn: &mut Txn<'_>, spend: &UseJoinToken) -> Result<
     let Some(mut record) = txn.get::<JoinTokenRecord>(cf::CLUSTER, &key, "join token")? else {
         return refused(JoinTokenRefusal::Unknown);
     };
+    // Expiry first: a node's own retry is let through only while the token lives, so a node
+    // removed later cannot rejoin with the token it joined with.
+    if spend.at_ms >= record.expires_at_ms {
+        return refused(JoinTokenRefusal::Expired { expired_at_ms: record.expires_at_ms });
+    }
     match record.used_by {
         Some(by) if by == spend.node => return Ok(Outcome::Applied),
         Some(by) => return refused(JoinTokenRefusal::Used { by }),
         None => {}
-    }
-    if spend.at_ms >= record.expires_at_ms {
-        return refused(JoinTokenRefusal::Expired { expired_at_ms: record.expires_at_ms });
     }
     record.used_by = Some(spend.node);
     txn.put(cf::CLUSTER, key, &record);
@@ -107,6 +109,7 @@ mod tests {
             spend(1, 4, 1_600),
             spend(1, 5, 1_600),
             spend(2, 5, 2_000),
+            spend(1, 4, 2_000),
         ])?;
         assert_eq!(
             r,
@@ -118,8 +121,9 @@ mod tests {
                 Outcome::Applied,
                 refused(JoinTokenRefusal::Used { by: NodeId(4) }),
                 refused(JoinTokenRefusal::Expired { expired_at_ms: UnixMillis(2_000) }),
+                refused(JoinTokenRefusal::Expired { expired_at_ms: UnixMillis(2_000) }),
             ],
-            "unknown, spent by node 4 (again: its retry), refused to node 5, expired"
+            "unknown, spent by node 4 (again: its retry), refused to node 5, expired, and expired for node 4 too"
         );
         Ok(())
     }
