@@ -74,7 +74,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     health.set_serving::<SecretsServer<SecretsService>>().await;
     let (reflection, reflection_v1alpha) = reflection()?;
     let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
-    let public = tonic::transport::Server::builder()
+    let public = server_builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -87,7 +87,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                 client = %bound, peer = %advertise.peer,
                 "serving coffer.v1 over TLS, and coffer.raft.v1 to nodes of this cluster over mutual TLS"
             );
-            let peers = tonic::transport::Server::builder()
+            let peers = server_builder()
                 .add_service(InterceptedService::new(node.replica.peer_service(), node_identity))
                 .add_service(InterceptedService::new(
                     NodeStatsServer::new(StatsService::new(node.clone())),
@@ -149,6 +149,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let _ = rotator.await;
     node.shutdown().await;
     served.map_err(|e| Error::Serve(Box::new(e)))
+}
+
+/// How a listener serves connections: HTTP/2 keepalives close connections whose peer is gone
+/// (or never answers), so none is held open for ever.
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
 }
 
 /// The peer listener's gate: the caller's certificate (verified by mutual TLS against the

@@ -29,6 +29,9 @@ use crate::Error;
 pub(crate) const POLL: Duration = Duration::from_secs(2);
 /// How long a client has to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once; more connections wait in the listen backlog, so a flood of
+/// half-open connections costs bounded memory and file descriptors.
+const MAX_HANDSHAKES: usize = 256;
 
 /// Whether a server asks clients for certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,8 +151,16 @@ impl ReloadingServer {
     pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let this = self.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    permit = handshakes.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                    () = tx.closed() => return,
+                };
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
@@ -167,6 +178,7 @@ impl ReloadingServer {
                 let acceptor = TlsAcceptor::from(this.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok(tls)).await;
