@@ -37,6 +37,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     // The files are checked before anything starts: a node with a bad key never joins half-way.
     let tls = match &config.tls {
         Tls::On(files) => {
+            // Peers check every message against the id in this certificate: a node whose config
+            // says another id would start, and then have every message refused.
+            let named = coffer_tls::read_certs(&files.cert)?.first().and_then(coffer_tls::identity);
+            if named != Some(coffer_tls::Identity::Node(config.node_id.0)) {
+                return Err(Error::Tls(coffer_tls::Error::Invalid {
+                    rule: format!(
+                        "{} names {}, but this node's node-id is {}: issue it a certificate for its id \
+                         (coffer operator tls issue node --id {})",
+                        files.cert.display(),
+                        named.map_or_else(|| "no coffer node".to_owned(), |i| format!("{i:?}")),
+                        config.node_id,
+                        config.node_id
+                    ),
+                }));
+            }
             let public = ReloadingServer::load(files.clone())?;
             let peer_files = ServerFiles { client_certs: ClientCerts::Required, ..files.clone() };
             let peers = ReloadingServer::load(peer_files)?;

@@ -297,5 +297,17 @@ fn a_private_key_others_can_read_stops_the_node_naming_the_file() -> anyhow::Res
     assert!(!out.status.success());
     assert!(stderr.contains(&key.display().to_string()) && stderr.contains("chmod 600"), "{stderr}");
     assert!(!dir.path().join("data").exists(), "nothing was created");
+
+    // A certificate for another node id: refused at start, naming both.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let config = std::fs::read_to_string(dir.path().join("node.toml"))?;
+    std::fs::write(dir.path().join("node.toml"), format!("node-id = 2\n{config}"))?;
+    let out = std::process::Command::new(coffer_bin())
+        .args(["server", "--config"])
+        .arg(dir.path().join("node.toml"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("Node(1)") && stderr.contains("node-id is 2"), "{stderr}");
     Ok(())
 }
