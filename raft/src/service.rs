@@ -29,6 +29,29 @@ use crate::NodeId;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerIdentity(pub NodeId);
 
+/// What a sender must be in this node's membership (see `PeerService::check_known`).
+#[derive(Debug, Clone, Copy)]
+struct Needs {
+    role: Role,
+    /// A node in no membership itself lets the sender through.
+    unless_outside: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Voter,
+    Member,
+}
+
+impl Needs {
+    /// Asking for a vote.
+    const CANDIDATE: Needs = Needs { role: Role::Voter, unless_outside: true };
+    /// Sending log entries or a snapshot.
+    const LEADER: Needs = Needs { role: Role::Member, unless_outside: true };
+    /// Forwarding a write, asking for a read index, passing a join on.
+    const MEMBER: Needs = Needs { role: Role::Member, unless_outside: false };
+}
+
 /// The node-to-node service of one node.
 #[derive(Clone)]
 pub struct PeerService {
@@ -65,40 +88,22 @@ impl PeerService {
         }
     }
 
-    /// A vote is asked for only by a voter this node knows (unless this node is in no membership
-    /// itself: one whose data was lost, recovering).
-    fn check_voter(&self, sender: Option<NodeId>) -> Result<(), Error> {
+    /// `sender` must be known to this node's membership as `needs` says: a vote comes only from
+    /// a voter, log entries and snapshots, forwarded writes, read-index requests and passed-on
+    /// joins only from a member. A node certificate of the cluster's CA alone (a node never
+    /// admitted, or one removed) cannot make this node follow it. With [`Needs::unless_outside`]
+    /// a node in no membership itself (joining, or recovering from lost data) lets it through.
+    fn check_known(&self, sender: Option<NodeId>, needs: Needs) -> Result<(), Error> {
         let Some(node) = sender else { return Ok(()) };
         let metrics = self.replica.raft.metrics();
         let m = metrics.borrow();
         let membership = m.membership_config.membership();
-        if membership.get_node(&self.replica.config.node_id).is_none() || membership.voter_ids().any(|id| id == node) {
-            Ok(())
-        } else {
-            Err(Error::PeerNotMember { node })
-        }
-    }
-
-    /// Log entries and snapshots come only from a member this node knows, unless it is in no
-    /// membership itself yet (a node joining, before its first entries). A node certificate of
-    /// the cluster's CA alone (a node never admitted, or one removed) cannot make it follow.
-    fn check_leader(&self, sender: Option<NodeId>) -> Result<(), Error> {
-        let Some(node) = sender else { return Ok(()) };
-        let metrics = self.replica.raft.metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
-        if membership.get_node(&self.replica.config.node_id).is_none() || membership.get_node(&node).is_some() {
-            Ok(())
-        } else {
-            Err(Error::PeerNotMember { node })
-        }
-    }
-
-    /// Forwarded writes and read-index requests come only from members.
-    fn check_member(&self, sender: Option<NodeId>) -> Result<(), Error> {
-        let Some(node) = sender else { return Ok(()) };
-        let metrics = self.replica.raft.metrics();
-        if metrics.borrow().membership_config.membership().get_node(&node).is_some() {
+        let outside = membership.get_node(&self.replica.config.node_id).is_none();
+        let known = match needs.role {
+            Role::Voter => membership.voter_ids().any(|id| id == node),
+            Role::Member => membership.get_node(&node).is_some(),
+        };
+        if known || (needs.unless_outside && outside) {
             Ok(())
         } else {
             Err(Error::PeerNotMember { node })
@@ -175,7 +180,7 @@ impl RaftRpc for PeerService {
         let quorum_ack_age_ms = request.get_ref().quorum_ack_age_ms;
         let req: openraft::raft::AppendEntriesRequest<crate::TypeConfig> = decode(request)?;
         Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
-        self.check_leader(sender).map_err(|e| refused(&e))?;
+        self.check_known(sender, Needs::LEADER).map_err(|e| refused(&e))?;
         let leader_commit = req.leader_commit.map(|l| l.index);
         let raft = &self.replica.raft;
         let result = raft.append_entries(req).await;
@@ -196,7 +201,7 @@ impl RaftRpc for PeerService {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let req: openraft::raft::VoteRequest<NodeId> = decode(request)?;
         Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
-        self.check_voter(sender).map_err(|e| refused(&e))?;
+        self.check_known(sender, Needs::CANDIDATE).map_err(|e| refused(&e))?;
         let result = self.replica.raft.vote(req).await;
         reply(&result)
     }
@@ -205,14 +210,14 @@ impl RaftRpc for PeerService {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let req: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> = decode(request)?;
         Self::check_claim(sender, req.vote.leader_id().voted_for()).map_err(|e| refused(&e))?;
-        self.check_leader(sender).map_err(|e| refused(&e))?;
+        self.check_known(sender, Needs::LEADER).map_err(|e| refused(&e))?;
         let result = self.replica.raft.install_snapshot(req).await;
         reply(&result)
     }
 
     async fn client_write(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
-        self.check_member(sender).map_err(|e| refused(&e))?;
+        self.check_known(sender, Needs::MEMBER).map_err(|e| refused(&e))?;
         let command: Command = decode(request)?;
         let timeout = self.replica.config.write_timeout;
         match tokio::time::timeout(timeout, self.take_forwarded(command)).await {
@@ -224,7 +229,7 @@ impl RaftRpc for PeerService {
 
     async fn read_index(&self, request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
-        self.check_member(sender).map_err(|e| refused(&e))?;
+        self.check_known(sender, Needs::MEMBER).map_err(|e| refused(&e))?;
         self.replica.quiet.wait().await;
         if !matches!(self.replica.leadership(), Leadership::Me) {
             return Err(refused(&Error::NotLeader { leader: self.replica.leader_peer() }));
@@ -240,7 +245,7 @@ impl RaftRpc for PeerService {
         let sender = self.sender(&request).map_err(|e| refused(&e))?;
         let req = request.into_inner();
         if sender.is_some_and(|s| s != NodeId(req.node_id)) {
-            self.check_member(sender).map_err(|e| refused(&e))?;
+            self.check_known(sender, Needs::MEMBER).map_err(|e| refused(&e))?;
         }
         if let Leadership::Other(leader) = self.replica.leadership() {
             let mut client = self.replica.channels.client(&leader.addr.peer).map_err(|e| refused(&e))?;

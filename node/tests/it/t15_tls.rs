@@ -73,6 +73,13 @@ fn path(p: &Path) -> anyhow::Result<&str> {
     p.to_str().ok_or_else(|| anyhow::anyhow!("a non-UTF-8 temp path"))
 }
 
+/// Runs `coffer server --config CONFIG`, which must fail; returns what it said.
+fn refused_start(config: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(coffer_bin()).args(["server", "--config"]).arg(config).output()?;
+    anyhow::ensure!(!out.status.success(), "the node started with {}", config.display());
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 fn cli_ok(args: &[&str]) -> anyhow::Result<String> {
     let out = std::process::Command::new(coffer_bin()).args(args).output()?;
     anyhow::ensure!(out.status.success(), "coffer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -289,12 +296,7 @@ fn a_private_key_others_can_read_stops_the_node_naming_the_file() -> anyhow::Res
             pki.ca_cert().display(),
         ),
     )?;
-    let out = std::process::Command::new(coffer_bin())
-        .args(["server", "--config"])
-        .arg(dir.path().join("node.toml"))
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused_start(&dir.path().join("node.toml"))?;
     assert!(stderr.contains(&key.display().to_string()) && stderr.contains("chmod 600"), "{stderr}");
     assert!(!dir.path().join("data").exists(), "nothing was created");
 
@@ -302,12 +304,7 @@ fn a_private_key_others_can_read_stops_the_node_naming_the_file() -> anyhow::Res
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
     let config = std::fs::read_to_string(dir.path().join("node.toml"))?;
     std::fs::write(dir.path().join("node.toml"), format!("node-id = 2\n{config}"))?;
-    let out = std::process::Command::new(coffer_bin())
-        .args(["server", "--config"])
-        .arg(dir.path().join("node.toml"))
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused_start(&dir.path().join("node.toml"))?;
     assert!(stderr.contains("Node(1)") && stderr.contains("node-id is 2"), "{stderr}");
     Ok(())
 }
