@@ -484,10 +484,44 @@ pub fn coffer_cli(
     Ok(child.wait_with_output()?)
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, and that no other call in this process has
+/// handed out.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), walked from an
+/// offset chosen by process id. A port from `bind(":0")` is an ephemeral port: between being
+/// released here and bound by a node, an outgoing connection could take it as its source port
+/// (CI once lost a node's peer port that way). Below the range, only another listener can take
+/// it, and the bind check skips those.
 ///
 /// # Errors
-/// No port can be bound.
+/// No port in the range can be bound.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_low().unwrap_or(0);
+    if high < LOW + 2_000 {
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let span = high - LOW;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = u16::try_from(port)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port between {LOW} and {high}")
+}
+
+/// The first port of the kernel's ephemeral range, when Linux says.
+fn ephemeral_low() -> Option<u32> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }

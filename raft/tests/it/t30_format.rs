@@ -18,8 +18,13 @@ use coffer_raft::{
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
+/// The fixtures of the clone being tested. `cargo test` sets `CARGO_MANIFEST_DIR` at run time too;
+/// the compile-time path can name another clone when a target directory is shared and the test
+/// binary was not rebuilt (it happened: CI clones elsewhere into the same `/var/tmp` target).
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    manifest.join("tests/fixtures")
 }
 
 fn writing() -> bool {
