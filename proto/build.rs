@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/coffer/v1/secrets.proto",
             "proto/coffer/v1/operator.proto",
             "proto/coffer/v1/keys.proto",
+            "proto/coffer/v1/auth.proto",
             "proto/coffer/raft/v1/raft.proto",
         ],
         &["proto"],

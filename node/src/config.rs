@@ -28,6 +28,11 @@
 //! ca = "/etc/coffer/ca.crt"             # the cluster's CA: peers' and clients' certificates chain to it
 //! client-certs = "optional"             # "off" | "optional" | "required"
 //!
+//! [auth]
+//! # checks = "off"                      # benchmarks only: every call allowed (a loud warning)
+//! token-rate = 20000                    # calls per second per token, per node (0: no limit)
+//! token-burst = 40000                   # calls a token may make at once before the rate applies
+//!
 //! [raft]
 //! heartbeat-interval = "50ms"
 //! election-timeout-min = "150ms"
@@ -90,6 +95,8 @@ struct RawConfig {
     hsm: RawHsm,
     #[serde(default)]
     raft: RawRaft,
+    #[serde(default)]
+    auth: RawAuth,
     /// `"off"`, or a table of [`RawTls`]: checked by hand for a message that names the rule.
     tls: Option<toml::Value>,
 }
@@ -106,6 +113,31 @@ struct RawTls {
 
 fn default_client_certs() -> String {
     "optional".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default = "default_checks")]
+    checks: String,
+    #[serde(default = "default_token_rate")]
+    token_rate: u32,
+    #[serde(default)]
+    token_burst: Option<u32>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth { checks: default_checks(), token_rate: default_token_rate(), token_burst: None }
+    }
+}
+
+fn default_checks() -> String {
+    "on".into()
+}
+
+fn default_token_rate() -> u32 {
+    20_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +262,28 @@ pub struct Config {
     pub raft: RaftTiming,
     /// TLS on the port, or plaintext when the config says `tls = "off"`.
     pub tls: Tls,
+    /// Authorisation settings.
+    pub auth: AuthConfig,
+}
+
+/// Whether calls are checked, and how fast one token may call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// On unless the config says `checks = "off"` (benchmarks: the cost of the checks).
+    pub checks: Checks,
+    /// Calls per second one token may make on this node; `None`: no limit.
+    pub token_rate: Option<std::num::NonZeroU32>,
+    /// Calls a token may make at once before the rate applies.
+    pub token_burst: std::num::NonZeroU32,
+}
+
+/// Whether calls are authenticated and authorised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// Every call needs a credential and a policy that allows it.
+    On,
+    /// Every call is allowed: for measuring what the checks cost, never for serving.
+    Off,
 }
 
 /// Whether a node speaks TLS.
@@ -438,7 +492,19 @@ impl RawConfig {
             );
         }
         let peer_listen = if tls_on(&tls) { peer_listen } else { None };
+        let checks = match self.auth.checks.as_str() {
+            "on" => Checks::On,
+            "off" => Checks::Off,
+            other => return invalid(format!("auth.checks = {other:?}: \"on\" or \"off\"")),
+        };
+        let token_rate = std::num::NonZeroU32::new(self.auth.token_rate);
+        let burst = self.auth.token_burst.unwrap_or(self.auth.token_rate.saturating_mul(2));
+        let token_burst = std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN);
+        if token_rate.is_some() && self.auth.token_burst == Some(0) {
+            return invalid("auth.token-burst is at least 1 when auth.token-rate is set".into());
+        }
         Ok(Config {
+            auth: AuthConfig { checks, token_rate, token_burst },
             tls,
             peer_listen,
             advertise_peer_addr: self.advertise_peer_addr,

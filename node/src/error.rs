@@ -133,6 +133,58 @@ pub enum Error {
         /// What the caller presented, in words.
         presented: String,
     },
+    /// The call carries no credential Coffer accepts (no token, a malformed, unknown, revoked or
+    /// expired one, a client certificate no login role admits).
+    #[error("{reason}")]
+    Unauthenticated {
+        /// What was wrong, in words (never the token).
+        reason: String,
+    },
+    /// This node cannot check credentials now: it has not heard from the leader within
+    /// `crypto-staleness`, so a revocation may not have reached it.
+    #[error("{reason}")]
+    AuthUnavailable {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The caller's policies do not allow this capability on this path.
+    #[error("permission denied: {capability} on {path} (coffer policy explain --accessor <yours> {path} {capability} shows why)")]
+    PermissionDenied {
+        /// The capability asked for.
+        capability: crate::auth::Capability,
+        /// The path it was asked on.
+        path: String,
+    },
+    /// The token is revoked, expired or unknown (a lookup, renewal or revocation of it).
+    #[error("the token is revoked, expired or unknown")]
+    TokenNotFound,
+    /// The token is not renewable, or not that far.
+    #[error("the token is not renewable, or not past its maximum life (fixed when it was made)")]
+    TokenNotRenewable,
+    /// No policy has this name.
+    #[error("no policy is named {name:?}")]
+    PolicyNotFound {
+        /// The name.
+        name: String,
+    },
+    /// No login role has this name.
+    #[error("no login role is named {name:?}")]
+    RoleNotFound {
+        /// The name.
+        name: String,
+    },
+    /// The caller went over its rate limit; `retry_after` says when the next call fits.
+    #[error("rate limit exceeded for this token; retry after {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// How long until a call is allowed again.
+        retry_after: std::time::Duration,
+    },
+    /// A server limit was reached (a queue full, too many streams, a stream too long).
+    #[error("{limit}")]
+    Overloaded {
+        /// Which limit, in words.
+        limit: String,
+    },
     /// The TLS files cannot be used (missing, exposed key, mismatched pair).
     #[error(transparent)]
     Tls(#[from] coffer_tls::Error),
@@ -182,8 +234,13 @@ impl Error {
             R::RequestIdReused { request_id, first, now } => {
                 Error::RequestIdReused { request_id: request_id.into(), first: Box::new(first), now: Box::new(now) }
             }
+            R::TokenNotFound => Error::TokenNotFound,
+            R::TokenNotRenewable => Error::TokenNotRenewable,
+            R::PolicyNotFound { name } => Error::PolicyNotFound { name },
+            R::RoleNotFound { name } => Error::RoleNotFound { name },
             // Proposers retry these themselves, or never cause them (format 1 only).
             other @ (R::VersionTaken { .. }
+            | R::TokenExists
             | R::KeyVersionTaken { .. }
             | R::KeyConfigRefused { .. }
             | R::NestedBatch
@@ -211,7 +268,20 @@ impl From<Error> for tonic::Status {
             | Error::VersionDeleted { .. }
             | Error::VersionDestroyed { .. } => Code::NotFound,
             Error::KeyExists { .. } => Code::AlreadyExists,
-            Error::OperatorRequired { .. } => Code::PermissionDenied,
+            Error::OperatorRequired { .. } | Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::Unauthenticated { .. } => Code::Unauthenticated,
+            Error::TokenNotFound | Error::PolicyNotFound { .. } | Error::RoleNotFound { .. } => Code::NotFound,
+            Error::TokenNotRenewable => Code::FailedPrecondition,
+            Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::AuthUnavailable { .. } => Code::Unavailable,
+            Error::RateLimited { retry_after } => {
+                let mut status = tonic::Status::resource_exhausted(err.to_string());
+                let ms = retry_after.as_millis().max(1).to_string();
+                if let Ok(value) = ms.parse() {
+                    status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
+                }
+                return status;
+            }
             Error::CasMismatch { .. } | Error::KeyVersionRetired { .. } | Error::KeyRule(_) => Code::FailedPrecondition,
             Error::VersionsExhausted { .. } => Code::ResourceExhausted,
             Error::Contended { .. } => Code::Aborted,
@@ -269,6 +339,10 @@ impl From<Error> for tonic::Status {
         tonic::Status::new(code, err.to_string())
     }
 }
+
+/// The metadata key that carries, on a `RESOURCE_EXHAUSTED` for a rate limit, the milliseconds
+/// until a call fits.
+pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
 
 /// The metadata key that carries the leader's address on a "not the leader" status.
 pub const LEADER_METADATA: &str = "coffer-leader";

@@ -44,6 +44,8 @@ pub struct Node {
     pub(crate) hsm: Hsm,
     /// Named keys (Keys service), unwrapped on first use.
     pub(crate) keys: KeyCache,
+    /// The token-hashing key and the cache of resolved principals.
+    pub(crate) auth: crate::auth::Auth,
     ready: OnceCell<Ready>,
 }
 
@@ -102,7 +104,8 @@ impl Node {
         )
         .await?;
         let keys = KeyCache::new(config.key_cache_entries);
-        let node = Arc::new(Node { config, replica, hsm, keys, ready: OnceCell::new() });
+        let auth = crate::auth::Auth::new(&config.auth);
+        let node = Arc::new(Node { config, replica, hsm, keys, auth, ready: OnceCell::new() });
         if node.reader().cluster()?.is_some() {
             node.ready().await?;
         } else {
@@ -135,11 +138,24 @@ impl Node {
             .await
     }
 
-    /// Makes this empty node the first voter of a new cluster and records the cluster.
+    /// Makes this empty node the first voter of a new cluster, records the cluster, and
+    /// bootstraps its identity (the token-hashing key and the root token, returned once). On a
+    /// cluster that has no identity yet (made before tokens existed, or an init cut short
+    /// between the two writes), only bootstraps the identity.
     ///
     /// # Errors
-    /// `AlreadyInitialized` when the node is part of a cluster; Raft or HSM failures.
-    pub async fn init_cluster(&self) -> Result<ClusterRecord, Error> {
+    /// `AlreadyInitialized` when the cluster and its identity exist; Raft or HSM failures.
+    pub async fn init_cluster(&self) -> Result<(ClusterRecord, zeroize::Zeroizing<String>), Error> {
+        if let Some(cluster) = self.reader().cluster()? {
+            let root = crate::auth::ops::bootstrap(self).await?;
+            return Ok((cluster, root));
+        }
+        let cluster = self.init_cluster_record().await?;
+        let root = crate::auth::ops::bootstrap(self).await?;
+        Ok((cluster, root))
+    }
+
+    async fn init_cluster_record(&self) -> Result<ClusterRecord, Error> {
         self.replica.initialize().await?;
         let rng = SystemRandom::new();
         let mut id = [0u8; 16];

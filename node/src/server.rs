@@ -1,6 +1,7 @@
 //! Serving: start a node and answer gRPC on a listener until shutdown.
 
 use coffer_proto::raft::v1::node_stats_server::NodeStatsServer;
+use coffer_proto::v1::auth_server::AuthServer;
 use coffer_proto::v1::keys_server::KeysServer;
 use coffer_proto::v1::operator_server::OperatorServer;
 use coffer_proto::v1::secrets_server::SecretsServer;
@@ -89,13 +90,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     health.set_serving::<SecretsServer<SecretsService>>().await;
     let (reflection, reflection_v1alpha) = reflection()?;
     let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
+    let sweeper = tokio::spawn(crate::auth::sweep::run(node.clone()));
+    if node.config.auth.checks == crate::config::Checks::Off {
+        tracing::warn!("auth.checks = \"off\": every call is allowed without a credential; for measuring the checks' cost only, never for serving");
+    }
     let public = server_builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(SecretsServer::new(SecretsService::new(node.clone())))
         .add_service(OperatorServer::new(OperatorService::new(node.clone())))
-        .add_service(KeysServer::new(KeysService::new(node.clone())));
+        .add_service(KeysServer::new(KeysService::new(node.clone())))
+        .add_service(AuthServer::new(crate::auth::service::AuthService::new(node.clone())));
     let served = match tls {
         Some((public_tls, peer_tls, peer_listener)) => {
             tracing::info!(
@@ -161,7 +167,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         }
     };
     rotator.abort();
+    sweeper.abort();
     let _ = rotator.await;
+    let _ = sweeper.await;
     node.shutdown().await;
     served.map_err(|e| Error::Serve(Box::new(e)))
 }

@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{
+    BootstrapIdentity, CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, PutCertRole, PutPolicy, RenewToken,
+    RevokeToken,
+};
+
 use crate::types::{KeyName, KeyVersion, KeyringVersion, RequestId, SecretPath, SecretVersion, UnixMillis};
 
 /// A log entry's payload: built and stamped (times, ids) by the proposing node, applied
@@ -81,10 +86,28 @@ pub enum Op {
     CreateJoinToken(CreateJoinToken),
     /// See [`UseJoinToken`].
     UseJoinToken(UseJoinToken),
+    /// See [`BootstrapIdentity`].
+    BootstrapIdentity(BootstrapIdentity),
+    /// See [`CreateToken`].
+    CreateToken(CreateToken),
+    /// See [`RenewToken`].
+    RenewToken(RenewToken),
+    /// See [`RevokeToken`].
+    RevokeToken(RevokeToken),
+    /// See [`ExpireTokens`].
+    ExpireTokens(ExpireTokens),
+    /// See [`PutPolicy`].
+    PutPolicy(PutPolicy),
+    /// See [`DeletePolicy`].
+    DeletePolicy(DeletePolicy),
+    /// See [`PutCertRole`].
+    PutCertRole(PutCertRole),
+    /// See [`DeleteCertRole`].
+    DeleteCertRole(DeleteCertRole),
 }
 
-/// A join token's SHA-256: 32 bytes, checked when decoded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A join token's SHA-256, or a service token's keyed hash: 32 bytes, checked when decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "serde_bytes::ByteBuf", into = "serde_bytes::ByteBuf")]
 pub struct TokenHash(pub [u8; 32]);
 
@@ -152,6 +175,15 @@ impl Op {
             }
             Op::CreateJoinToken(_) => Intent::CreateJoinToken,
             Op::UseJoinToken(u) => Intent::UseJoinToken { node: u.node },
+            Op::BootstrapIdentity(_) => Intent::Identity { change: "recording the root token".into() },
+            Op::CreateToken(c) => Intent::Identity { change: format!("creating token {}", c.record.accessor) },
+            Op::RenewToken(_) => Intent::Identity { change: "renewing a token".into() },
+            Op::RevokeToken(_) => Intent::Identity { change: "revoking a token".into() },
+            Op::ExpireTokens(_) => Intent::Identity { change: "expiring tokens".into() },
+            Op::PutPolicy(p) => Intent::Identity { change: format!("writing policy {}", p.record.name) },
+            Op::DeletePolicy(d) => Intent::Identity { change: format!("deleting policy {}", d.name) },
+            Op::PutCertRole(p) => Intent::Identity { change: format!("writing login role {}", p.record.name) },
+            Op::DeleteCertRole(d) => Intent::Identity { change: format!("deleting login role {}", d.name) },
         }
     }
 
@@ -166,11 +198,20 @@ impl Op {
             }
             Op::RotateKey(r) => r.name.as_str().len() + r.material.wrapped.len() + 64,
             Op::SetVersionState(s) => s.path.as_str().len() + s.versions.len() * 8 + 32,
+            Op::PutPolicy(p) => p.record.document.len() + 64,
+            Op::ExpireTokens(e) => e.hashes.len() * 33 + 16,
             Op::InitCluster(_)
             | Op::UpdateKeyConfig(_)
             | Op::DeleteKey(_)
             | Op::CreateJoinToken(_)
-            | Op::UseJoinToken(_) => 256,
+            | Op::UseJoinToken(_)
+            | Op::BootstrapIdentity(_)
+            | Op::CreateToken(_)
+            | Op::RenewToken(_)
+            | Op::RevokeToken(_)
+            | Op::DeletePolicy(_)
+            | Op::PutCertRole(_)
+            | Op::DeleteCertRole(_) => 256,
         }
     }
 }
@@ -224,6 +265,11 @@ pub enum Intent {
         /// The node.
         node: crate::NodeId,
     },
+    /// Change tokens, policies or login roles.
+    Identity {
+        /// What, for a person.
+        change: String,
+    },
 }
 
 impl std::fmt::Display for Intent {
@@ -240,6 +286,7 @@ impl std::fmt::Display for Intent {
             }
             Intent::CreateJoinToken => write!(f, "creating a join token"),
             Intent::UseJoinToken { node } => write!(f, "admitting node {node} with a join token"),
+            Intent::Identity { change } => f.write_str(change),
         }
     }
 }
@@ -509,6 +556,27 @@ pub enum Rejection {
     /// A join token that admits no one.
     #[error("{0}")]
     JoinToken(JoinTokenRefusal),
+    /// A token with this hash or accessor exists (a random collision: the proposer makes another).
+    #[error("a token with this hash or accessor exists")]
+    TokenExists,
+    /// The token (or the parent a new token was made under) is revoked, expired or unknown.
+    #[error("the token is revoked, expired or unknown")]
+    TokenNotFound,
+    /// The token is not renewable, or the renewal would pass its maximum life.
+    #[error("the token is not renewable, or not that far: its maximum life is fixed when it is made")]
+    TokenNotRenewable,
+    /// No policy has this name.
+    #[error("no policy is named {name:?}")]
+    PolicyNotFound {
+        /// The name.
+        name: String,
+    },
+    /// No login role has this name.
+    #[error("no login role is named {name:?}")]
+    RoleNotFound {
+        /// The name.
+        name: String,
+    },
 }
 
 /// Why a join token admits no one. None of these says whether some other token exists.

@@ -16,6 +16,7 @@ mod coalesce;
 mod command;
 mod error;
 mod handoff;
+mod identity;
 mod log_store;
 mod network;
 mod reader;
@@ -36,6 +37,10 @@ pub use command::{
     VersionMeta, VersionState, Write,
 };
 pub use error::{Error, JoinRefusal, Peer};
+pub use identity::{
+    BootstrapIdentity, CertRoleRecord, CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, IdentityKeyRecord,
+    PolicyRecord, PutCertRole, PutPolicy, RenewToken, RevokeToken, TokenRecord,
+};
 pub use log_store::LogStore;
 pub use reader::{StateReader, VersionRead};
 pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, ReplicaStatus, Role};

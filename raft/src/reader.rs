@@ -7,8 +7,10 @@ use rocksdb::{Direction, IteratorMode, ReadOptions};
 
 use crate::command::{ClusterRecord, KeyringRecord, NamedKeyRecord, SealedValue, SecretMeta};
 use crate::error::StoreError;
+use crate::identity::{CertRoleRecord, IdentityKeyRecord, PolicyRecord, TokenRecord};
+use crate::state::identity as id;
 use crate::store::{cf, decode, keyring_key, version_key, Store, CLUSTER_KEY, KEYRING_PREFIX};
-use crate::{KeyName, KeyringVersion, SecretPath, SecretVersion};
+use crate::{KeyName, KeyringVersion, SecretPath, SecretVersion, TokenHash};
 
 /// One version of a secret as [`StateReader::secret_version`] read it, with the secret's metadata
 /// from the same view.
@@ -181,6 +183,137 @@ impl StateReader {
     /// RocksDB failures; a record that does not decode.
     pub fn request_intent(&self, id: &crate::RequestId) -> Result<Option<crate::Intent>, StoreError> {
         crate::state::requests::intent(&self.store, id)
+    }
+
+    /// A number that moves whenever tokens, policies or roles change (after the change is
+    /// readable): a cache of identity reads stays valid while it stays put.
+    pub fn identity_generation(&self) -> u64 {
+        self.store.identity_generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The sealed token-hashing key, once the identity is bootstrapped.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn identity_key(&self) -> Result<Option<IdentityKeyRecord>, StoreError> {
+        self.store.get(cf::IDENTITY, id::KEY, "identity key")
+    }
+
+    /// A live (not revoked, not swept) token by its keyed hash. Expiry is the caller's to check:
+    /// the sweep may not have run yet.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.store.get(cf::IDENTITY, &id::key(id::TOKEN, &hash.0), "token")
+    }
+
+    /// A token by its accessor, with its hash.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn token_by_accessor(&self, accessor: &str) -> Result<Option<(TokenHash, TokenRecord)>, StoreError> {
+        let Some(hash) =
+            self.store.get::<TokenHash>(cf::IDENTITY, &id::key(id::ACCESSOR, accessor.as_bytes()), "accessor")?
+        else {
+            return Ok(None);
+        };
+        Ok(self.token(&hash)?.map(|record| (hash, record)))
+    }
+
+    /// Up to `limit` token accessors that sort after `start_after`, in order.
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn accessors(&self, start_after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.names_under(id::ACCESSOR, start_after, limit)
+    }
+
+    /// Up to `limit` tokens whose expiry is at or before `at`, soonest first: the sweep's work.
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn tokens_due(&self, at: crate::UnixMillis, limit: usize) -> Result<Vec<TokenHash>, StoreError> {
+        let iter =
+            self.store.db.iterator_cf(self.store.cf(cf::IDENTITY), IteratorMode::From(id::EXPIRY, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
+            let Some(rest) = key.strip_prefix(id::EXPIRY) else { break };
+            if out.len() >= limit || rest.len() != 40 {
+                break;
+            }
+            let (when, hash) = rest.split_at(8);
+            let when = u64::from_be_bytes(when.try_into().unwrap_or([0xff; 8]));
+            if when > at.0 {
+                break;
+            }
+            if let Ok(hash) = <[u8; 32]>::try_from(hash) {
+                out.push(TokenHash(hash));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A policy by name.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn policy(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError> {
+        self.store.get(cf::IDENTITY, &id::key(id::POLICY, name.as_bytes()), "policy")
+    }
+
+    /// Every policy name, in order.
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn policy_names(&self) -> Result<Vec<String>, StoreError> {
+        self.names_under(id::POLICY, None, usize::MAX)
+    }
+
+    /// A certificate login role by name.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn cert_role(&self, name: &str) -> Result<Option<CertRoleRecord>, StoreError> {
+        self.store.get(cf::IDENTITY, &id::key(id::ROLE, name.as_bytes()), "login role")
+    }
+
+    /// Every certificate login role, in name order.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn cert_roles(&self) -> Result<Vec<CertRoleRecord>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.names_under(id::ROLE, None, usize::MAX)? {
+            if let Some(role) = self.cert_role(&name)? {
+                out.push(role);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The UTF-8 names after `prefix` in the identity family.
+    fn names_under(&self, prefix: &[u8], start_after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut from = prefix.to_vec();
+        if let Some(after) = start_after {
+            from.extend_from_slice(after.as_bytes());
+            from.push(0);
+        }
+        let iter =
+            self.store.db.iterator_cf(self.store.cf(cf::IDENTITY), IteratorMode::From(&from, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
+            let Some(rest) = key.strip_prefix(prefix) else { break };
+            if out.len() >= limit {
+                break;
+            }
+            if let Ok(name) = std::str::from_utf8(rest) {
+                out.push(name.to_owned());
+            }
+        }
+        Ok(out)
     }
 
     /// Forces everything written so far to disk and flushes the memtables to SST files, then

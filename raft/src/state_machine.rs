@@ -90,8 +90,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = last {
             txn.put(cf::SM_META, LAST_APPLIED.to_vec(), &Some(last));
         }
-        let Txn { store, batch, .. } = txn;
+        let Txn { store, batch, identity_changed, .. } = txn;
         store.db.write(batch).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        if identity_changed {
+            store.identity_changed();
+        }
         Ok(responses)
     }
 

@@ -35,16 +35,20 @@ pub(crate) mod cf {
     pub(crate) const REQUESTS: &str = "requests";
     pub(crate) const KEYS: &str = "keys";
     pub(crate) const REQUEST_IDS: &str = "request_ids";
+    pub(crate) const IDENTITY: &str = "identity";
     /// The column families that make up the state machine's data, in snapshot order (a snapshot
     /// row names its family by index here: only ever append).
-    pub(crate) const STATE: [&str; 6] = [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS];
-    pub(crate) const ALL: [&str; 9] =
-        [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS];
+    pub(crate) const STATE: [&str; 7] = [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS, IDENTITY];
+    pub(crate) const ALL: [&str; 10] =
+        [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS, IDENTITY];
 }
 
 /// One RocksDB database shared by a node's log store, state machine and readers.
 pub struct Store {
     pub(crate) db: DB,
+    /// Moves after every batch that changed tokens, policies or roles, once it is written (and
+    /// after a snapshot install): the node's identity cache is valid while it stays put.
+    pub(crate) identity_generation: std::sync::atomic::AtomicU64,
     path: PathBuf,
     snapshot_dir: PathBuf,
 }
@@ -75,7 +79,7 @@ impl Store {
         opts.set_paranoid_checks(true);
         let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| StoreError::rocks(&path, e))?;
-        Ok(Arc::new(Store { db, path, snapshot_dir }))
+        Ok(Arc::new(Store { db, path, snapshot_dir, identity_generation: std::sync::atomic::AtomicU64::new(1) }))
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
@@ -84,6 +88,11 @@ impl Store {
 
     pub(crate) fn snapshot_dir(&self) -> &Path {
         &self.snapshot_dir
+    }
+
+    /// Marks the identity state changed (after the batch that changed it is written).
+    pub(crate) fn identity_changed(&self) {
+        self.identity_generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn rocks_err(&self, source: rocksdb::Error) -> StoreError {

@@ -116,6 +116,8 @@ pub struct Cluster {
     pki: Option<TestPki>,
     /// The nodes, in the order they were added.
     pub nodes: Vec<Node>,
+    /// The root token `operator init` printed, once formed.
+    root_token: Option<String>,
 }
 
 impl Cluster {
@@ -144,7 +146,8 @@ impl Cluster {
             eprintln!("cluster directory kept: {}", root.path().display());
         }
         let pki = if options.tls { Some(TestPki::create(&root.path().join("tls"))?) } else { None };
-        let mut cluster = Cluster { coffer: coffer.to_owned(), options, root, pki, nodes: Vec::new() };
+        let mut cluster =
+            Cluster { coffer: coffer.to_owned(), options, root, pki, nodes: Vec::new(), root_token: None };
         for _ in 0..n {
             cluster.add_node()?;
         }
@@ -208,18 +211,41 @@ impl Cluster {
         Ok(())
     }
 
-    /// Initialises the cluster on node 1 and joins every other node through it.
+    /// Initialises the cluster on node 1 (keeping the root token it prints), gives the tests'
+    /// operator certificate the root policy through a login role ([`TEST_ROLE`]), and joins
+    /// every other node through node 1.
     ///
     /// # Errors
     /// A `coffer operator` command fails.
-    pub fn form(&self) -> anyhow::Result<()> {
-        self.cli_ok(0, &["operator", "init"])?;
+    pub fn form(&mut self) -> anyhow::Result<()> {
+        let init: serde_json::Value = serde_json::from_str(&self.cli_ok(0, &["operator", "init", "-o", "json"])?)?;
+        let root = init["root_token"].as_str().unwrap_or_default().to_owned();
+        anyhow::ensure!(root.starts_with("cfr_s_"), "operator init printed no root token: {init}");
+        if self.pki.is_some() {
+            let args = ["auth", "role", "write", TEST_ROLE, "--identity", TEST_IDENTITY, "--policy", "root"];
+            let out = self.cli_as(0, Some(&root), &args)?;
+            anyhow::ensure!(out.status.success(), "writing the tests' role: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.root_token = Some(root);
         let first = self.nodes[0].peer_addr();
         for i in 1..self.nodes.len() {
             let token = self.join_token(0)?;
             self.cli_ok(i, &["operator", "join", "--peer", &first, "--token", &token])?;
         }
         Ok(())
+    }
+
+    /// The root token, once the cluster is formed.
+    pub fn root_token(&self) -> Option<&str> {
+        self.root_token.as_deref()
+    }
+
+    /// Runs the CLI against node `i` with `token` (`COFFER_TOKEN`), or none.
+    ///
+    /// # Errors
+    /// The CLI cannot be run.
+    pub fn cli_as(&self, i: usize, token: Option<&str>, args: &[&str]) -> anyhow::Result<Output> {
+        coffer_cli(&self.coffer, &self.nodes[i].url(), self.pki.as_ref(), args, None, self.options.cli_timeout, token)
     }
 
     /// A new join token, created through node `i` (`coffer operator join-token create`).
@@ -384,7 +410,7 @@ impl Cluster {
     /// # Errors
     /// The CLI cannot be run.
     pub fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
-        coffer_cli(&self.coffer, &self.nodes[i].url(), self.pki.as_ref(), args, None, self.options.cli_timeout)
+        coffer_cli(&self.coffer, &self.nodes[i].url(), self.pki.as_ref(), args, None, self.options.cli_timeout, None)
     }
 
     /// Runs the CLI and fails with its stderr unless it succeeds; returns its stdout.
@@ -452,7 +478,8 @@ impl Drop for Cluster {
 }
 
 /// Runs `coffer ARGS` as a client of the node at `url` (with `pki`'s CA and client certificate
-/// when given), with `input` on its stdin if given, and `COFFER_TIMEOUT` if `timeout` is given.
+/// when given), with `input` on its stdin if given, `COFFER_TIMEOUT` if `timeout` is given, and
+/// `COFFER_TOKEN` if `token` is given. Never a token from the test's environment or home.
 ///
 /// # Errors
 /// The CLI cannot be run.
@@ -463,16 +490,22 @@ pub fn coffer_cli(
     args: &[&str],
     input: Option<&[u8]>,
     timeout: Option<Duration>,
+    token: Option<&str>,
 ) -> anyhow::Result<Output> {
     let mut command = Command::new(coffer);
     command
         .args(args)
         .env("COFFER_ADDR", url)
+        .env("COFFER_TOKEN_FILE", "/dev/null")
+        .env_remove("COFFER_TOKEN")
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(timeout) = timeout {
         command.env("COFFER_TIMEOUT", format!("{}ms", timeout.as_millis()));
+    }
+    if let Some(token) = token {
+        command.env("COFFER_TOKEN", token);
     }
     for (var, path) in pki.map(TestPki::cli_env).unwrap_or_default() {
         command.env(var, path);
@@ -482,6 +515,22 @@ pub fn coffer_cli(
         std::io::Write::write_all(&mut pipe, bytes)?;
     }
     Ok(child.wait_with_output()?)
+}
+
+/// The login role `form` writes: it gives the tests' operator certificate the root policy, so
+/// tests written before tokens still speak with their certificate alone.
+pub const TEST_ROLE: &str = "tests";
+/// The identity of the tests' client certificate.
+pub const TEST_IDENTITY: &str = "spiffe://coffer/operator/test";
+
+/// `message` with `token` in its metadata (`authorization: Bearer …`), as a client sends it.
+///
+/// # Errors
+/// The token cannot travel in a header.
+pub fn with_token<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
 }
 
 /// A loopback port that was free a moment ago, and that no other call in this process has

@@ -35,7 +35,7 @@ pub mod in_process;
 pub mod pki;
 pub mod softhsm;
 
-pub use cluster::{coffer_cli, free_port, Cluster, Node, Options, Ready};
+pub use cluster::{coffer_cli, free_port, with_token, Cluster, Node, Options, Ready, TEST_IDENTITY, TEST_ROLE};
 pub use in_process::InProcess;
 pub use pki::TestPki;
 pub use softhsm::{copy_dir, process_softhsm, SoftHsm, PIN, SO_PIN, TOKEN_LABEL};

@@ -216,6 +216,17 @@ pub fn identity(cert: &CertificateDer<'_>) -> Option<Identity> {
     found
 }
 
+/// The name a client certificate logs in with: its first URI SAN (a SPIFFE id), else its first
+/// DNS SAN as `dns:<name>`. Call it only on a certificate that TLS verified.
+pub fn login_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+    if let Some(uri) = cert.valid_uri_names().next() {
+        return Some(uri.to_owned());
+    }
+    let dns = cert.valid_dns_names().next().map(|name| format!("dns:{name}"));
+    dns
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +242,7 @@ mod tests {
         let client = ca.issue(&Subject::Client("ops".into()), &[], year, dir.path(), "ops")?;
         assert_eq!(identity(&read_certs(&node.cert)?[0]), Some(Identity::Node(3)));
         assert_eq!(identity(&read_certs(&client.cert)?[0]), Some(Identity::Client("ops".into())));
+        assert_eq!(login_name(&read_certs(&client.cert)?[0]).as_deref(), Some("spiffe://coffer/client/ops"));
         let operator = ca.issue(&Subject::Operator("root".into()), &[], year, dir.path(), "root")?;
         assert_eq!(identity(&read_certs(&operator.cert)?[0]), Some(Identity::Operator("root".into())));
         #[cfg(unix)]

@@ -4,13 +4,84 @@
 //! certificate must chain to, `COFFER_CLIENT_CERT` and `COFFER_CLIENT_KEY` the CLI's own
 //! certificate for servers that ask for one. Plaintext to an address that is not loopback is
 //! refused unless `--insecure` says so: a secret would cross the network in the clear.
+//!
+//! Every call carries the token from `COFFER_TOKEN`, else from the token file (`COFFER_TOKEN_FILE`,
+//! default `~/.coffer-token`, written 0600 by `coffer login`), as `authorization: Bearer …`.
+//! Never from a command-line argument: other users can read those in `ps`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// A connection that adds the caller's token to every call.
+pub type Conn = InterceptedService<Channel, Credentials>;
+
+/// The token a connection sends, if any.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    bearer: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("token", &self.bearer.as_ref().map(|_| "[redacted]")).finish()
+    }
+}
+
+impl Credentials {
+    /// Credentials that send `token`.
+    ///
+    /// # Errors
+    /// The token holds characters a header cannot.
+    pub fn token(token: &str) -> anyhow::Result<Credentials> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the token holds characters that cannot travel in a header"))?;
+        value.set_sensitive(true);
+        Ok(Credentials { bearer: Some(value) })
+    }
+
+    /// The token from `COFFER_TOKEN` or the token file, if either has one.
+    ///
+    /// # Errors
+    /// An unreadable token file, or a token that cannot travel in a header.
+    pub fn from_env() -> anyhow::Result<Credentials> {
+        if let Ok(token) = std::env::var("COFFER_TOKEN") {
+            if !token.trim().is_empty() {
+                return Credentials::token(&token);
+            }
+        }
+        let Some(path) = token_file() else { return Ok(Credentials::default()) };
+        match std::fs::read_to_string(&path) {
+            Ok(token) if !token.trim().is_empty() => Credentials::token(&token),
+            Ok(_) => Ok(Credentials::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Credentials::default()),
+            Err(e) => Err(anyhow::anyhow!("cannot read the token file {}: {e}", path.display())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(bearer) = &self.bearer {
+            request.metadata_mut().insert("authorization", bearer.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Where `coffer login` keeps the token: `COFFER_TOKEN_FILE`, else `~/.coffer-token`.
+pub fn token_file() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("COFFER_TOKEN_FILE") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".coffer-token"))
+}
 
 /// The default server address when COFFER_ADDR is not set.
 pub const DEFAULT_ADDR: &str = "https://127.0.0.1:8200";
@@ -33,6 +104,10 @@ pub struct ConnectArgs {
     /// Allow plaintext (`http://`) to an address that is not loopback.
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// Send no token (the certificate alone speaks): set by commands that must not pick up a
+    /// token from the environment.
+    #[arg(skip)]
+    pub no_token: bool,
 }
 
 impl ConnectArgs {
@@ -45,6 +120,7 @@ impl ConnectArgs {
             client_cert: path("COFFER_CLIENT_CERT"),
             client_key: path("COFFER_CLIENT_KEY"),
             insecure: false,
+            no_token: false,
         }
     }
 }
@@ -70,7 +146,16 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// # Errors
 /// A malformed address or `COFFER_TIMEOUT`, plaintext to a remote address without `--insecure`,
 /// unreadable TLS files, or a server that does not answer.
-pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Channel> {
+pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Conn> {
+    let credentials = if args.no_token { Credentials::default() } else { Credentials::from_env()? };
+    Ok(InterceptedService::new(connect_channel(args).await?, credentials))
+}
+
+/// The channel [`connect`] sends on, without credentials.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_channel(args: &ConnectArgs) -> anyhow::Result<Channel> {
     let addr = &args.addr;
     let url = if addr.contains("://") { addr.to_owned() } else { format!("https://{addr}") };
     let timeout = match std::env::var("COFFER_TIMEOUT") {

@@ -89,6 +89,9 @@ impl DevTls {
             client_cert: Some(self.client_cert()),
             client_key: Some(self.client_key()),
             insecure: false,
+            // The operator certificate speaks for dev's own calls: a token left in the
+            // environment (from another dev cluster) would be refused here.
+            no_token: true,
         }
     }
 
@@ -198,6 +201,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         tls.client_cert().display(),
         tls.client_key().display()
     );
+    // Dev only: a production root token is shown once by `coffer operator init` and never kept.
+    let root_token = std::fs::read_to_string(root.join("root-token")).unwrap_or_default();
+    println!(
+        "  export COFFER_TOKEN={}   # the dev root token (kept in {})",
+        root_token.trim(),
+        root.join("root-token").display()
+    );
     println!("  printf hunter2 | coffer secret put db/password");
     println!("  coffer secret get db/password");
     println!("  coffer operator status");
@@ -276,9 +286,24 @@ async fn prepare(exe: &Path, node: &DevNode, first: &DevNode, tls: &DevTls) -> a
 async fn form_cluster(nodes: &[DevNode], tls: &DevTls) -> anyhow::Result<()> {
     let first = &nodes[0];
     let mut client = OperatorClient::new(super::client::connect(&tls.connect_args(first)).await?);
-    if client.status(StatusRequest {}).await?.into_inner().cluster_id.is_empty() {
-        let init = client.init(InitRequest {}).await.map_err(|s| anyhow::anyhow!("init failed: {}", s.message()))?;
-        eprintln!("coffer dev: initialised cluster {} on node 1", init.into_inner().cluster_id);
+    let root_file = tls.dir.parent().unwrap_or(&tls.dir).join("root-token");
+    // A cluster without a root token file is new, or older than tokens: init makes one (and on
+    // an older cluster only bootstraps its identity).
+    let new = client.status(StatusRequest {}).await?.into_inner().cluster_id.is_empty();
+    if new || !root_file.exists() {
+        match client.init(InitRequest {}).await {
+            Ok(init) => {
+                let init = init.into_inner();
+                eprintln!("coffer dev: initialised cluster {} on node 1", init.cluster_id);
+                let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&root_file)?;
+                std::io::Write::write_all(&mut file, init.root_token.as_bytes())?;
+            }
+            Err(s) if !new && s.code() == tonic::Code::FailedPrecondition => eprintln!(
+                "coffer dev: {} is missing, and the cluster's root token was shown once at init: use a token you made",
+                root_file.display()
+            ),
+            Err(s) => anyhow::bail!("init failed: {}", s.message()),
+        }
     }
     for node in &nodes[1..] {
         let mut client = OperatorClient::new(super::client::connect(&tls.connect_args(node)).await?);

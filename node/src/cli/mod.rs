@@ -47,6 +47,15 @@ enum Commands {
     Operator(operator::OperatorArgs),
     /// Encryption as a service: named keys, encrypt, decrypt, sign, HMAC, data keys.
     Key(key::KeyArgs),
+    /// Tokens: create (under yours), lookup, renew, revoke, list-accessors.
+    Token(crate::auth::cli::TokenArgs),
+    /// Log in: save a token (from stdin, or traded for this client's certificate) to a 0600
+    /// file that every command then uses.
+    Login(crate::auth::cli::LoginArgs),
+    /// Policies: write, read, list, delete, and explain why a token is allowed or denied.
+    Policy(crate::auth::cli::PolicyArgs),
+    /// Login methods: certificate login roles.
+    Auth(crate::auth::cli::AuthArgs),
     /// Failover drills (runs `coffer-chaos`, installed next to `coffer`); see `coffer drill run --help`.
     #[command(disable_help_flag = true)]
     Drill {
@@ -76,6 +85,10 @@ impl Cli {
             Commands::Secret(args) => secret::run(args).await,
             Commands::Operator(args) => operator::run(args).await,
             Commands::Key(args) => key::run(args).await,
+            Commands::Token(args) => crate::auth::cli::run_token(args).await,
+            Commands::Login(args) => crate::auth::cli::run_login(args).await,
+            Commands::Policy(args) => crate::auth::cli::run_policy(args).await,
+            Commands::Auth(args) => crate::auth::cli::run_auth(args).await,
             Commands::Drill { args } => run_drill(args).await,
         };
         match result {

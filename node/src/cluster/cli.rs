@@ -30,7 +30,8 @@ pub struct OperatorArgs {
 #[derive(Debug, Subcommand)]
 enum OperatorCommand {
     /// Start a new cluster with this node as its first member: records the cluster id, the HSM root
-    /// key's KCV and the first keyring key.
+    /// key's KCV and the first keyring key, and prints the root token (once). Needs an operator
+    /// certificate.
     Init,
     /// Add this (new, empty) node to the cluster that PEER belongs to, with a join token from a
     /// member. The cluster checks this node's certificate, spends the token, checks that this
@@ -191,9 +192,14 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
         OperatorCommand::Init => client.init(InitRequest {}).await.map(|r| {
             let r = r.into_inner();
             if json {
-                json!({"cluster_id": r.cluster_id, "kcv": r.kcv}).to_string()
+                json!({"cluster_id": r.cluster_id, "kcv": r.kcv, "root_token": r.root_token}).to_string()
             } else {
-                format!("initialised cluster {} (root key KCV {})", r.cluster_id, r.kcv)
+                format!(
+                    "initialised cluster {} (root key KCV {})\n\nroot token: {}\n\nThe root token is shown once and can do anything. Use it to write policies and \
+                     make least-privilege tokens (coffer policy write, coffer token create), then revoke it \
+                     (coffer token revoke).",
+                    r.cluster_id, r.kcv, r.root_token
+                )
             }
         }),
         OperatorCommand::JoinToken { command: JoinTokenCommand::Create { ttl } } => {

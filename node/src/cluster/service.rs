@@ -27,9 +27,11 @@ impl OperatorService {
         OperatorService { node }
     }
 
-    /// Cluster changes need an operator certificate (`spiffe://coffer/operator/<name>`, verified
-    /// by the node's TLS against the cluster's CA) until policies exist. With `tls = "off"`
-    /// nothing can be verified, and nothing is asked.
+    /// Init and join need an operator certificate (`spiffe://coffer/operator/<name>`, verified
+    /// by the node's TLS against the cluster's CA): they run on a node that has no tokens or
+    /// policies yet. With `tls = "off"` nothing can be verified, and nothing is asked. Every
+    /// other operator call is authorised like any call: `operator` on `sys/operator/<action>`,
+    /// which an operator certificate always has.
     fn require_operator<T>(&self, request: &Request<T>, action: &'static str) -> Result<(), Error> {
         if matches!(self.node.config.tls, crate::config::Tls::Off) {
             return Ok(());
@@ -50,8 +52,12 @@ impl OperatorService {
 impl Operator for OperatorService {
     async fn init(&self, request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
         self.require_operator(&request, "initialising a cluster")?;
-        let cluster = self.node.init_cluster().await?;
-        Ok(Response::new(InitResponse { cluster_id: cluster.cluster_id, kcv: cluster.root_kcv }))
+        let (cluster, root) = self.node.init_cluster().await?;
+        Ok(Response::new(InitResponse {
+            cluster_id: cluster.cluster_id,
+            kcv: cluster.root_kcv,
+            root_token: root.to_string(),
+        }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
@@ -62,7 +68,7 @@ impl Operator for OperatorService {
     }
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
-        self.require_operator(&request, "removing a node")?;
+        self.node.authorize_operator(&request, "remove").await?;
         operator::remove(&self.node, NodeId(request.into_inner().node_id)).await?;
         Ok(Response::new(RemoveResponse {}))
     }
@@ -71,7 +77,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        self.require_operator(&request, "moving leadership")?;
+        self.node.authorize_operator(&request, "transfer-leader").await?;
         let target = request.into_inner().node_id;
         if target != 0 && target != self.node.config.node_id.0 {
             return Err(Error::InvalidArgument {
@@ -87,13 +93,14 @@ impl Operator for OperatorService {
         &self,
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        self.require_operator(&request, "creating a join token")?;
+        self.node.authorize_operator(&request, "join-token").await?;
         let ttl = request.into_inner().ttl.map(|d| crate::wire::duration("ttl", d)).transpose()?;
         let (token, expires) = operator::create_join_token(&self.node, ttl).await?;
         Ok(Response::new(CreateJoinTokenResponse { token, expires_at: Some(crate::wire::timestamp(expires.0)) }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.node.authorize_operator(&request, "status").await?;
         let node = &self.node;
         let status = node.replica.status().await;
         let members = status

@@ -16,6 +16,7 @@ use coffer_proto::v1::{
 use coffer_raft::{NamedKeyRecord, NamedKeyType};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{key_path, Capability, Principal};
 use crate::error::Error;
 use crate::keys::crypto::DataKeyPlaintext;
 use crate::keys::{crypto as key_crypto, manage as manage_keys};
@@ -129,6 +130,20 @@ async fn verify_hmac(node: &Node, req: VerifyHmacRequest) -> Result<VerifyRespon
     Ok(VerifyResponse { valid: key_crypto::verify_hmac(node, &req.name, &req.message, &req.hmac).await? })
 }
 
+/// The key and capability a crypto call needs.
+fn needs(call: &Call) -> (&str, Capability) {
+    match call {
+        Call::Encrypt(r) => (&r.name, Capability::Encrypt),
+        Call::Decrypt(r) => (&r.name, Capability::Decrypt),
+        Call::Rewrap(r) => (&r.name, Capability::Rewrap),
+        Call::GenerateDataKey(r) => (&r.name, Capability::Datakey),
+        Call::Sign(r) => (&r.name, Capability::Sign),
+        Call::Verify(r) => (&r.name, Capability::Verify),
+        Call::Hmac(r) => (&r.name, Capability::Hmac),
+        Call::VerifyHmac(r) => (&r.name, Capability::Hmac),
+    }
+}
+
 /// Runs one crypto call of a batch or stream; `Err` is what the unary RPC would have returned.
 async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Error> {
     Ok(match call {
@@ -143,11 +158,22 @@ async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Error> {
     })
 }
 
-/// One item of a batch or stream, as a per-item result.
-async fn execute_item(node: &Node, request: Option<CryptoRequest>) -> CryptoResult {
-    let result = match request.and_then(|r| r.call) {
-        None => Err(Error::InvalidArgument { rule: "the item names no call".into() }),
-        Some(call) => execute(node, call).await,
+/// One item of a batch or stream, checked against `principal`, as a per-item result.
+async fn execute_item(
+    node: &Node,
+    principal: Result<&Principal, Error>,
+    request: Option<CryptoRequest>,
+) -> CryptoResult {
+    let result = match (principal, request.and_then(|r| r.call)) {
+        (_, None) => Err(Error::InvalidArgument { rule: "the item names no call".into() }),
+        (Err(e), Some(_)) => Err(e),
+        (Ok(principal), Some(call)) => {
+            let (name, capability) = needs(&call);
+            match principal.require(&key_path(name), capability) {
+                Ok(()) => execute(node, call).await,
+                Err(e) => Err(e),
+            }
+        }
     };
     CryptoResult {
         result: Some(result.unwrap_or_else(|e| {
@@ -166,6 +192,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn batch(&self, request: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+        let principal = self.node.authenticate(&request).await?;
         let items = request.into_inner().items;
         let max = self.node.config.max_batch_items;
         if items.len() > max {
@@ -176,7 +203,7 @@ impl Keys for KeysService {
         }
         let mut results = Vec::with_capacity(items.len());
         for item in items {
-            results.push(execute_item(&self.node, Some(item)).await);
+            results.push(execute_item(&self.node, Ok(&principal), Some(item)).await);
         }
         Ok(Response::new(BatchResponse { results }))
     }
@@ -186,6 +213,10 @@ impl Keys for KeysService {
         &self,
         request: Request<tonic::Streaming<StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        // Checked at the start, then again for every item: a token revoked (or a policy changed)
+        // mid-stream stops the next items, on every node, within the staleness bound.
+        let credential = self.node.credential(&request).await?;
+        self.node.resolve(&credential)?;
         let mut inbound = request.into_inner();
         let node = self.node.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -200,7 +231,10 @@ impl Keys for KeysService {
                         return;
                     }
                 };
-                let result = execute_item(&node, next.request).await;
+                let result = match node.resolve(&credential) {
+                    Ok(principal) => execute_item(&node, Ok(&principal), next.request).await,
+                    Err(e) => execute_item(&node, Err(e), next.request).await,
+                };
                 if tx.send(Ok(StreamResponse { id: next.id, result: Some(result) })).await.is_err() {
                     return;
                 }
@@ -211,6 +245,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<Key>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let record =
             manage_keys::create_key(&self.node, &req.name, key_type(req.r#type)?, req.exportable, &req.request_id)
@@ -220,6 +255,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let name = request.into_inner().name;
         let record = manage_keys::get_key(&self.node, &name).await?;
         let usage = manage_keys::cluster_usage(&self.node, &name).await;
@@ -238,13 +274,17 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
+        let principal = self.node.authenticate(&request).await?;
         let req = request.into_inner();
         let (names, next) = manage_keys::list_keys(&self.node, req.page_size, &req.page_token).await?;
+        // Only the keys the caller administers; a page can come back shorter than asked.
+        let names = names.into_iter().filter(|n| principal.allows(&key_path(n), Capability::KeyAdmin)).collect();
         Ok(Response::new(ListKeysResponse { names, next_page_token: next.unwrap_or_default() }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<Key>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let record = manage_keys::rotate_key(&self.node, &req.name, &req.request_id).await?;
         Ok(Response::new(wire_key(req.name, &record)))
@@ -252,6 +292,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn update_key_config(&self, request: Request<UpdateKeyConfigRequest>) -> Result<Response<Key>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let change = manage_keys::ConfigChange {
             min_decryption_version: req.min_decryption_version.map(coffer_raft::KeyVersion),
@@ -264,20 +305,24 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete_key(&self, request: Request<DeleteKeyRequest>) -> Result<Response<DeleteKeyResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         manage_keys::delete_key(&self.node, &req.name, &req.request_id).await?;
         Ok(Response::new(DeleteKeyResponse {}))
     }
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Encrypt).await?;
         Ok(Response::new(encrypt(&self.node, request.into_inner()).await?))
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Decrypt).await?;
         Ok(Response::new(decrypt(&self.node, request.into_inner()).await?))
     }
 
     async fn rewrap(&self, request: Request<RewrapRequest>) -> Result<Response<RewrapResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Rewrap).await?;
         Ok(Response::new(rewrap(&self.node, request.into_inner()).await?))
     }
 
@@ -285,22 +330,27 @@ impl Keys for KeysService {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Datakey).await?;
         Ok(Response::new(generate_data_key(&self.node, request.into_inner()).await?))
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Sign).await?;
         Ok(Response::new(sign(&self.node, request.into_inner()).await?))
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Verify).await?;
         Ok(Response::new(verify(&self.node, request.into_inner()).await?))
     }
 
     async fn hmac(&self, request: Request<HmacRequest>) -> Result<Response<HmacResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Hmac).await?;
         Ok(Response::new(hmac(&self.node, request.into_inner()).await?))
     }
 
     async fn verify_hmac(&self, request: Request<VerifyHmacRequest>) -> Result<Response<VerifyResponse>, Status> {
+        self.node.authorize(&request, &key_path(&request.get_ref().name), Capability::Hmac).await?;
         Ok(Response::new(verify_hmac(&self.node, request.into_inner()).await?))
     }
 }

@@ -11,7 +11,6 @@ use coffer_proto::v1::{
     DeleteRequest, DescribeRequest, DestroyRequest, GetRequest, ListRequest, PutRequest, UndeleteRequest,
 };
 use serde_json::json;
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::cli::client::{connect, describe_status, ConnectArgs};
@@ -175,7 +174,11 @@ impl From<std::io::Error> for Failure {
     }
 }
 
-async fn execute(mut client: SecretsClient<Channel>, command: SecretCommand, output: Output) -> Result<(), Failure> {
+async fn execute(
+    mut client: SecretsClient<crate::cli::client::Conn>,
+    command: SecretCommand,
+    output: Output,
+) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match command {
         SecretCommand::Put { path, value, file, cas, max_versions, request_id } => {

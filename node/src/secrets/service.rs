@@ -12,6 +12,7 @@ use coffer_raft::VersionState;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use crate::auth::{secret_path, Capability};
 use crate::node::Node;
 use crate::secrets::{describe, get, list, put, set_state};
 use crate::wire::{duration, timestamp};
@@ -33,7 +34,17 @@ impl SecretsService {
 impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let principal = self.node.authenticate(&request).await?;
         let req = request.into_inner();
+        // A first version needs `create`, a later one `update` (as this node's state has it).
+        let exists = coffer_raft::SecretPath::parse(&req.path)
+            .ok()
+            .map(|p| self.node.reader().secret(&p))
+            .transpose()
+            .map_err(crate::error::Error::from)?
+            .flatten()
+            .is_some();
+        principal.require(&secret_path(&req.path), if exists { Capability::Update } else { Capability::Create })?;
         let put = put::PutSecret {
             path: req.path,
             value: Zeroizing::new(req.value),
@@ -50,6 +61,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Read).await?;
         let req = request.into_inner();
         let max_staleness = req.max_staleness.map(|d| duration("max_staleness", d)).transpose()?;
         let secret = get::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
@@ -64,6 +76,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Read).await?;
         let req = request.into_inner();
         let meta = describe::describe_secret(&self.node, &req.path).await?;
         let versions = meta
@@ -88,13 +101,18 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let principal = self.node.authenticate(&request).await?;
         let req = request.into_inner();
         let page = list::list_secrets(&self.node, &req.prefix, req.page_size, &req.page_token).await?;
-        Ok(Response::new(ListResponse { paths: page.paths, next_page_token: page.next_page_token.unwrap_or_default() }))
+        // Only the paths the caller may list: a page can come back shorter than asked, and the
+        // page token still moves on.
+        let paths = page.paths.into_iter().filter(|p| principal.allows(&secret_path(p), Capability::List)).collect();
+        Ok(Response::new(ListResponse { paths, next_page_token: page.next_page_token.unwrap_or_default() }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Delete).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Deleted, &req.request_id)
             .await?;
@@ -103,6 +121,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn undelete(&self, request: Request<UndeleteRequest>) -> Result<Response<UndeleteResponse>, Status> {
+        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Undelete).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Undeleted, &req.request_id)
             .await?;
@@ -111,6 +130,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn destroy(&self, request: Request<DestroyRequest>) -> Result<Response<DestroyResponse>, Status> {
+        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Destroy).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed, &req.request_id)
             .await?;

@@ -12,6 +12,7 @@
 #![allow(missing_docs)] // test helpers are documented where it helps, not by rule
 
 mod t10_secrets_api;
+mod t12_auth;
 mod t15_tls;
 mod t16_peer_port;
 mod t17_join;
@@ -29,11 +30,25 @@ mod t90_keys;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use coffer_proto::v1::auth_client::AuthClient;
 use coffer_proto::v1::operator_client::OperatorClient;
 use coffer_proto::v1::secrets_client::SecretsClient;
-use coffer_proto::v1::InitRequest;
+use coffer_proto::v1::{InitRequest, WriteRoleRequest};
 use coffer_testkit::{coffer_cli, process_softhsm, Cluster, InProcess, Options, SoftHsm, TestPki, TOKEN_LABEL};
 use tonic::transport::Channel;
+
+/// Gives certificates naming `identity` the root policy, through a login role written with the
+/// root token: what lets tests written before tokens speak with their certificate alone.
+pub async fn grant_root(channel: Channel, root_token: &str, identity: &str) -> anyhow::Result<()> {
+    let role = WriteRoleRequest {
+        name: coffer_testkit::TEST_ROLE.into(),
+        identities: vec![identity.into()],
+        policies: vec!["root".into()],
+        token_ttl: None,
+    };
+    AuthClient::new(channel).write_role(coffer_testkit::with_token(role, root_token)?).await?;
+    Ok(())
+}
 
 /// The `coffer` binary under test.
 pub fn coffer_bin() -> &'static Path {
@@ -57,6 +72,8 @@ pub struct InProcessNode {
     /// `127.0.0.1:<port>` of its node-to-node listener.
     pub peer_addr: String,
     pub pki: TestPki,
+    /// The root token its init returned.
+    pub root_token: String,
 }
 
 impl InProcessNode {
@@ -84,8 +101,11 @@ impl InProcessNode {
         })
         .await?;
         let addr = server.url().to_owned();
-        let node = InProcessNode { server, addr, peer_addr, pki };
-        OperatorClient::new(node.channel().await?).init(InitRequest {}).await?;
+        let mut node = InProcessNode { server, addr, peer_addr, pki, root_token: String::new() };
+        node.root_token =
+            OperatorClient::new(node.channel().await?).init(InitRequest {}).await?.into_inner().root_token;
+        // The tests' operator certificate gets the root policy, as the launcher's clusters do.
+        grant_root(node.channel().await?, &node.root_token, coffer_testkit::TEST_IDENTITY).await?;
         Ok(node)
     }
 
@@ -125,7 +145,7 @@ impl InProcessNode {
 
     /// Runs the CLI against this node.
     pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
-        coffer_cli(coffer_bin(), &self.addr, Some(&self.pki), args, stdin, None)
+        coffer_cli(coffer_bin(), &self.addr, Some(&self.pki), args, stdin, None, None)
     }
 }
 

@@ -7,8 +7,12 @@ use std::time::{Duration, SystemTime};
 
 use coffer_proto::raft::v1::raft_client::RaftClient;
 use coffer_proto::raft::v1::JoinRequest;
+use coffer_proto::v1::auth_client::AuthClient;
 use coffer_proto::v1::operator_client::OperatorClient;
-use coffer_proto::v1::{CreateJoinTokenRequest, RemoveRequest, TransferLeaderRequest};
+use coffer_proto::v1::{
+    CreateJoinTokenRequest, RemoveRequest, TransferLeaderRequest, WritePolicyRequest, WriteRoleRequest,
+};
+use coffer_testkit::with_token;
 use coffer_tls::{client_config, Ca, ClientFiles, Subject};
 use tonic::Code;
 
@@ -89,8 +93,9 @@ async fn the_leader_dials_a_joining_address_only_once_the_join_is_authorised() -
     Ok(())
 }
 
-/// Until policies exist, cluster changes need an operator certificate; a client certificate of
-/// the same CA is refused, and nothing changes.
+/// Cluster changes need `operator` on `sys/operator/…`, which an operator certificate always has:
+/// a client certificate of the same CA that no role admits is unauthenticated, and one whose
+/// role gives only secret rights is denied; nothing changes either way.
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_changes_need_an_operator_certificate() -> anyhow::Result<()> {
     let node = InProcessNode::must_start().await?;
@@ -108,12 +113,29 @@ async fn cluster_changes_need_an_operator_certificate() -> anyhow::Result<()> {
     })?;
     let channel = tonic::transport::Endpoint::from_shared(node.addr.clone())?.tls_config(tls)?.connect().await?;
     let mut ops = OperatorClient::new(channel);
+    let err = ops.create_join_token(CreateJoinTokenRequest { ttl: None }).await.expect_err("no role admits it");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("matches no login role"), "{}", err.message());
+    // A role gives the certificate secret rights, and nothing of the operator's.
+    let mut auth = AuthClient::new(node.channel().await?);
+    let policy = WritePolicyRequest {
+        name: "app".into(),
+        document: "[[rule]]\npath = \"secret/**\"\nallow = [\"read\"]\n".into(),
+    };
+    auth.write_policy(with_token(policy, &node.root_token)?).await?;
+    let role = WriteRoleRequest {
+        name: "app".into(),
+        identities: vec!["spiffe://coffer/client/app".into()],
+        policies: vec!["app".into()],
+        token_ttl: None,
+    };
+    auth.write_role(with_token(role, &node.root_token)?).await?;
     let denied = |r: Result<(), tonic::Status>, what: &str| match r {
         Err(s) => {
             assert_eq!(s.code(), Code::PermissionDenied, "{what}: {s}");
-            assert!(s.message().contains("operator certificate"), "{what}: {}", s.message());
+            assert!(s.message().contains("operator on sys/operator/"), "{what}: {}", s.message());
         }
-        Ok(()) => panic!("{what} without an operator certificate was allowed"),
+        Ok(()) => panic!("{what} without the operator capability was allowed"),
     };
     denied(ops.create_join_token(CreateJoinTokenRequest { ttl: None }).await.map(drop), "a join token");
     denied(ops.remove(RemoveRequest { node_id: 1 }).await.map(drop), "remove");

@@ -5,6 +5,7 @@
 //! | [`cluster`] | the cluster record and keyring keys |
 //! | [`secrets`] | secret versions: put (CAS, version numbers, pruning), delete, undelete, destroy |
 //! | [`keys`] | named keys: create, rotate, config, delete |
+//! | [`identity`] | tokens (create, renew, revoke with descendants, expire), policies, login roles |
 //! | [`requests`] | request ids: a write applied once, an id bound to its first write |
 //! | [`snapshot`] | snapshot files: build, install, read back |
 //!
@@ -16,6 +17,7 @@
 //!   as if it had never been proposed.
 
 pub(crate) mod cluster;
+pub(crate) mod identity;
 pub(crate) mod keys;
 pub(crate) mod requests;
 pub(crate) mod secrets;
@@ -35,11 +37,14 @@ pub(crate) struct Txn<'a> {
     pub(crate) store: &'a Store,
     pub(crate) batch: WriteBatch,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    /// An identity rule wrote something: the store's identity generation moves once the batch
+    /// is written.
+    pub(crate) identity_changed: bool,
 }
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(store: &'a Store) -> Self {
-        Txn { store, batch: WriteBatch::default(), overlay: HashMap::new() }
+        Txn { store, batch: WriteBatch::default(), overlay: HashMap::new(), identity_changed: false }
     }
 
     pub(crate) fn get<T: serde::de::DeserializeOwned>(
@@ -59,6 +64,29 @@ impl<'a> Txn<'a> {
         let bytes = encode(value);
         self.batch.put_cf(self.store.cf(cf_name), &key, &bytes);
         self.overlay.insert((cf_name, key), Some(bytes));
+    }
+
+    /// Every key that starts with `prefix`, as this batch would leave them, in order.
+    pub(crate) fn keys_with_prefix(&self, cf_name: &'static str, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = std::collections::BTreeSet::new();
+        let iter = self.store.db.prefix_iterator_cf(self.store.cf(cf_name), prefix);
+        for item in iter {
+            let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            keys.insert(key.to_vec());
+        }
+        for ((name, key), value) in &self.overlay {
+            if *name == cf_name && key.starts_with(prefix) {
+                if value.is_some() {
+                    keys.insert(key.clone());
+                } else {
+                    keys.remove(key);
+                }
+            }
+        }
+        Ok(keys.into_iter().collect())
     }
 
     pub(crate) fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
@@ -126,6 +154,15 @@ impl<'a> Txn<'a> {
             Op::SetVersionState(s) => secrets::set_version_state(self, s),
             Op::CreateJoinToken(c) => cluster::create_join_token(self, c),
             Op::UseJoinToken(u) => cluster::use_join_token(self, u),
+            Op::BootstrapIdentity(b) => identity::bootstrap(self, b),
+            Op::CreateToken(c) => identity::create_token(self, c),
+            Op::RenewToken(r) => identity::renew_token(self, r),
+            Op::RevokeToken(r) => identity::revoke_token(self, r),
+            Op::ExpireTokens(e) => identity::expire_tokens(self, e),
+            Op::PutPolicy(p) => identity::put_policy(self, p),
+            Op::DeletePolicy(d) => identity::delete_policy(self, d),
+            Op::PutCertRole(p) => identity::put_role(self, p),
+            Op::DeleteCertRole(d) => identity::delete_role(self, d),
         }
     }
 }
@@ -156,8 +193,11 @@ pub(crate) mod testing {
         pub(crate) fn apply(&self, command: &Command) -> Result<Response, StoreError> {
             let mut txn = Txn::new(&self.store);
             let response = txn.apply(command)?;
-            let Txn { batch, .. } = txn;
+            let Txn { batch, identity_changed, .. } = txn;
             self.store.db.write(batch).map_err(|e| self.store.rocks_err(e))?;
+            if identity_changed {
+                self.store.identity_changed();
+            }
             Ok(response)
         }
 

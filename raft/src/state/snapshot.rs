@@ -99,7 +99,7 @@ impl StateMachine {
         let mut batch = WriteBatch::default();
         for name in cf::STATE {
             // Every key of the column family: state keys begin with a path, a request id or a fixed
-            // ASCII tag, all UTF-8, and no UTF-8 string contains the byte 0xff.
+            // ASCII tag (hashes come only after a tag), so every key's first byte is below 0xff.
             batch.delete_range_cf(self.store.cf(name), b"".as_slice(), b"\xff".as_slice());
         }
         for (i, key, value) in &parsed.rows {
@@ -114,6 +114,7 @@ impl StateMachine {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         blocking(|| self.store.db.write_opt(batch, &opts)).map_err(|e| self.store.rocks_err(e))?;
+        self.store.identity_changed();
         self.write_snapshot_file(&StoredSnapshot { meta: meta.clone(), data })
     }
 }

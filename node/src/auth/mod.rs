@@ -1,0 +1,474 @@
+// Hot path: every public call (authenticate, then check the capability).
+//! Identity and policy: who is calling, and whether their policies allow what they ask.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`policy`] | policy documents, path globs, the deny-wins decision and its explanation |
+//! | [`token`] | token text (prefix, base62 body, CRC-32), the keyed hash, accessors |
+//! | [`ops`] | use cases: tokens, policies, login roles, cert login, the root token |
+//! | [`service`] | the `coffer.v1.Auth` gRPC service |
+//! | [`sweep`] | the leader's expiry sweep |
+//! | [`cli`] | `coffer token`, `coffer login`, `coffer policy`, `coffer auth role` |
+//!
+//! Every call has a principal:
+//! - a token in metadata (`authorization: Bearer cfr_s_…`), looked up by its keyed hash;
+//! - else a client certificate that this node's TLS verified (Coffer terminates TLS itself, so
+//!   no proxy header can claim an identity): its login name (first URI SAN, else `dns:` first
+//!   DNS SAN) matched against the login roles, whose policies it gets for the call;
+//! - an operator certificate (`spiffe://coffer/operator/<name>`) may always do `operator`
+//!   things on `sys/operator/…` (cluster changes), and nothing else unless a role says so.
+//!
+//! # Correctness
+//! - Checks run on the node that receives the call, from its local state, with no round trip.
+//!   A node decides only while it has heard from the leader within `crypto-staleness` (the
+//!   Keys service's bound): a revoked token, a deleted role or a changed policy is refused on
+//!   every node within that bound of its commit, a node cut off from the leader included (it
+//!   refuses everything with `UNAVAILABLE`).
+//! - Expiry is checked against this node's clock on every call, whether or not the leader's
+//!   sweep has removed the token yet.
+//! - The cache of resolved principals is valid for one identity generation of the state: any
+//!   change to tokens, policies or roles empties it (`StateReader::identity_generation`).
+
+pub mod cli;
+pub mod ops;
+pub mod policy;
+pub mod service;
+pub mod sweep;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use coffer_raft::{TokenHash, TokenRecord, UnixMillis};
+use tonic::Request;
+
+pub use policy::{Capability, Explanation, Policy, PolicySet};
+
+use crate::error::Error;
+use crate::node::Node;
+
+/// How a caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// A token, by its keyed hash.
+    Token(TokenHash),
+    /// A client certificate, by its login name.
+    Cert(String),
+    /// An operator certificate, by its name.
+    Operator(String),
+}
+
+/// Who a call runs as, with the policies that decide for it.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// How it was established.
+    pub credential: Credential,
+    /// For a token: its record (accessor, policies, expiry).
+    pub token: Option<TokenRecord>,
+    /// Login roles that gave a certificate its policies.
+    pub roles: Vec<String>,
+    /// The names of its policies (a token's, or its roles' together).
+    pub policy_names: Vec<String>,
+    /// The policies that decide.
+    pub policies: PolicySet,
+    /// An operator certificate: `operator` on `sys/operator/…` regardless of policies.
+    operator: bool,
+}
+
+impl Principal {
+    /// Who, for logs and messages: an accessor, a certificate name. Never a token.
+    pub fn display(&self) -> String {
+        match (&self.credential, &self.token) {
+            (Credential::Token(_), Some(t)) => format!("token {} ({})", t.accessor, t.display_name),
+            (Credential::Token(_), None) => "a token".into(),
+            (Credential::Cert(name), _) => format!("certificate {name}"),
+            (Credential::Operator(name), _) => format!("operator certificate {name}"),
+        }
+    }
+
+    /// Whether this principal may use `capability` on `path`.
+    pub fn allows(&self, path: &str, capability: Capability) -> bool {
+        (self.operator && capability == Capability::Operator && path.starts_with("sys/operator/"))
+            || self.policies.allows(path, capability)
+    }
+
+    /// `Ok` when allowed; `PermissionDenied` naming the path and capability otherwise.
+    ///
+    /// # Errors
+    /// `PermissionDenied`.
+    pub fn require(&self, path: &str, capability: Capability) -> Result<(), Error> {
+        if self.allows(path, capability) {
+            return Ok(());
+        }
+        tracing::debug!(principal = %self.display(), path, %capability, "permission denied");
+        Err(Error::PermissionDenied { capability, path: path.to_owned() })
+    }
+
+    /// Whether the root policy is attached.
+    pub fn is_root(&self) -> bool {
+        self.policies.is_root()
+    }
+
+    /// When a token principal stops working.
+    fn expires_at(&self) -> Option<UnixMillis> {
+        self.token.as_ref().and_then(|t| t.expires_at_ms)
+    }
+}
+
+/// The path a secret's capabilities are checked on.
+pub fn secret_path(path: &str) -> String {
+    format!("secret/{path}")
+}
+
+/// The path a named key's capabilities are checked on.
+pub fn key_path(name: &str) -> String {
+    format!("key/{name}")
+}
+
+/// Resolved principals and parsed policies, valid for one identity generation.
+#[derive(Debug, Default)]
+struct Cache {
+    generation: u64,
+    principals: HashMap<Credential, Arc<Principal>>,
+    policies: HashMap<String, Option<Arc<Policy>>>,
+}
+
+/// The cache never grows past this many principals; past it, it starts over (a flood of
+/// distinct tokens costs lookups, not memory).
+const MAX_CACHED_PRINCIPALS: usize = 100_000;
+
+/// A node's authentication state: the token-hashing key, once loaded, and the cache.
+pub struct Auth {
+    hash_key: std::sync::OnceLock<ring::hmac::Key>,
+    /// Per-credential call rate, when `auth.token-rate` sets one.
+    limiter: Option<governor::DefaultKeyedRateLimiter<Credential>>,
+    /// The principal of every call when checks are off.
+    unchecked: std::sync::OnceLock<Arc<Principal>>,
+    // A std lock: held only for map lookups and inserts, never across an `.await`.
+    cache: RwLock<Cache>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("hash_key", &"[redacted]").finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// Authentication state for a node configured with `config`.
+    pub(crate) fn new(config: &crate::config::AuthConfig) -> Auth {
+        let limiter = config.token_rate.map(|rate| {
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(config.token_burst))
+        });
+        Auth { hash_key: Default::default(), limiter, unchecked: Default::default(), cache: Default::default() }
+    }
+
+    /// Counts one call of `credential` against its rate.
+    ///
+    /// # Errors
+    /// `RateLimited` with the wait until a call fits.
+    fn admit(&self, credential: &Credential) -> Result<(), Error> {
+        use governor::clock::Clock as _;
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        limiter.check_key(credential).map_err(|not_until| Error::RateLimited {
+            retry_after: not_until.wait_time_from(governor::clock::DefaultClock::default().now()),
+        })
+    }
+
+    /// Forgets rate state of credentials not seen lately (the sweep calls it): the limiter's
+    /// memory follows the callers of the last seconds, not every token ever used.
+    pub(crate) fn forget_idle(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// Sets the token-hashing key (once; later calls are ignored).
+    pub(crate) fn set_hash_key(&self, key: &[u8]) {
+        let _ = self.hash_key.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
+    }
+
+    pub(crate) fn hash_key(&self) -> Option<&ring::hmac::Key> {
+        self.hash_key.get()
+    }
+}
+
+/// Everything allowed: the principal of every call when `auth.checks = "off"`.
+fn unchecked() -> Arc<Principal> {
+    Arc::new(Principal {
+        credential: Credential::Operator("unchecked".into()),
+        token: None,
+        roles: vec![],
+        policy_names: vec![policy::ROOT_POLICY.into()],
+        policies: PolicySet::new(true, vec![]),
+        operator: true,
+    })
+}
+
+/// The metadata key a token travels in.
+pub const AUTHORIZATION: &str = "authorization";
+
+impl Node {
+    /// Authenticates the caller and checks one capability on one path.
+    ///
+    /// # Errors
+    /// As [`Node::authenticate`], and `PermissionDenied`.
+    pub async fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        path: &str,
+        capability: Capability,
+    ) -> Result<Arc<Principal>, Error> {
+        let principal = self.authenticate(request).await?;
+        principal.require(path, capability)?;
+        Ok(principal)
+    }
+
+    /// Authorises an operator call (`operator` on `sys/operator/<action>`). An operator
+    /// certificate's own right needs no state, so it holds on a node cut off from the leader,
+    /// which is when operators need it most; any other credential is resolved as usual.
+    ///
+    /// # Errors
+    /// As [`Node::authorize`].
+    pub async fn authorize_operator<T>(&self, request: &Request<T>, action: &str) -> Result<(), Error> {
+        let credential = self.credential(request).await?;
+        if let Credential::Operator(_) = credential {
+            return Ok(());
+        }
+        self.wait_fresh().await?;
+        self.lookup(&credential)?.require(&format!("sys/operator/{action}"), Capability::Operator)
+    }
+
+    /// Who is calling: a token in metadata, else the verified client certificate.
+    ///
+    /// # Errors
+    /// `Unauthenticated` (no credential, a malformed, unknown, revoked or expired token, a
+    /// certificate no role admits); `UNAVAILABLE` errors while this node is not fresh.
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Arc<Principal>, Error> {
+        if self.config.auth.checks == crate::config::Checks::Off {
+            return Ok(self.auth.unchecked.get_or_init(unchecked).clone());
+        }
+        let credential = self.credential(request).await?;
+        self.wait_fresh().await?;
+        self.lookup(&credential)
+    }
+
+    /// Waits (up to `crypto-staleness`) until this node is fresh enough to check credentials:
+    /// a node that has just started or just missed a heartbeat answers a moment late rather
+    /// than refuse. The first check costs one clock read and no wait.
+    async fn wait_fresh(&self) -> Result<(), Error> {
+        let bound = self.config.crypto_staleness;
+        let started = std::time::Instant::now();
+        loop {
+            match self.fresh_within(bound) {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() >= bound.min(std::time::Duration::from_secs(2)) => {
+                    return Err(self.cannot_vouch(e))
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// The credential a request carries, checked for shape only.
+    ///
+    /// # Errors
+    /// `Unauthenticated`.
+    pub async fn credential<T>(&self, request: &Request<T>) -> Result<Credential, Error> {
+        if self.config.auth.checks == crate::config::Checks::Off {
+            return Ok(Credential::Operator("unchecked".into()));
+        }
+        let unauthenticated = |reason: &str| Error::Unauthenticated { reason: reason.to_owned() };
+        if let Some(value) = request.metadata().get(AUTHORIZATION) {
+            let value = value.to_str().map_err(|_| unauthenticated("the authorization header is not ASCII"))?;
+            let token = value
+                .strip_prefix("Bearer ")
+                .ok_or_else(|| unauthenticated("the authorization header is not \"Bearer <token>\""))?;
+            token::check(token.trim()).map_err(unauthenticated)?;
+            let key = self.token_key().await?;
+            return Ok(Credential::Token(token::hash(key, token.trim())));
+        }
+        let certs = request.peer_certs();
+        let first = certs.as_ref().and_then(|c| c.first());
+        if let Some(cert) = first {
+            if let Some(coffer_tls::Identity::Operator(name)) = coffer_tls::identity(cert) {
+                return Ok(Credential::Operator(name));
+            }
+            if let Some(name) = coffer_tls::login_name(cert) {
+                return Ok(Credential::Cert(name));
+            }
+            return Err(unauthenticated("the client certificate names no URI or DNS identity to log in with"));
+        }
+        Err(unauthenticated(
+            "no credential: send a token (authorization: Bearer cfr_s_…; the CLI reads COFFER_TOKEN or \
+             `coffer login`) or a client certificate a login role admits",
+        ))
+    }
+
+    /// The principal for a credential, from the cache or the local state; checked for expiry
+    /// against this node's clock, and only while this node is fresh.
+    ///
+    /// # Errors
+    /// `Unauthenticated`; `Stale` and friends (`UNAVAILABLE`) on a node cut off from the leader.
+    pub fn resolve(&self, credential: &Credential) -> Result<Arc<Principal>, Error> {
+        if self.config.auth.checks == crate::config::Checks::Off {
+            return Ok(self.auth.unchecked.get_or_init(unchecked).clone());
+        }
+        self.fresh_within(self.config.crypto_staleness).map_err(|e| self.cannot_vouch(e))?;
+        self.lookup(credential)
+    }
+
+    /// The principal for a credential from the cache or the local state, checked for expiry;
+    /// the caller has checked freshness.
+    fn lookup(&self, credential: &Credential) -> Result<Arc<Principal>, Error> {
+        let generation = self.reader().identity_generation();
+        let cached = {
+            let cache = self.auth.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cache.generation == generation {
+                cache.principals.get(credential).cloned()
+            } else {
+                None
+            }
+        };
+        let principal = match cached {
+            Some(p) => p,
+            None => {
+                {
+                    let mut cache = self.auth.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if cache.generation != generation {
+                        *cache = Cache { generation, ..Cache::default() };
+                    }
+                }
+                // State read now is at least as new as `generation` (it moves after a write).
+                let principal = Arc::new(self.load_principal(credential, generation)?);
+                let mut cache = self.auth.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.generation != generation {
+                    return Ok(principal);
+                }
+                if cache.principals.len() >= MAX_CACHED_PRINCIPALS {
+                    cache.principals.clear();
+                }
+                cache.principals.insert(credential.clone(), principal.clone());
+                principal
+            }
+        };
+        if principal.expires_at().is_some_and(|at| at <= UnixMillis::now()) {
+            return Err(Error::Unauthenticated { reason: "the token has expired".into() });
+        }
+        self.auth.admit(credential)?;
+        Ok(principal)
+    }
+
+    /// Why a node that is not fresh refuses to check a credential.
+    fn cannot_vouch(&self, stale: Error) -> Error {
+        let bound = humantime::format_duration(self.config.crypto_staleness);
+        let reason = match stale {
+            Error::Replica(coffer_raft::Error::Stale { staleness, leading, .. }) => format!(
+                "this node last heard from the {} {} ago, more than crypto-staleness ({bound}): it cannot vouch that a \
+                 credential is still valid; retry, or call another node",
+                if leading { "quorum" } else { "leader" },
+                humantime::format_duration(std::time::Duration::from_millis(
+                    u64::try_from(staleness.as_millis()).unwrap_or(u64::MAX)
+                ))
+            ),
+            other => format!("{other}: this node cannot check credentials until it hears from the leader"),
+        };
+        Error::AuthUnavailable { reason }
+    }
+
+    fn load_principal(&self, credential: &Credential, generation: u64) -> Result<Principal, Error> {
+        let reader = self.reader();
+        match credential {
+            Credential::Token(hash) => {
+                let Some(record) = reader.token(hash)? else {
+                    return Err(Error::Unauthenticated { reason: "the token is revoked, expired or unknown".into() });
+                };
+                let policies = self.policy_set(&record.policies, generation)?;
+                Ok(Principal {
+                    credential: credential.clone(),
+                    policy_names: record.policies.clone(),
+                    token: Some(record),
+                    roles: vec![],
+                    policies,
+                    operator: false,
+                })
+            }
+            Credential::Cert(name) | Credential::Operator(name) => {
+                let login = match credential {
+                    Credential::Operator(_) => format!("spiffe://coffer/operator/{name}"),
+                    _ => name.clone(),
+                };
+                let mut roles = Vec::new();
+                let mut names = Vec::new();
+                for role in reader.cert_roles()? {
+                    if role.identities.iter().any(|pattern| ops::identity_matches(pattern, &login)) {
+                        roles.push(role.name.clone());
+                        names.extend(role.policies.iter().cloned());
+                    }
+                }
+                let operator = matches!(credential, Credential::Operator(_));
+                if roles.is_empty() && !operator {
+                    return Err(Error::Unauthenticated {
+                        reason: format!(
+                            "the client certificate {name} matches no login role (coffer auth role write … --identity {name})"
+                        ),
+                    });
+                }
+                names.sort();
+                names.dedup();
+                let policies = self.policy_set(&names, generation)?;
+                Ok(Principal {
+                    credential: credential.clone(),
+                    token: None,
+                    roles,
+                    policy_names: names,
+                    policies,
+                    operator,
+                })
+            }
+        }
+    }
+
+    /// The parsed policies of these names (unknown names count as empty policies).
+    pub(crate) fn policy_set(&self, names: &[String], generation: u64) -> Result<PolicySet, Error> {
+        let root = names.iter().any(|n| n == policy::ROOT_POLICY);
+        let mut policies = Vec::new();
+        for name in names.iter().filter(|n| *n != policy::ROOT_POLICY) {
+            let cached = {
+                let cache = self.auth.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.generation == generation {
+                    cache.policies.get(name).cloned()
+                } else {
+                    None
+                }
+            };
+            let parsed = match cached {
+                Some(p) => p,
+                None => {
+                    let parsed = match self.reader().policy(name)? {
+                        // Checked when written; a document that no longer parses (a newer
+                        // node's syntax) grants nothing rather than failing every call.
+                        Some(record) => match Policy::parse(name, &record.document) {
+                            Ok(p) => Some(Arc::new(p)),
+                            Err(e) => {
+                                tracing::warn!(policy = %name, error = %e, "a stored policy does not parse; it grants nothing");
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    let mut cache = self.auth.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if cache.generation == generation {
+                        cache.policies.insert(name.clone(), parsed.clone());
+                    }
+                    parsed
+                }
+            };
+            if let Some(p) = parsed {
+                policies.push(p);
+            }
+        }
+        Ok(PolicySet::new(root, policies))
+    }
+}
