@@ -74,6 +74,10 @@ struct Cli {
     /// plaintext one, alternately).
     #[arg(long)]
     no_tls_cost: bool,
+    /// Skip the authorisation cost pass (get-linear and encrypt64 with a least-privilege token
+    /// and its policy check, against a cluster with `auth.checks = "off"`, alternately).
+    #[arg(long)]
+    no_auth_cost: bool,
 }
 
 fn main() -> ExitCode {
@@ -115,12 +119,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("coffer"))))
         .unwrap_or_else(|| PathBuf::from("coffer"));
-    let (cluster, urls, tls) = if cli.target.is_empty() {
+    let (cluster, urls, tls, token) = if cli.target.is_empty() {
         eprintln!("coffer-bench: starting a local 3-node cluster ({})", coffer.display());
-        let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, Options::drills()))?;
-        let urls = cluster.nodes.iter().map(|n| n.url()).collect();
+        let cluster = tokio::task::block_in_place(|| Cluster::start(&coffer, 3, bench_options(true, Checks::On)))?;
+        let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
         let tls = cluster.client_tls()?;
-        (Some(cluster), urls, tls)
+        let token = service_token(&cluster, &urls[0], tls.as_ref()).await?;
+        (Some(cluster), urls, tls, Some(token))
     } else {
         let urls = cli.target.iter().map(|t| url(t)).collect::<Vec<_>>();
         // TLS to an operator's cluster: its CA and a client certificate, as the CLI takes them.
@@ -133,14 +138,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             None
         };
-        (None, urls, tls)
+        // An operator's cluster: the token the CLI would use (COFFER_TOKEN), if any.
+        (None, urls, tls, std::env::var("COFFER_TOKEN").ok())
     };
     let pids: Vec<u32> =
         cluster.as_ref().map(|c| (0..c.nodes.len()).filter_map(|i| c.pid(i)).collect()).unwrap_or_default();
     let mut report = Report::new(cli.clients, cli.rate, cli.duration, urls.len());
 
     eprintln!("coffer-bench: preparing keys and {} secrets", scenarios::SEEDED);
-    let target = Target::prepare(&urls, tls.as_ref()).await?;
+    let target = Target::prepare(&urls, tls.as_ref(), token.as_deref()).await?;
     let chosen = if cli.scenario.is_empty() {
         <Scenario as clap::ValueEnum>::value_variants().to_vec()
     } else {
@@ -182,7 +188,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     if cluster.is_some() && !cli.no_tls_cost && cli.rate.is_none() {
-        tls_cost(&coffer, shape, &mut report).await?;
+        eprintln!("coffer-bench: TLS cost: starting two fresh 3-node clusters, with TLS and without");
+        let sides = [
+            (report::PLAIN_PASS, bench_options(false, Checks::On)),
+            (report::TLS_PASS, bench_options(true, Checks::On)),
+        ];
+        cost_pass(&coffer, shape, &mut report, sides, &report::TLS_COST_SCENARIOS).await?;
+    }
+    if cluster.is_some() && !cli.no_auth_cost && cli.rate.is_none() {
+        eprintln!("coffer-bench: authorisation cost: starting two fresh 3-node clusters, checks off and on");
+        let sides = [
+            (report::UNCHECKED_PASS, bench_options(true, Checks::Off)),
+            (report::CHECKED_PASS, bench_options(true, Checks::On)),
+        ];
+        cost_pass(&coffer, shape, &mut report, sides, &report::AUTH_COST_SCENARIOS).await?;
     }
 
     if cli.memory_secrets > 0 && !pids.is_empty() {
@@ -208,28 +227,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TLS's cost: two fresh 3-node clusters, one with TLS and one without, seeded alike, and each
-/// of [`report::TLS_COST_SCENARIOS`] run against the plaintext one and then the TLS one, the
-/// other frozen (SIGSTOP) meanwhile, so each has the machine to itself. Fresh, not the main
-/// pass's cluster: that one carries the main pass's writes (RocksDB compacting them would be
-/// measured as TLS's cost).
-async fn tls_cost(coffer: &std::path::Path, shape: Shape, report: &mut Report) -> anyhow::Result<()> {
-    eprintln!("coffer-bench: TLS cost: starting two fresh 3-node clusters, with TLS and without");
-    let mut sides = Vec::new();
-    for (system, tls) in [(report::PLAIN_PASS, false), (report::TLS_PASS, true)] {
-        let options = Options { tls, ..Options::drills() };
+/// Whether a bench cluster checks credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    On,
+    Off,
+}
+
+/// A bench cluster's options: the drills' (quiet logs), TLS on or off, checks on or off. The
+/// per-token rate limit is raised far above what one machine can send, so the figures measure
+/// the limiter's cost and never its cap.
+fn bench_options(tls: bool, checks: Checks) -> Options {
+    let checks = match checks {
+        Checks::On => "",
+        Checks::Off => "checks = \"off\"\n",
+    };
+    Options { tls, extra_config: format!("[auth]\n{checks}token-rate = 100000000\n"), ..Options::drills() }
+}
+
+/// A least-privilege token for the bench on `cluster`, made with its root token.
+async fn service_token(
+    cluster: &Cluster,
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> anyhow::Result<String> {
+    let root = cluster.root_token().ok_or_else(|| anyhow::anyhow!("the cluster printed no root token"))?;
+    scenarios::least_privilege_token(url, tls, root).await
+}
+
+/// A cost comparison: two fresh 3-node clusters made with `sides`' options, seeded alike, and
+/// each of `scenarios` run against the first and then the second, the other frozen (SIGSTOP)
+/// meanwhile, so each has the machine to itself. Both are loaded with a least-privilege token.
+/// Fresh, not the main pass's cluster: that one carries the main pass's writes (RocksDB
+/// compacting them would be measured as the cost).
+async fn cost_pass(
+    coffer: &std::path::Path,
+    shape: Shape,
+    report: &mut Report,
+    sides: [(&'static str, Options); 2],
+    scenarios: &[&str],
+) -> anyhow::Result<()> {
+    let mut started = Vec::new();
+    for (system, options) in sides {
         let cluster = tokio::task::block_in_place(|| Cluster::start(coffer, 3, options))?;
         let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
-        let target = Target::prepare(&urls, cluster.client_tls()?.as_ref()).await?;
+        let tls = cluster.client_tls()?;
+        let token = service_token(&cluster, &urls[0], tls.as_ref()).await?;
+        let target = Target::prepare(&urls, tls.as_ref(), Some(&token)).await?;
         let pids: Vec<u32> = (0..cluster.nodes.len()).filter_map(|i| cluster.pid(i)).collect();
-        sides.push((system, cluster, target, pids));
+        started.push((system, cluster, target, pids));
     }
-    for i in 0..sides.len() {
-        let idle: Vec<u32> = sides.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, s)| s.3.clone()).collect();
-        let (system, _, target, pids) = &sides[i];
+    for i in 0..started.len() {
+        let idle: Vec<u32> =
+            started.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, s)| s.3.clone()).collect();
+        let (system, _, target, pids) = &started[i];
         signal(&idle, "-STOP");
         tokio::time::sleep(SETTLE).await;
-        for name in report::TLS_COST_SCENARIOS {
+        for name in scenarios {
             let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
             let before = baselines::total_cpu(pids);
             let m = load::run(&format!("{system} {name}"), shape, target.op(scenario)).await;

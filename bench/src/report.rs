@@ -64,6 +64,12 @@ pub(crate) const TLS_COST_SCENARIOS: [&str; 3] = ["empty-rpc", "get-linear", "en
 pub(crate) const TLS_PASS: &str = "tls cost: TLS";
 /// The system name of the plaintext side of the cost pass.
 pub(crate) const PLAIN_PASS: &str = "tls cost: plaintext";
+/// The scenarios measured with and without authorisation checks.
+pub(crate) const AUTH_COST_SCENARIOS: [&str; 2] = ["get-linear", "encrypt64"];
+/// The side of the authorisation pass that checks a least-privilege token.
+pub(crate) const CHECKED_PASS: &str = "auth cost: token + policy";
+/// The side of the authorisation pass with `auth.checks = "off"`.
+pub(crate) const UNCHECKED_PASS: &str = "auth cost: checks off";
 
 impl Report {
     /// An empty report of a run's settings.
@@ -272,6 +278,18 @@ impl Report {
                 _ => ("—".to_owned(), None),
             };
             goals.push((format!("TLS costs < 15 % on {sc}"), measured, met));
+        }
+        for sc in AUTH_COST_SCENARIOS {
+            let (measured, met) = match (rate(CHECKED_PASS, sc), rate(UNCHECKED_PASS, sc)) {
+                (Some(t), Some(p)) if p > 0.0 => {
+                    let cost = 100.0 * (1.0 - t / p);
+                    let shown =
+                        if cost >= 0.0 { format!("{cost:.1} % slower") } else { format!("{:.1} % faster", -cost) };
+                    (format!("{t:.0}/s checked, {p:.0}/s unchecked: {shown}"), Some(cost < 5.0))
+                }
+                _ => ("—".to_owned(), None),
+            };
+            goals.push((format!("authorisation costs < 5 % on {sc}"), measured, met));
         }
         goals
     }

@@ -10,6 +10,8 @@ use coffer_proto::v1::{
     GenerateDataKeyRequest, GetRequest, KeyType, PutRequest, RotateKeyRequest, SignRequest, StreamRequest,
 };
 use tokio_stream::StreamExt;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::etcd::kv_client::KvClient;
@@ -63,10 +65,65 @@ pub(crate) enum Scenario {
     EmptyRpc,
 }
 
+/// Adds the benchmark's token to every call (none: the client certificate speaks).
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that carries the benchmark's token.
+pub(crate) type Conn = InterceptedService<Channel, Bearer>;
+
+/// The policy of the benchmark's least-privilege token: what the scenarios do, and no more.
+pub(crate) const BENCH_POLICY: &str = r#"
+[[rule]]
+path = "secret/bench/**"
+allow = ["read", "create", "update"]
+
+[[rule]]
+path = "key/bench-aes"
+allow = ["encrypt", "decrypt", "datakey", "key-admin"]
+
+[[rule]]
+path = "key/bench-ed25519"
+allow = ["sign", "key-admin"]
+"#;
+
+/// Writes [`BENCH_POLICY`] with the root token and returns a new token holding only it: the
+/// benchmark measures what a service sees, not the root token's shortcut.
+///
+/// # Errors
+/// The node refuses or does not answer.
+pub(crate) async fn least_privilege_token(
+    url: &str,
+    tls: Option<&ClientTlsConfig>,
+    root_token: &str,
+) -> anyhow::Result<String> {
+    use coffer_proto::v1::auth_client::AuthClient;
+    use coffer_proto::v1::{CreateTokenRequest, WritePolicyRequest};
+    let conn = connect(&[url.to_owned()], tls, Some(root_token))?.remove(0);
+    let mut auth = AuthClient::new(conn);
+    auth.write_policy(WritePolicyRequest { name: "bench".into(), document: BENCH_POLICY.into() }).await?;
+    let req = CreateTokenRequest {
+        policies: vec!["bench".into()],
+        ttl: Some(prost_types::Duration { seconds: 24 * 3600, nanos: 0 }),
+        display_name: "coffer-bench".into(),
+        ..Default::default()
+    };
+    Ok(auth.create_token(req).await?.into_inner().token)
+}
+
 /// Channels to the nodes under test; client `c` uses node `c % n`.
 #[derive(Clone)]
 pub(crate) struct Target {
-    channels: Arc<Vec<Channel>>,
+    channels: Arc<Vec<Conn>>,
     /// Ciphertexts of 64 B and 1 KiB for the decrypt scenarios.
     ciphertexts: Arc<[String; 2]>,
 }
@@ -76,8 +133,12 @@ impl Target {
     ///
     /// # Errors
     /// A node that does not answer, or set-up calls that fail.
-    pub(crate) async fn prepare(urls: &[String], tls: Option<&ClientTlsConfig>) -> anyhow::Result<Target> {
-        let channels = connect(urls, tls)?;
+    pub(crate) async fn prepare(
+        urls: &[String],
+        tls: Option<&ClientTlsConfig>,
+        token: Option<&str>,
+    ) -> anyhow::Result<Target> {
+        let channels = connect(urls, tls, token)?;
         let mut keys = KeysClient::new(channels[0].clone());
         for (name, kind) in [(AES_KEY, KeyType::Aes256Gcm), (ED_KEY, KeyType::Ed25519)] {
             let create =
@@ -113,7 +174,7 @@ impl Target {
         })
     }
 
-    fn channel(&self, client: usize) -> Channel {
+    fn channel(&self, client: usize) -> Conn {
         self.channels[client % self.channels.len()].clone()
     }
 
@@ -193,9 +254,21 @@ impl Target {
     }
 }
 
-/// One lazily connected channel per address (over TLS when `tls` is given), Nagle off, calls
-/// bounded to 10 s.
-fn connect(urls: &[String], tls: Option<&ClientTlsConfig>) -> anyhow::Result<Vec<Channel>> {
+/// One lazily connected channel per address (over TLS when `tls` is given, with `token` on
+/// every call when given), Nagle off, calls bounded to 10 s.
+fn connect(urls: &[String], tls: Option<&ClientTlsConfig>, token: Option<&str>) -> anyhow::Result<Vec<Conn>> {
+    let bearer = match token {
+        Some(t) => {
+            let mut value: MetadataValue<Ascii> = format!("Bearer {t}").parse()?;
+            value.set_sensitive(true);
+            Bearer(Some(value))
+        }
+        None => Bearer(None),
+    };
+    Ok(connect_plain(urls, tls)?.into_iter().map(|c| InterceptedService::new(c, bearer.clone())).collect())
+}
+
+fn connect_plain(urls: &[String], tls: Option<&ClientTlsConfig>) -> anyhow::Result<Vec<Channel>> {
     urls.iter()
         .map(|u| {
             let mut endpoint = Endpoint::from_shared(u.clone())?.tcp_nodelay(true).timeout(Duration::from_secs(10));
@@ -242,7 +315,7 @@ impl Etcd {
     /// # Errors
     /// etcd does not answer.
     pub(crate) async fn prepare(urls: &[String]) -> anyhow::Result<Etcd> {
-        let channels = connect(urls, None)?;
+        let channels = connect_plain(urls, None)?;
         let mut kv = KvClient::new(channels[0].clone());
         for i in 0..SEEDED {
             kv.put(EtcdPut {

@@ -25,8 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_hsm::{Hsm, HsmError, Key256};
 use coffer_raft::{
-    ClusterRecord, Consistency, InitCluster, KeyringRecord, KeyringVersion, Op, Outcome, Rejection, Replica,
-    ReplicaConfig, StateReader, Store, UnixMillis, Write,
+    ClusterRecord, Consistency, InitCluster, InitClusterWithIdentity, KeyringRecord, KeyringVersion, Op, Outcome,
+    Rejection, Replica, ReplicaConfig, StateReader, Store, UnixMillis, Write,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::OnceCell;
@@ -138,24 +138,13 @@ impl Node {
             .await
     }
 
-    /// Makes this empty node the first voter of a new cluster, records the cluster, and
-    /// bootstraps its identity (the token-hashing key and the root token, returned once). On a
-    /// cluster that has no identity yet (made before tokens existed, or an init cut short
-    /// between the two writes), only bootstraps the identity.
+    /// Makes this empty node the first voter of a new cluster and records, in one entry, the
+    /// cluster, its first keyring key and its identity (the token-hashing key and the root
+    /// token). Returns the root token: the only time it is ever shown.
     ///
     /// # Errors
-    /// `AlreadyInitialized` when the cluster and its identity exist; Raft or HSM failures.
+    /// `AlreadyInitialized` when the node is part of a cluster; Raft or HSM failures.
     pub async fn init_cluster(&self) -> Result<(ClusterRecord, zeroize::Zeroizing<String>), Error> {
-        if let Some(cluster) = self.reader().cluster()? {
-            let root = crate::auth::ops::bootstrap(self).await?;
-            return Ok((cluster, root));
-        }
-        let cluster = self.init_cluster_record().await?;
-        let root = crate::auth::ops::bootstrap(self).await?;
-        Ok((cluster, root))
-    }
-
-    async fn init_cluster_record(&self) -> Result<ClusterRecord, Error> {
         self.replica.initialize().await?;
         let rng = SystemRandom::new();
         let mut id = [0u8; 16];
@@ -166,9 +155,14 @@ impl Node {
             ClusterRecord { cluster_id: hex::encode(id), root_kcv: self.hsm.kcv().to_string(), created_at_ms: at_ms };
         let keyring =
             KeyringRecord { version: KeyringVersion(1), wrapped: self.hsm.wrap(&key).await?, created_at_ms: at_ms };
-        match self.propose(Write::new(Op::InitCluster(InitCluster { cluster: cluster.clone(), keyring }))).await? {
+        let first = Keyring::new(vec![(KeyringVersion(1), key)])?;
+        let crate::auth::ops::NewIdentity { identity, root_token: root, token_key } =
+            crate::auth::ops::new_identity(self, &first)?;
+        let init = InitClusterWithIdentity { cluster: InitCluster { cluster: cluster.clone(), keyring }, identity };
+        match self.propose(Write::new(Op::InitClusterWithIdentity(init))).await? {
             Outcome::Applied => {
-                tracing::info!(cluster_id = %cluster.cluster_id, kcv = %cluster.root_kcv, "cluster initialised");
+                self.auth.set_hash_key(&token_key);
+                tracing::info!(cluster_id = %cluster.cluster_id, kcv = %cluster.root_kcv, "cluster initialised; root token issued to the caller of init");
             }
             Outcome::Rejected(Rejection::AlreadyInitialized) => {
                 return Err(coffer_raft::Error::AlreadyInitialized.into())
@@ -176,7 +170,7 @@ impl Node {
             other => return Err(Error::Unexpected { what: "InitCluster", outcome: Box::new(other) }),
         }
         self.ready().await?;
-        Ok(cluster)
+        Ok((cluster, root))
     }
 
     /// Proposes a write through the replica and returns its outcome once applied here.

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{
-    BootstrapIdentity, CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, PutCertRole, PutPolicy, RenewToken,
-    RevokeToken,
+    CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, InitClusterWithIdentity, PutCertRole, PutPolicy,
+    RenewToken, RevokeToken,
 };
 
 use crate::types::{KeyName, KeyVersion, KeyringVersion, RequestId, SecretPath, SecretVersion, UnixMillis};
@@ -86,8 +86,8 @@ pub enum Op {
     CreateJoinToken(CreateJoinToken),
     /// See [`UseJoinToken`].
     UseJoinToken(UseJoinToken),
-    /// See [`BootstrapIdentity`].
-    BootstrapIdentity(BootstrapIdentity),
+    /// See [`InitClusterWithIdentity`].
+    InitClusterWithIdentity(InitClusterWithIdentity),
     /// See [`CreateToken`].
     CreateToken(CreateToken),
     /// See [`RenewToken`].
@@ -175,7 +175,7 @@ impl Op {
             }
             Op::CreateJoinToken(_) => Intent::CreateJoinToken,
             Op::UseJoinToken(u) => Intent::UseJoinToken { node: u.node },
-            Op::BootstrapIdentity(_) => Intent::Identity { change: "recording the root token".into() },
+            Op::InitClusterWithIdentity(_) => Intent::InitCluster,
             Op::CreateToken(c) => Intent::Identity { change: format!("creating token {}", c.record.accessor) },
             Op::RenewToken(_) => Intent::Identity { change: "renewing a token".into() },
             Op::RevokeToken(_) => Intent::Identity { change: "revoking a token".into() },
@@ -205,7 +205,7 @@ impl Op {
             | Op::DeleteKey(_)
             | Op::CreateJoinToken(_)
             | Op::UseJoinToken(_)
-            | Op::BootstrapIdentity(_)
+            | Op::InitClusterWithIdentity(_)
             | Op::CreateToken(_)
             | Op::RenewToken(_)
             | Op::RevokeToken(_)

@@ -70,14 +70,24 @@ pub struct ExpireTokens {
     pub hashes: Vec<TokenHash>,
 }
 
-/// The key the node hashes tokens with, sealed by a keyring key, and the root token: recorded
-/// once, right after the cluster.
+/// The key the node hashes tokens with, sealed by a keyring key, and the root token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapIdentity {
     /// The sealed hashing key.
     pub key: IdentityKeyRecord,
     /// The root token.
     pub root: CreateToken,
+}
+
+/// Records the cluster and its identity in one entry: a cluster never exists without its
+/// token-hashing key and root token, so no later call can be the one that mints a root token.
+/// Applied once; a second one is rejected and changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitClusterWithIdentity {
+    /// The cluster record and first keyring key.
+    pub cluster: crate::InitCluster,
+    /// The identity.
+    pub identity: BootstrapIdentity,
 }
 
 /// The token-hashing key, sealed by a keyring key (AES-256-GCM, software).

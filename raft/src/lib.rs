@@ -39,7 +39,7 @@ pub use command::{
 pub use error::{Error, JoinRefusal, Peer};
 pub use identity::{
     BootstrapIdentity, CertRoleRecord, CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, IdentityKeyRecord,
-    PolicyRecord, PutCertRole, PutPolicy, RenewToken, RevokeToken, TokenRecord,
+    InitClusterWithIdentity, PolicyRecord, PutCertRole, PutPolicy, RenewToken, RevokeToken, TokenRecord,
 };
 pub use log_store::LogStore;
 pub use reader::{StateReader, VersionRead};

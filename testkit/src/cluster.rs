@@ -405,12 +405,14 @@ impl Cluster {
         self.pki.as_ref().map(TestPki::client_tls).transpose()
     }
 
-    /// Runs the CLI against node `i`.
+    /// Runs the CLI against node `i`: with the tests' operator certificate, or without TLS
+    /// (no certificate to speak) with the root token.
     ///
     /// # Errors
     /// The CLI cannot be run.
     pub fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Output> {
-        coffer_cli(&self.coffer, &self.nodes[i].url(), self.pki.as_ref(), args, None, self.options.cli_timeout, None)
+        let token = if self.pki.is_none() { self.root_token.as_deref() } else { None };
+        coffer_cli(&self.coffer, &self.nodes[i].url(), self.pki.as_ref(), args, None, self.options.cli_timeout, token)
     }
 
     /// Runs the CLI and fails with its stderr unless it succeeds; returns its stdout.

@@ -199,11 +199,13 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
     builder.create(dir).map_err(|source| Error::Write { path: dir.to_owned(), source })
 }
 
-/// The identity a certificate names in its `spiffe://coffer/…` URI SAN, if it names one. Call it
-/// only on a certificate that TLS verified against the cluster's CA.
+/// The identity a certificate names in its first URI SAN, if that is a `spiffe://coffer/…` one.
+/// Only the first counts, as in [`login_name`]: a certificate cannot be one thing to the login
+/// roles and another (an operator, a node) here. Call it only on a certificate that TLS verified
+/// against the cluster's CA.
 pub fn identity(cert: &CertificateDer<'_>) -> Option<Identity> {
     let cert = webpki::EndEntityCert::try_from(cert).ok()?;
-    let found = cert.valid_uri_names().find_map(|uri| {
+    let found = cert.valid_uri_names().next().and_then(|uri| {
         let rest = uri.strip_prefix(URI_PREFIX)?;
         if let Some(id) = rest.strip_prefix("node/") {
             return id.parse().ok().map(Identity::Node);

@@ -73,6 +73,8 @@ pub struct Principal {
     pub policies: PolicySet,
     /// An operator certificate: `operator` on `sys/operator/…` regardless of policies.
     operator: bool,
+    /// The earliest expiry of the token and its ancestors.
+    expires: Option<UnixMillis>,
 }
 
 impl Principal {
@@ -109,20 +111,30 @@ impl Principal {
         self.policies.is_root()
     }
 
-    /// When a token principal stops working.
-    fn expires_at(&self) -> Option<UnixMillis> {
-        self.token.as_ref().and_then(|t| t.expires_at_ms)
+    /// When a token principal stops working: its own expiry or an ancestor's, whichever comes
+    /// first (a child never outlives its parent, even before the sweep removes them both).
+    pub(crate) fn expires_at(&self) -> Option<UnixMillis> {
+        self.expires
     }
 }
 
-/// The path a secret's capabilities are checked on.
-pub fn secret_path(path: &str) -> String {
-    format!("secret/{path}")
+/// The path a secret's capabilities are checked on, once the path is valid: the policy check
+/// never sees a path the operation would refuse (nor a megabyte of one).
+///
+/// # Errors
+/// `InvalidArgument` naming the rule the path breaks.
+pub fn secret_path(path: &str) -> Result<String, Error> {
+    coffer_raft::SecretPath::parse(path)?;
+    Ok(format!("secret/{path}"))
 }
 
-/// The path a named key's capabilities are checked on.
-pub fn key_path(name: &str) -> String {
-    format!("key/{name}")
+/// The path a named key's capabilities are checked on, once the name is valid.
+///
+/// # Errors
+/// `InvalidArgument` naming the rule the name breaks.
+pub fn key_path(name: &str) -> Result<String, Error> {
+    coffer_raft::KeyName::parse(name)?;
+    Ok(format!("key/{name}"))
 }
 
 /// Resolved principals and parsed policies, valid for one identity generation.
@@ -203,6 +215,7 @@ fn unchecked() -> Arc<Principal> {
         policy_names: vec![policy::ROOT_POLICY.into()],
         policies: PolicySet::new(true, vec![]),
         operator: true,
+        expires: None,
     })
 }
 
@@ -385,6 +398,7 @@ impl Node {
                     return Err(Error::Unauthenticated { reason: "the token is revoked, expired or unknown".into() });
                 };
                 let policies = self.policy_set(&record.policies, generation)?;
+                let expires = self.lineage_expiry(&record)?;
                 Ok(Principal {
                     credential: credential.clone(),
                     policy_names: record.policies.clone(),
@@ -392,6 +406,7 @@ impl Node {
                     roles: vec![],
                     policies,
                     operator: false,
+                    expires,
                 })
             }
             Credential::Cert(name) | Credential::Operator(name) => {
@@ -425,9 +440,30 @@ impl Node {
                     policy_names: names,
                     policies,
                     operator,
+                    expires: None,
                 })
             }
         }
+    }
+
+    /// The earliest expiry along a token's line of parents. A revoke removes a subtree in one
+    /// batch, so a missing parent means a revoke this node applies in the same generation.
+    fn lineage_expiry(&self, record: &TokenRecord) -> Result<Option<UnixMillis>, Error> {
+        let mut earliest = record.expires_at_ms;
+        let mut parent = record.parent.clone();
+        // Bounded: a chain longer than this is cut (its tokens still expire on their own).
+        for _ in 0..64 {
+            let Some(hash) = parent else { break };
+            let Some(up) = self.reader().token(&hash)? else {
+                return Err(Error::Unauthenticated { reason: "the token is revoked, expired or unknown".into() });
+            };
+            earliest = match (earliest, up.expires_at_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            parent = up.parent;
+        }
+        Ok(earliest)
     }
 
     /// The parsed policies of these names (unknown names count as empty policies).

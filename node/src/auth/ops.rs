@@ -1,8 +1,10 @@
 //! Identity use cases: the root token, tokens, certificate login, policies, login roles.
 //!
 //! Rules a platform team relies on:
-//! - a caller that is not root attaches only policies it holds itself, to a token or a role, so
-//!   `token-admin` or `policy-admin` never amounts to more than the caller already has;
+//! - a caller that is not root attaches only policies it holds itself, to a token or a role, and
+//!   may not rewrite or delete a policy it holds: `token-admin` or `policy-admin` never raises
+//!   the caller's own rights (a `policy-admin` can still write policies for others to attach;
+//!   re-creating a deleted policy's name gives it back to tokens that still name it);
 //! - a child token never outlives its parent (expiry and maximum are capped at the parent's),
 //!   and is revoked with it; an orphan needs `token-admin` on `sys/token/create-orphan`;
 //! - every change goes through the log; the time, random token, hash and accessor are made here
@@ -74,18 +76,16 @@ async fn mint(node: &Node) -> Result<(Zeroizing<String>, TokenHash, String), Err
     Ok((text, hash, token::accessor(&acc)))
 }
 
-/// Records the cluster's token-hashing key and a root token, and returns the root token: once
-/// per cluster, by the `operator init` that made it (or the first one after an upgrade).
+/// A cluster's identity, made by the node that initialises it: a random token-hashing key sealed
+/// by the first keyring key, and a root token (policy `root`, no expiry). Returned with the root
+/// token's text and the plain hashing key; the caller proposes it with the cluster record, in one
+/// entry (`InitClusterWithIdentity`), so no later call can mint a root token.
 ///
 /// # Errors
-/// `AlreadyInitialized` once the identity exists; replica, HSM and keyring failures.
-pub async fn bootstrap(node: &Node) -> Result<Zeroizing<String>, Error> {
-    let ready = node.ready().await?;
-    if node.reader().identity_key()?.is_some() {
-        return Err(coffer_raft::Error::AlreadyInitialized.into());
-    }
+/// The system random source or the keyring fails.
+pub fn new_identity(node: &Node, keyring: &crate::envelope::Keyring) -> Result<NewIdentity, Error> {
     let key = node.keys.random_bytes(32)?;
-    let (keyring_version, sealed) = ready.keyring.wrap(IDENTITY_KEY_AAD, &key)?;
+    let (keyring_version, sealed) = keyring.wrap(IDENTITY_KEY_AAD, &key)?;
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
     let random = node.keys.random_bytes(48)?;
     let mut body = [0u8; 32];
@@ -93,7 +93,6 @@ pub async fn bootstrap(node: &Node) -> Result<Zeroizing<String>, Error> {
     let mut acc = [0u8; 16];
     acc.copy_from_slice(&random[32..48]);
     let text = token::format(&body);
-    let now = UnixMillis::now();
     let root = CreateToken {
         hash: token::hash(&hmac_key, &text),
         record: TokenRecord {
@@ -101,23 +100,28 @@ pub async fn bootstrap(node: &Node) -> Result<Zeroizing<String>, Error> {
             policies: vec![policy::ROOT_POLICY.to_owned()],
             parent: None,
             display_name: "root".into(),
-            created_at_ms: now,
+            created_at_ms: UnixMillis::now(),
             expires_at_ms: None,
             max_expires_at_ms: None,
             ttl_ms: 0,
             renewable: false,
         },
     };
-    let op = Op::BootstrapIdentity(BootstrapIdentity { key: IdentityKeyRecord { keyring_version, sealed }, root });
-    match node.propose(Write::new(op)).await? {
-        Outcome::Applied => {
-            node.auth.set_hash_key(&key);
-            tracing::info!("identity bootstrapped: root token issued (shown once to the caller of init)");
-            Ok(text)
-        }
-        Outcome::Rejected(Rejection::AlreadyInitialized) => Err(coffer_raft::Error::AlreadyInitialized.into()),
-        other => Err(Error::Unexpected { what: "BootstrapIdentity", outcome: Box::new(other) }),
-    }
+    Ok(NewIdentity {
+        identity: BootstrapIdentity { key: IdentityKeyRecord { keyring_version, sealed }, root },
+        root_token: text,
+        token_key: key,
+    })
+}
+
+/// What [`new_identity`] makes.
+pub struct NewIdentity {
+    /// What the cluster records.
+    pub identity: BootstrapIdentity,
+    /// The root token's text: shown once.
+    pub root_token: Zeroizing<String>,
+    /// The plain token-hashing key, for the node that made it.
+    pub token_key: Zeroizing<Vec<u8>>,
 }
 
 impl Node {
@@ -174,16 +178,13 @@ fn held_policies(principal: &Principal) -> Vec<String> {
 }
 
 /// Refuses to grant policies the caller does not hold, unless the caller is root.
-fn check_grant(principal: &Principal, held: &[String], wanted: &[String]) -> Result<(), Error> {
+fn check_grant(principal: &Principal, held: &[String], wanted: &[String], as_: Capability) -> Result<(), Error> {
     if principal.is_root() {
         return Ok(());
     }
     if let Some(extra) = wanted.iter().find(|p| !held.contains(p)) {
-        return Err(Error::PermissionDenied {
-            capability: Capability::TokenAdmin,
-            path: format!("sys/policy/{extra}"),
-        })
-        .inspect_err(|_| tracing::debug!(policy = %extra, "refused to grant a policy the caller does not hold"));
+        return Err(Error::PermissionDenied { capability: as_, path: format!("sys/policy/{extra}") })
+            .inspect_err(|_| tracing::debug!(policy = %extra, "refused to grant a policy the caller does not hold"));
     }
     Ok(())
 }
@@ -207,7 +208,7 @@ fn check_policy_names(names: &[String]) -> Result<(), Error> {
 /// `InvalidArgument` (ttl rules, names); replica errors.
 pub async fn create_token(node: &Node, caller: &Principal, mut ask: NewToken) -> Result<MadeToken, Error> {
     let orphan = ask.orphan || !matches!(caller.credential, Credential::Token(_));
-    caller.require(if ask.orphan { "sys/token/create-orphan" } else { "sys/token/create" }, Capability::TokenAdmin)?;
+    caller.require(if orphan { "sys/token/create-orphan" } else { "sys/token/create" }, Capability::TokenAdmin)?;
     let held = held_policies(caller);
     if ask.policies.is_empty() {
         ask.policies = held.clone();
@@ -215,7 +216,7 @@ pub async fn create_token(node: &Node, caller: &Principal, mut ask: NewToken) ->
     ask.policies.sort();
     ask.policies.dedup();
     check_policy_names(&ask.policies)?;
-    check_grant(caller, &held, &ask.policies)?;
+    check_grant(caller, &held, &ask.policies, Capability::TokenAdmin)?;
     let ttl = ask.ttl.unwrap_or(DEFAULT_TTL);
     let max_ttl = ask.max_ttl.unwrap_or(DEFAULT_MAX_TTL.max(ttl));
     if ttl.is_zero() || ttl > max_ttl || max_ttl > LONGEST_TTL {
@@ -233,9 +234,16 @@ pub async fn create_token(node: &Node, caller: &Principal, mut ask: NewToken) ->
     let mut max = after(now, max_ttl);
     let parent = match (&caller.credential, orphan) {
         (Credential::Token(hash), false) => {
-            // A child never outlives its parent.
-            if let Some(parent_max) = caller.token.as_ref().and_then(|t| t.max_expires_at_ms.or(t.expires_at_ms)) {
-                max = max.min(parent_max);
+            // A child never outlives its parent: its maximum is the parent's, and it starts no
+            // later than the parent's current expiry. (Renewals may take it past the parent's
+            // current expiry; every call also checks the ancestors', see `Principal`.)
+            if let Some(parent) = caller.token.as_ref() {
+                if let Some(parent_max) = parent.max_expires_at_ms.or(parent.expires_at_ms) {
+                    max = max.min(parent_max);
+                }
+                if let Some(parent_now) = caller.expires_at() {
+                    expires = expires.min(parent_now);
+                }
                 expires = expires.min(max);
             }
             Some(hash.clone())
@@ -359,12 +367,25 @@ pub async fn revoke(node: &Node, hash: TokenHash) -> Result<(), Error> {
     apply(node, Op::RevokeToken(RevokeToken { hash }), "RevokeToken").await
 }
 
+/// A caller that is not root may not change a policy it holds itself: rewriting it (or deleting
+/// a deny it is bound by) would raise its own rights. With the subset rule on tokens and roles,
+/// a non-root `policy-admin` can write policies but never attach them to anything it controls.
+fn refuse_own_policy(caller: &Principal, name: &str) -> Result<(), Error> {
+    if !caller.is_root() && caller.policy_names.iter().any(|p| p == name) {
+        return Err(Error::InvalidArgument {
+            rule: format!("policy {name:?} is attached to the caller; only another principal (or root) may change it"),
+        });
+    }
+    Ok(())
+}
+
 /// Writes a policy after parsing and checking it.
 ///
 /// # Errors
 /// `PermissionDenied`; `InvalidArgument` naming the broken rule; replica errors.
 pub async fn write_policy(node: &Node, caller: &Principal, name: &str, document: &str) -> Result<(), Error> {
     caller.require(&format!("sys/policy/{name}"), Capability::PolicyAdmin)?;
+    refuse_own_policy(caller, name)?;
     if document.len() > 64 * 1024 {
         return Err(invalid("a policy document is at most 64 KiB"));
     }
@@ -380,6 +401,7 @@ pub async fn write_policy(node: &Node, caller: &Principal, name: &str, document:
 /// `PermissionDenied`; `PolicyNotFound`; replica errors.
 pub async fn delete_policy(node: &Node, caller: &Principal, name: &str) -> Result<(), Error> {
     caller.require(&format!("sys/policy/{name}"), Capability::PolicyAdmin)?;
+    refuse_own_policy(caller, name)?;
     apply(node, Op::DeletePolicy(DeletePolicy { name: name.to_owned() }), "DeletePolicy").await
 }
 
@@ -415,7 +437,7 @@ pub async fn write_role(
     policies.sort();
     policies.dedup();
     check_policy_names(&policies)?;
-    check_grant(caller, &held_policies(caller), &policies)?;
+    check_grant(caller, &held_policies(caller), &policies, Capability::PolicyAdmin)?;
     let token_ttl = token_ttl.unwrap_or(DEFAULT_TTL);
     if token_ttl.is_zero() || token_ttl > LONGEST_TTL {
         return Err(invalid("a role's token_ttl is more than 0 and at most 32 days"));

@@ -229,21 +229,40 @@ impl Rule {
 }
 
 /// `pattern` against `path`, segment by segment; `**` may take any number of segments.
+///
+/// The classic wildcard walk with one backtrack point (the last `**` seen): correct for globs
+/// whose only multi-element wildcard is `**`, at most O(pattern × path) steps, no allocation.
+/// (A naive recursive matcher is exponential in the number of `**`: a policy with many of them
+/// and a long path would stall a worker.)
 fn glob_match(pattern: &[Segment], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| glob_match(rest, &path[skip..])),
-        Some((head, rest)) => match path.split_first() {
-            None => false,
-            Some((segment, path_rest)) => {
-                let fits = match head {
-                    Segment::Literal(literal) => literal == segment,
-                    Segment::One | Segment::Any => true,
-                };
-                fits && glob_match(rest, path_rest)
+    let (mut p, mut s) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while s < path.len() {
+        match pattern.get(p) {
+            Some(Segment::Any) => {
+                star = Some((p, s));
+                p += 1;
             }
-        },
+            Some(Segment::One) => {
+                p += 1;
+                s += 1;
+            }
+            Some(Segment::Literal(literal)) if literal == path[s] => {
+                p += 1;
+                s += 1;
+            }
+            _ => match star {
+                // Let the last `**` take one more segment, and try again from there.
+                Some((star_p, star_s)) => {
+                    star = Some((star_p, star_s + 1));
+                    p = star_p + 1;
+                    s = star_s + 1;
+                }
+                None => return false,
+            },
+        }
     }
+    pattern[p.min(pattern.len())..].iter().all(|seg| *seg == Segment::Any)
 }
 
 /// A parsed, checked policy.
@@ -339,8 +358,15 @@ fn parse_rule(doc: RuleDoc) -> Result<Rule, String> {
     if path.is_empty() || path.len() > 1024 {
         return Err("a rule's path is 1 to 1024 characters long".into());
     }
-    let mut segments = Vec::new();
+    if path.split('/').count() > 64 {
+        return Err(format!("path {path:?} has more than 64 segments"));
+    }
+    let mut segments: Vec<Segment> = Vec::new();
     for segment in path.split('/') {
+        // Consecutive `**` say no more than one.
+        if segment == "**" && segments.last() == Some(&Segment::Any) {
+            continue;
+        }
         segments.push(match segment {
             "" => return Err(format!("path {path:?} has an empty segment (a leading, trailing or doubled '/')")),
             "*" => Segment::One,
@@ -544,7 +570,24 @@ mod tests {
         assert!(!s.allows("secret/other/db", Capability::Read));
         let s = set(&[("p", "[[rule]]\npath = \"secret/**/db\"\nallow = [\"read\"]\n")])?;
         assert!(s.allows("secret/a/b/c/db", Capability::Read));
+        assert!(s.allows("secret/db", Capability::Read));
         assert!(!s.allows("secret/a/b/c/dbx", Capability::Read));
+        assert!(!s.allows("secret/a/db/c", Capability::Read));
+        let s = set(&[("p", "[[rule]]\npath = \"secret/**/x/*/**/y\"\nallow = [\"read\"]\n")])?;
+        assert!(s.allows("secret/x/m/y", Capability::Read));
+        assert!(s.allows("secret/a/x/x/m/n/y", Capability::Read), "the walk backtracks into the first **");
+        assert!(!s.allows("secret/a/x/y", Capability::Read), "* needs a segment between x and the rest");
+        Ok(())
+    }
+
+    /// Many `**` against a long path: linear-ish, not exponential (a recursive matcher took
+    /// C(n+k, k) steps here, a stalled worker).
+    #[test]
+    fn many_double_stars_against_a_long_path_finish() -> Result<(), String> {
+        let rule = format!("secret/{}z", "**/a/".repeat(20));
+        let s = set(&[("p", &format!("[[rule]]\npath = \"{rule}\"\nallow = [\"read\"]\n"))])?;
+        let path = format!("secret/{}", "a/".repeat(250)) + "b";
+        assert!(!s.allows(&path, Capability::Read));
         Ok(())
     }
 

@@ -26,8 +26,16 @@ pub async fn run(node: Arc<Node>) {
         if node.replica.role() != coffer_raft::Role::Leader {
             continue;
         }
-        if let Err(e) = sweep(&node).await {
-            tracing::warn!(error = %e, "token expiry sweep failed; retrying next tick");
+        // Drain: a full entry means more may be due (a flood of short-lived tokens).
+        loop {
+            match sweep(&node).await {
+                Ok(n) if n == MAX_PER_ENTRY => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "token expiry sweep failed; retrying next tick");
+                    break;
+                }
+            }
         }
     }
 }

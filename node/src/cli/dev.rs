@@ -287,23 +287,20 @@ async fn form_cluster(nodes: &[DevNode], tls: &DevTls) -> anyhow::Result<()> {
     let first = &nodes[0];
     let mut client = OperatorClient::new(super::client::connect(&tls.connect_args(first)).await?);
     let root_file = tls.dir.parent().unwrap_or(&tls.dir).join("root-token");
-    // A cluster without a root token file is new, or older than tokens: init makes one (and on
-    // an older cluster only bootstraps its identity).
-    let new = client.status(StatusRequest {}).await?.into_inner().cluster_id.is_empty();
-    if new || !root_file.exists() {
-        match client.init(InitRequest {}).await {
-            Ok(init) => {
-                let init = init.into_inner();
-                eprintln!("coffer dev: initialised cluster {} on node 1", init.cluster_id);
-                let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&root_file)?;
-                std::io::Write::write_all(&mut file, init.root_token.as_bytes())?;
-            }
-            Err(s) if !new && s.code() == tonic::Code::FailedPrecondition => eprintln!(
-                "coffer dev: {} is missing, and the cluster's root token was shown once at init: use a token you made",
-                root_file.display()
-            ),
-            Err(s) => anyhow::bail!("init failed: {}", s.message()),
-        }
+    // Dev keeps the root token init shows once in a 0600 file beside the nodes, so a kept
+    // directory (--dir) still prints it next time. Production never stores it.
+    if client.status(StatusRequest {}).await?.into_inner().cluster_id.is_empty() {
+        let init = client.init(InitRequest {}).await.map_err(|s| anyhow::anyhow!("init failed: {}", s.message()))?;
+        let init = init.into_inner();
+        eprintln!("coffer dev: initialised cluster {} on node 1", init.cluster_id);
+        let _ = std::fs::remove_file(&root_file);
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&root_file)?;
+        std::io::Write::write_all(&mut file, init.root_token.as_bytes())?;
+    } else if !root_file.exists() {
+        eprintln!(
+            "coffer dev: {} is missing, and a root token is shown only once, at init: use a token you made",
+            root_file.display()
+        );
     }
     for node in &nodes[1..] {
         let mut client = OperatorClient::new(super::client::connect(&tls.connect_args(node)).await?);

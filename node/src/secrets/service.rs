@@ -12,10 +12,39 @@ use coffer_raft::VersionState;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::auth::{secret_path, Capability};
+use crate::auth::{secret_path, Capability, Principal};
 use crate::node::Node;
 use crate::secrets::{describe, get, list, put, set_state};
 use crate::wire::{duration, timestamp};
+
+/// What a put may do under the caller's rights, as the `cas` to send: a first version needs
+/// `create`, a later one `update`. A caller with `create` alone writes with `cas = 0`, so the
+/// replicated state itself refuses a version over an existing secret (a stale follower's view
+/// or a racing create cannot turn it into an update). A secret, once created, always exists
+/// (versions are deleted, never the secret), so an `update`-only caller's local check is safe.
+/// A caller with neither right gets the same refusal whether or not the secret exists.
+fn write_rule(
+    node: &Node,
+    principal: &Principal,
+    on: &str,
+    path: &str,
+    cas: Option<u64>,
+) -> Result<Option<u64>, crate::error::Error> {
+    let (create, update) = (principal.allows(on, Capability::Create), principal.allows(on, Capability::Update));
+    if !create && !update {
+        return principal.require(on, Capability::Create).map(|()| cas);
+    }
+    let exists = node.reader().secret(&coffer_raft::SecretPath::parse(path)?)?.is_some();
+    match (create, update) {
+        (true, true) => Ok(cas),
+        (true, false) if exists || cas.is_some_and(|v| v > 0) => {
+            principal.require(on, Capability::Update).map(|()| cas)
+        }
+        (true, false) => Ok(Some(0)),
+        _ if !exists => principal.require(on, Capability::Create).map(|()| cas),
+        _ => Ok(cas),
+    }
+}
 
 /// The Secrets service over a started node.
 #[derive(Debug, Clone)]
@@ -36,19 +65,12 @@ impl Secrets for SecretsService {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let principal = self.node.authenticate(&request).await?;
         let req = request.into_inner();
-        // A first version needs `create`, a later one `update` (as this node's state has it).
-        let exists = coffer_raft::SecretPath::parse(&req.path)
-            .ok()
-            .map(|p| self.node.reader().secret(&p))
-            .transpose()
-            .map_err(crate::error::Error::from)?
-            .flatten()
-            .is_some();
-        principal.require(&secret_path(&req.path), if exists { Capability::Update } else { Capability::Create })?;
+        let on = secret_path(&req.path)?;
+        let cas = write_rule(&self.node, &principal, &on, &req.path, req.cas)?;
         let put = put::PutSecret {
             path: req.path,
             value: Zeroizing::new(req.value),
-            cas: req.cas,
+            cas,
             max_versions: req.max_versions,
             request_id: req.request_id,
         };
@@ -61,7 +83,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Read).await?;
+        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Read).await?;
         let req = request.into_inner();
         let max_staleness = req.max_staleness.map(|d| duration("max_staleness", d)).transpose()?;
         let secret = get::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
@@ -76,7 +98,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Read).await?;
+        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Read).await?;
         let req = request.into_inner();
         let meta = describe::describe_secret(&self.node, &req.path).await?;
         let versions = meta
@@ -101,18 +123,20 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let principal = self.node.authenticate(&request).await?;
+        // `list` on the prefix itself (trailing '/' dropped; none: `secret`), as a folder: every
+        // name under it is then shown. Filtering names one by one instead would leak the others
+        // through the page token.
+        let prefix = request.get_ref().prefix.trim_end_matches('/');
+        let on = if prefix.is_empty() { "secret".to_owned() } else { secret_path(prefix)? };
+        self.node.authorize(&request, &on, Capability::List).await?;
         let req = request.into_inner();
         let page = list::list_secrets(&self.node, &req.prefix, req.page_size, &req.page_token).await?;
-        // Only the paths the caller may list: a page can come back shorter than asked, and the
-        // page token still moves on.
-        let paths = page.paths.into_iter().filter(|p| principal.allows(&secret_path(p), Capability::List)).collect();
-        Ok(Response::new(ListResponse { paths, next_page_token: page.next_page_token.unwrap_or_default() }))
+        Ok(Response::new(ListResponse { paths: page.paths, next_page_token: page.next_page_token.unwrap_or_default() }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Delete).await?;
+        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Delete).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Deleted, &req.request_id)
             .await?;
@@ -121,7 +145,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn undelete(&self, request: Request<UndeleteRequest>) -> Result<Response<UndeleteResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Undelete).await?;
+        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Undelete).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Undeleted, &req.request_id)
             .await?;
@@ -130,7 +154,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn destroy(&self, request: Request<DestroyRequest>) -> Result<Response<DestroyResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path), Capability::Destroy).await?;
+        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Destroy).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed, &req.request_id)
             .await?;

@@ -84,19 +84,27 @@ async fn every_secret_capability_is_allowed_on_its_path_only_and_a_refusal_chang
                 must_deny(s.describe(with_token(DescribeRequest { path: "no/a".into() }, &t)?).await, denied_path, cap);
             }
             "list" => {
-                let all = ListRequest { prefix: String::new(), page_size: 100, page_token: String::new() };
-                let paths = s.list(with_token(all, &t)?).await?.into_inner().paths;
-                assert_eq!(paths, vec!["ok/a".to_owned()], "a listing shows only the paths the token may list");
+                let under =
+                    |prefix: &str| ListRequest { prefix: prefix.into(), page_size: 1, page_token: String::new() };
+                let paths = s.list(with_token(under("ok/"), &t)?).await?.into_inner().paths;
+                assert_eq!(paths, vec!["ok/a".to_owned()]);
+                // Listing is by folder: everything under a prefix the policy grants, nothing
+                // from above it (whose page token would name paths one by one).
+                must_deny(s.list(with_token(under(""), &t)?).await, "secret", cap);
+                must_deny(s.list(with_token(under("no/"), &t)?).await, "secret/no", cap);
             }
             "create" => {
                 s.put(with_token(put("ok/new", b"x", None), &t)?).await?;
+                // create alone cannot reach a version over an existing secret, even naming it.
+                must_deny(s.put(with_token(put("ok/new", b"y", Some(1)), &t)?).await, "secret/ok/new", "update");
                 must_deny(s.put(with_token(put("no/new", b"x", None), &t)?).await, "secret/no/new", cap);
                 // create is not update: a second version of an existing secret is refused.
                 must_deny(s.put(with_token(put("ok/a", b"x", None), &t)?).await, "secret/ok/a", "update");
             }
             "update" => {
                 s.put(with_token(put("ok/a", b"v3", None), &t)?).await?;
-                must_deny(s.put(with_token(put("no/a", b"x", None), &t)?).await, denied_path, cap);
+                // Neither right on no/a: the same refusal whether or not it exists.
+                must_deny(s.put(with_token(put("no/a", b"x", None), &t)?).await, denied_path, "create");
                 must_deny(s.put(with_token(put("ok/other", b"x", None), &t)?).await, "secret/ok/other", "create");
             }
             "delete" => {
@@ -303,6 +311,17 @@ async fn no_credential_a_forged_token_and_a_revoked_parent_are_refused() -> anyh
     // A token cannot grant a policy it does not hold.
     let greedy = CreateTokenRequest { policies: vec!["root".into()], ..Default::default() };
     assert_eq!(auth.create_token(with_token(greedy, &parent)?).await.unwrap_err().code(), Code::PermissionDenied);
+    // A child asked to outlive its parent is cut to the parent's expiry.
+    let long = CreateTokenRequest {
+        ttl: Some(prost_types::Duration { seconds: 30 * 86_400, nanos: 0 }),
+        max_ttl: Some(prost_types::Duration { seconds: 31 * 86_400, nanos: 0 }),
+        ..Default::default()
+    };
+    let long = auth.create_token(with_token(long, &parent)?).await?.into_inner().info.unwrap_or_default();
+    let own = auth.lookup_token(with_token(LookupTokenRequest::default(), &parent)?).await?.into_inner();
+    let secs = |t: Option<prost_types::Timestamp>| t.map_or(i64::MAX, |t| t.seconds);
+    assert!(secs(long.expires_at) <= secs(own.expires_at), "a child expires after its parent: {long:?} {own:?}");
+    assert!(secs(long.max_expires_at) <= secs(own.max_expires_at));
 
     auth.revoke_token(with_token(RevokeTokenRequest { accessor: String::new() }, &parent)?).await?;
     for (who, token) in [("parent", &parent), ("child", &child.token)] {
@@ -426,7 +445,7 @@ async fn a_token_revoked_mid_stream_is_refused_on_every_node_within_the_bound() 
     let accessor = made.info.map(|i| i.accessor).unwrap_or_default();
 
     // One stream per node; each records when its first refusal came back.
-    let revoked_at = std::sync::Arc::new(tokio::sync::OnceCell::<Instant>::new());
+    let revoked_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
     let mut streams = Vec::new();
     for n in 0..3 {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -477,9 +496,10 @@ async fn a_token_revoked_mid_stream_is_refused_on_every_node_within_the_bound() 
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Marked when the revoke is sent: a node may apply it before its acknowledgement arrives.
+    let _ = revoked_at.set(Instant::now());
     auth.revoke_token(with_token(RevokeTokenRequest { accessor }, &root)?).await?;
     let acked = Instant::now();
-    let _ = revoked_at.set(acked);
     for (n, stream) in streams.into_iter().enumerate() {
         let (refused, served_after) = stream.await??;
         let refused = refused.ok_or_else(|| anyhow::anyhow!("node {n} never refused the revoked token"))?;
@@ -601,5 +621,41 @@ fn from_root_token_to_a_least_privilege_service_through_the_cli() -> anyhow::Res
         String::from_utf8_lossy(&after.stderr)
     );
     cluster.stop(0)?;
+    Ok(())
+}
+
+/// A `policy-admin` that is not root cannot raise its own rights: it may not rewrite or delete
+/// a policy it holds, nor attach one it does not hold to a login role.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_admin_cannot_raise_its_own_rights() -> anyhow::Result<()> {
+    let node = InProcessNode::must_start().await?;
+    write_policy(
+        &node,
+        "admin",
+        "[[rule]]\npath = \"sys/**\"\nallow = [\"policy-admin\"]\n[[rule]]\npath = \"secret/**\"\ndeny = [\"read\"]\n",
+    )
+    .await?;
+    let admin = token_with(&node, &["admin"]).await?;
+    let mut auth = AuthClient::new(bare_channel(&node).await?);
+    let everything = "[[rule]]\npath = \"secret/**\"\nallow = [\"read\"]\n";
+    let rewrite = WritePolicyRequest { name: "admin".into(), document: everything.into() };
+    let err = auth.write_policy(with_token(rewrite, &admin)?).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let delete = coffer_proto::v1::DeletePolicyRequest { name: "admin".into() };
+    assert_eq!(auth.delete_policy(with_token(delete, &admin)?).await.unwrap_err().code(), Code::InvalidArgument);
+    // It may write another policy, but not hand it to a certificate it might hold.
+    auth.write_policy(with_token(WritePolicyRequest { name: "other".into(), document: everything.into() }, &admin)?)
+        .await?;
+    let role = coffer_proto::v1::WriteRoleRequest {
+        name: "mine".into(),
+        identities: vec!["spiffe://coffer/client/mine".into()],
+        policies: vec!["other".into()],
+        token_ttl: None,
+    };
+    assert_eq!(auth.write_role(with_token(role, &admin)?).await.unwrap_err().code(), Code::PermissionDenied);
+    // Its deny still holds.
+    node.client().await?.put(put("p", b"v", None)).await?;
+    let mut s = SecretsClient::new(bare_channel(&node).await?);
+    must_deny(s.get(with_token(get("p", None), &admin)?).await, "secret/p", "read");
     Ok(())
 }

@@ -16,12 +16,12 @@
 use crate::command::{Outcome, Rejection};
 use crate::error::StoreError;
 use crate::identity::{
-    BootstrapIdentity, CertRoleRecord, CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, IdentityKeyRecord,
-    PolicyRecord, PutCertRole, PutPolicy, RenewToken, RevokeToken, TokenRecord,
+    CertRoleRecord, CreateToken, DeleteCertRole, DeletePolicy, ExpireTokens, IdentityKeyRecord,
+    InitClusterWithIdentity, PolicyRecord, PutCertRole, PutPolicy, RenewToken, RevokeToken, TokenRecord,
 };
 use crate::state::Txn;
-use crate::store::cf;
-use crate::TokenHash;
+use crate::store::{cf, CLUSTER_KEY};
+use crate::{ClusterRecord, TokenHash};
 
 pub(crate) const KEY: &[u8] = b"key";
 pub(crate) const TOKEN: &[u8] = b"token/";
@@ -54,13 +54,25 @@ fn rejected(r: Rejection) -> Result<Outcome, StoreError> {
     Ok(Outcome::Rejected(r))
 }
 
-/// Records the hashing key and the root token, once.
-pub(crate) fn bootstrap(txn: &mut Txn<'_>, b: &BootstrapIdentity) -> Result<Outcome, StoreError> {
-    if txn.get::<IdentityKeyRecord>(cf::IDENTITY, KEY, "identity key")?.is_some() {
+/// Records the cluster, the hashing key and the root token together, once. Every check comes
+/// before the first write: a rejection writes nothing.
+pub(crate) fn init_with_identity(txn: &mut Txn<'_>, i: &InitClusterWithIdentity) -> Result<Outcome, StoreError> {
+    let root = &i.identity.root;
+    let taken = txn.get::<ClusterRecord>(cf::CLUSTER, CLUSTER_KEY, "cluster record")?.is_some()
+        || txn.get::<IdentityKeyRecord>(cf::IDENTITY, KEY, "identity key")?.is_some()
+        || txn.get::<TokenRecord>(cf::IDENTITY, &key(TOKEN, &root.hash.0), "token")?.is_some();
+    if taken {
         return rejected(Rejection::AlreadyInitialized);
     }
-    txn.put(cf::IDENTITY, KEY.to_vec(), &b.key);
-    create_token(txn, &b.root)
+    if root.record.parent.is_some() {
+        return rejected(Rejection::TokenNotFound);
+    }
+    let outcome = crate::state::cluster::init(txn, &i.cluster)?;
+    if outcome != Outcome::Applied {
+        return Ok(outcome);
+    }
+    txn.put(cf::IDENTITY, KEY.to_vec(), &i.identity.key);
+    create_token(txn, root)
 }
 
 /// Creates a token under a live parent (or none).
@@ -321,6 +333,40 @@ mod tests {
         assert_eq!(s.reader().policy_names()?, vec!["p".to_owned()]);
         s.apply_ops(vec![Op::DeletePolicy(DeletePolicy { name: "p".into() })])?;
         assert_eq!(s.reader().policy("p")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_cluster_and_its_identity_are_recorded_once_together() -> Result<(), StoreError> {
+        use crate::{InitCluster, KeyringRecord, KeyringVersion};
+        let s = Scratch::must_new();
+        let init = |id: &str, tag: u8| {
+            Op::InitClusterWithIdentity(InitClusterWithIdentity {
+                cluster: InitCluster {
+                    cluster: ClusterRecord {
+                        cluster_id: id.into(),
+                        root_kcv: "00".into(),
+                        created_at_ms: UnixMillis(1),
+                    },
+                    keyring: KeyringRecord {
+                        version: KeyringVersion(1),
+                        wrapped: vec![1; 40],
+                        created_at_ms: UnixMillis(1),
+                    },
+                },
+                identity: crate::BootstrapIdentity {
+                    key: IdentityKeyRecord { keyring_version: KeyringVersion(1), sealed: vec![tag; 60] },
+                    root: CreateToken { hash: TokenHash([tag; 32]), record: token(None, &format!("root{tag}"), None) },
+                },
+            })
+        };
+        let outcomes = s.apply_ops(vec![init("c1", 1), init("c2", 2)])?;
+        assert_eq!(outcomes, vec![Outcome::Applied, Outcome::Rejected(Rejection::AlreadyInitialized)]);
+        let r = s.reader();
+        assert_eq!(r.cluster()?.map(|c| c.cluster_id), Some("c1".into()));
+        assert_eq!(r.identity_key()?.map(|k| k.sealed), Some(vec![1; 60]), "the second wrote no key");
+        assert!(r.token(&TokenHash([2; 32]))?.is_none(), "the second wrote no root token");
+        assert!(r.token(&TokenHash([1; 32]))?.is_some());
         Ok(())
     }
 

@@ -154,7 +154,7 @@ impl<'a> Txn<'a> {
             Op::SetVersionState(s) => secrets::set_version_state(self, s),
             Op::CreateJoinToken(c) => cluster::create_join_token(self, c),
             Op::UseJoinToken(u) => cluster::use_join_token(self, u),
-            Op::BootstrapIdentity(b) => identity::bootstrap(self, b),
+            Op::InitClusterWithIdentity(i) => identity::init_with_identity(self, i),
             Op::CreateToken(c) => identity::create_token(self, c),
             Op::RenewToken(r) => identity::renew_token(self, r),
             Op::RevokeToken(r) => identity::revoke_token(self, r),
