@@ -9,6 +9,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HsmError {
+    /// Too many calls are waiting for an HSM session: shed rather than queued without bound.
+    #[error("the HSM is busy ({capacity} calls waiting); retry with backoff")]
+    Busy {
+        /// How many may wait.
+        capacity: usize,
+    },
     /// No PKCS#11 module was configured and none was found in the usual places.
     #[error(
         "no PKCS#11 module found (looked in {}); install SoftHSM2 (`apt-get install softhsm2`) or set hsm.module",

@@ -280,7 +280,7 @@ pub struct Hsm {
 }
 
 struct Inner {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
     kcv: Kcv,
     token_label: String,
@@ -296,6 +296,11 @@ impl Drop for Inner {
         }
     }
 }
+
+/// How many HSM calls may wait for a session: past it a call fails with [`HsmError::Busy`]
+/// instead of queueing without bound. The HSM is called only to unwrap keyring keys and wrap new
+/// ones (a handful per rotation), so a full queue means something is wrong upstream.
+pub(crate) const JOB_QUEUE: usize = 1024;
 
 impl std::fmt::Debug for Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -331,7 +336,7 @@ impl Hsm {
         for _ in 1..config.sessions.max(1) {
             sessions.push(token.session()?);
         }
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::sync_channel::<Job>(JOB_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let workers = sessions
             .into_iter()
@@ -389,7 +394,10 @@ impl Hsm {
         let job: Job = Box::new(move |session, root| {
             let _ = tx.send(f(session, root));
         });
-        self.inner.jobs.as_ref().ok_or(HsmError::PoolStopped)?.send(job).map_err(|_| HsmError::PoolStopped)?;
+        self.inner.jobs.as_ref().ok_or(HsmError::PoolStopped)?.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => HsmError::Busy { capacity: JOB_QUEUE },
+            mpsc::TrySendError::Disconnected(_) => HsmError::PoolStopped,
+        })?;
         rx.await.map_err(|_| HsmError::PoolStopped)?
     }
 }

@@ -33,6 +33,14 @@
 //! token-rate = 20000                    # calls per second per token, per node (0: no limit)
 //! token-burst = 40000                   # calls a token may make at once before the rate applies
 //!
+//! [limits]
+//! max-concurrent-streams = 256          # HTTP/2 streams (calls in flight) per client connection
+//! max-message-bytes = 4194304           # a Keys, Auth or Operator request; Secrets: max-value-bytes + 64 KiB
+//! stream-idle = "5m"                    # a Keys stream with no message this long is closed
+//! stream-max-items = 10000000           # a Keys stream is closed after this many items
+//! min-auto-rotate-period = "1h"         # a key's auto_rotate_period is 0 (off) or at least this
+//! max-key-versions = 1000               # a key with this many versions cannot rotate again
+//!
 //! [raft]
 //! heartbeat-interval = "50ms"
 //! election-timeout-min = "150ms"
@@ -97,6 +105,8 @@ struct RawConfig {
     raft: RawRaft,
     #[serde(default)]
     auth: RawAuth,
+    #[serde(default)]
+    limits: RawLimits,
     /// `"off"`, or a table of [`RawTls`]: checked by hand for a message that names the rule.
     tls: Option<toml::Value>,
 }
@@ -113,6 +123,60 @@ struct RawTls {
 
 fn default_client_certs() -> String {
     "optional".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_streams")]
+    max_concurrent_streams: u32,
+    #[serde(default = "default_message_bytes")]
+    max_message_bytes: usize,
+    #[serde(with = "humantime_serde", default = "default_stream_idle")]
+    stream_idle: Duration,
+    #[serde(default = "default_stream_items")]
+    stream_max_items: u64,
+    #[serde(with = "humantime_serde", default = "default_min_rotate")]
+    min_auto_rotate_period: Duration,
+    #[serde(default = "default_key_versions")]
+    max_key_versions: usize,
+}
+
+fn default_min_rotate() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_key_versions() -> usize {
+    1000
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_concurrent_streams: default_streams(),
+            max_message_bytes: default_message_bytes(),
+            stream_idle: default_stream_idle(),
+            stream_max_items: default_stream_items(),
+            min_auto_rotate_period: default_min_rotate(),
+            max_key_versions: default_key_versions(),
+        }
+    }
+}
+
+fn default_streams() -> u32 {
+    256
+}
+
+fn default_message_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+fn default_stream_idle() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_stream_items() -> u64 {
+    10_000_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +328,25 @@ pub struct Config {
     pub tls: Tls,
     /// Authorisation settings.
     pub auth: AuthConfig,
+    /// Server limits.
+    pub limits: Limits,
+}
+
+/// What one client may hold of a node at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// HTTP/2 streams (calls in flight) per connection.
+    pub max_concurrent_streams: u32,
+    /// The largest Keys, Auth or Operator request, in bytes.
+    pub max_message_bytes: usize,
+    /// A Keys stream with no message for this long is closed.
+    pub stream_idle: Duration,
+    /// A Keys stream is closed after this many items.
+    pub stream_max_items: u64,
+    /// A key's `auto_rotate_period` is 0 (off) or at least this.
+    pub min_auto_rotate_period: Duration,
+    /// A key with this many versions cannot be rotated again.
+    pub max_key_versions: usize,
 }
 
 /// Whether calls are checked, and how fast one token may call.
@@ -503,7 +586,25 @@ impl RawConfig {
         if token_rate.is_some() && self.auth.token_burst == Some(0) {
             return invalid("auth.token-burst is at least 1 when auth.token-rate is set".into());
         }
+        let limits = self.limits;
+        if limits.max_concurrent_streams == 0 || limits.max_message_bytes < 1024 || limits.stream_max_items == 0 {
+            return invalid(
+                "limits: max-concurrent-streams and stream-max-items are at least 1, max-message-bytes at least 1024"
+                    .into(),
+            );
+        }
+        if limits.stream_idle.is_zero() {
+            return invalid("limits.stream-idle is more than 0".into());
+        }
         Ok(Config {
+            limits: Limits {
+                max_concurrent_streams: limits.max_concurrent_streams,
+                max_message_bytes: limits.max_message_bytes,
+                stream_idle: limits.stream_idle,
+                stream_max_items: limits.stream_max_items,
+                min_auto_rotate_period: limits.min_auto_rotate_period,
+                max_key_versions: limits.max_key_versions.max(1),
+            },
             auth: AuthConfig { checks, token_rate, token_burst },
             tls,
             peer_listen,

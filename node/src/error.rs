@@ -286,6 +286,7 @@ impl From<Error> for tonic::Status {
             Error::VersionsExhausted { .. } => Code::ResourceExhausted,
             Error::Contended { .. } => Code::Aborted,
             Error::Hsm(HsmError::Unavailable { .. } | HsmError::PoolStopped) => Code::Unavailable,
+            Error::Hsm(HsmError::Busy { .. }) => Code::ResourceExhausted,
             Error::Replica(replica) => match replica {
                 R::NotLeader { leader } => {
                     let mut status = tonic::Status::unavailable(err.to_string());
@@ -315,6 +316,7 @@ impl From<Error> for tonic::Status {
                 | R::LastVoter => Code::FailedPrecondition,
                 R::BadPeerAddr { .. } | R::InvalidInput { .. } => Code::InvalidArgument,
                 R::PeerUnauthenticated => Code::Unauthenticated,
+                R::Overloaded { .. } => Code::ResourceExhausted,
                 R::PeerMismatch { .. } | R::PeerNotMember { .. } => Code::PermissionDenied,
                 R::Rocks { .. }
                 | R::Decode { .. }

@@ -94,14 +94,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     if node.config.auth.checks == crate::config::Checks::Off {
         tracing::warn!("auth.checks = \"off\": every call is allowed without a credential; for measuring the checks' cost only, never for serving");
     }
+    // Each service takes messages up to what it needs: a secret value and its envelope; a Keys
+    // batch; a policy document.
+    let limits = &node.config.limits;
+    let secret_bytes = node.config.max_value_bytes + 64 * 1024;
     let public = server_builder()
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(SecretsServer::new(SecretsService::new(node.clone())))
-        .add_service(OperatorServer::new(OperatorService::new(node.clone())))
-        .add_service(KeysServer::new(KeysService::new(node.clone())))
-        .add_service(AuthServer::new(crate::auth::service::AuthService::new(node.clone())));
+        .add_service(SecretsServer::new(SecretsService::new(node.clone())).max_decoding_message_size(secret_bytes))
+        .add_service(
+            OperatorServer::new(OperatorService::new(node.clone())).max_decoding_message_size(limits.max_message_bytes),
+        )
+        .add_service(
+            KeysServer::new(KeysService::new(node.clone())).max_decoding_message_size(limits.max_message_bytes),
+        )
+        .add_service(
+            AuthServer::new(crate::auth::service::AuthService::new(node.clone()))
+                .max_decoding_message_size(limits.max_message_bytes),
+        );
     let served = match tls {
         Some((public_tls, peer_tls, peer_listener)) => {
             tracing::info!(

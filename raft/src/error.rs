@@ -175,6 +175,15 @@ pub enum Error {
     /// A leadership hand-off is already under way.
     #[error("a leadership hand-off is already under way; retry when it is over")]
     HandoffBusy,
+    /// A bounded internal queue is full: the node sheds the request rather than grow without
+    /// bound. Retry with backoff.
+    #[error("the {queue} is full ({capacity} waiting); retry with backoff")]
+    Overloaded {
+        /// Which queue.
+        queue: String,
+        /// How many it holds.
+        capacity: u64,
+    },
     /// The hand-off target did not catch up with the leader's log in time.
     #[error("node {node} did not catch up with the leader's log within {}", humantime_ms(*.waited))]
     Lagging {
@@ -281,6 +290,7 @@ pub(crate) enum Refusal {
     Lagging { node: NodeId, waited_ms: u64 },
     ReadIndexNotApplied { waited_ms: u64 },
     Internal { incident: String },
+    Overloaded { queue: String, capacity: u64 },
 }
 
 impl Error {
@@ -309,6 +319,7 @@ impl Error {
                 | Error::ReadIndexNotApplied { .. }
                 | Error::PeerUnreachable { .. }
                 | Error::HandoffBusy
+                | Error::Overloaded { .. }
                 | Error::Lagging { .. }
                 | Error::ElectionLost { .. }
         )
@@ -331,6 +342,7 @@ impl Error {
             Error::HandoffBusy => Refusal::HandoffBusy,
             Error::Lagging { node, waited } => Refusal::Lagging { node: *node, waited_ms: ms(waited) },
             Error::ReadIndexNotApplied { waited } => Refusal::ReadIndexNotApplied { waited_ms: ms(waited) },
+            Error::Overloaded { queue, capacity } => Refusal::Overloaded { queue: queue.clone(), capacity: *capacity },
             _ => return None,
         })
     }
@@ -355,6 +367,7 @@ impl From<Refusal> for Error {
                 Error::ReadIndexNotApplied { waited: Duration::from_millis(waited_ms) }
             }
             Refusal::Internal { incident } => Error::PeerInternal { incident },
+            Refusal::Overloaded { queue, capacity } => Error::Overloaded { queue, capacity },
         }
     }
 }

@@ -100,6 +100,18 @@ pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<Nam
     node.read_barrier(None).await?;
     for _ in 0..MAX_ATTEMPTS {
         let record = node.reader().named_key(name)?.ok_or_else(|| Error::KeyNotFound { name: name.to_string() })?;
+        // Every crypto call reads the key's record, versions and all, so versions are bounded
+        // (`limits.max-key-versions`, default 1000: hourly rotation for 41 days). Old versions
+        // are not erased yet (the key hierarchy's erasure is its own issue).
+        if record.versions.len() >= node.config.limits.max_key_versions {
+            return Err(Error::Overloaded {
+                limit: format!(
+                    "key {name} has {} versions, the most a key may have (every version is read on every call); \
+                     create a new key and move to it",
+                    record.versions.len()
+                ),
+            });
+        }
         let version =
             record.primary().next().ok_or_else(|| Error::VersionsExhausted { what: format!("key {name}") })?;
         let material = keys::new_version(&ready.keyring, name.as_str(), version, record.key_type, UnixMillis::now())?;
@@ -140,6 +152,15 @@ pub async fn update_key_config(
 ) -> Result<NamedKeyRecord, Error> {
     let name = &KeyName::parse(name)?;
     let request_id = RequestId::parse(request_id)?;
+    let floor = node.config.limits.min_auto_rotate_period;
+    if change.auto_rotate_period.is_some_and(|p| !p.is_zero() && p < floor) {
+        return Err(Error::InvalidArgument {
+            rule: format!(
+                "auto_rotate_period is 0 (off) or at least {} (limits.min-auto-rotate-period): each rotation adds a version for good",
+                humantime::format_duration(floor)
+            ),
+        });
+    }
     node.ready().await?;
     let op = Op::UpdateKeyConfig(UpdateKeyConfig {
         name: name.clone(),

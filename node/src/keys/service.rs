@@ -226,18 +226,35 @@ impl Keys for KeysService {
         self.node.resolve(&credential)?;
         let mut inbound = request.into_inner();
         let node = self.node.clone();
+        let (idle, max_items) = (node.config.limits.stream_idle, node.config.limits.stream_max_items);
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         // Ends when the client closes its side or goes away, or when the client stops reading.
         tokio::spawn(async move {
+            let mut items = 0u64;
             loop {
-                let next = match inbound.message().await {
-                    Ok(Some(next)) => next,
-                    Ok(None) => return,
-                    Err(status) => {
+                let next = match tokio::time::timeout(idle, inbound.message()).await {
+                    Ok(Ok(Some(next))) => next,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(status)) => {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
+                    Err(_) => {
+                        let limit = format!(
+                            "the stream sent nothing for {} (limits.stream-idle): closed",
+                            humantime::format_duration(idle)
+                        );
+                        let _ = tx.send(Err(Error::Overloaded { limit }.into())).await;
+                        return;
+                    }
                 };
+                items += 1;
+                if items > max_items {
+                    let limit =
+                        format!("the stream reached {max_items} items (limits.stream-max-items): open a new one");
+                    let _ = tx.send(Err(Error::Overloaded { limit }.into())).await;
+                    return;
+                }
                 let result = match node.resolve(&credential) {
                     Ok(principal) => execute_item(&node, Ok(&principal), next.request).await,
                     Err(e) => execute_item(&node, Err(e), next.request).await,

@@ -56,7 +56,10 @@ pub fn coffer_bin() -> &'static Path {
 }
 
 /// The limits the single-node tests check against (the bad-input and version tests rely on them).
-const SINGLE_NODE_CONFIG: &str = "max-value-bytes = 4096\ndefault-max-versions = 5\n";
+/// Small limits, to reach them in tests: a 1 s rotation floor (the auto-rotation test), and at
+/// most 40 key versions.
+const SINGLE_NODE_CONFIG: &str = "max-value-bytes = 4096\ndefault-max-versions = 5\n\
+                                  [limits]\nmin-auto-rotate-period = \"1s\"\nmax-key-versions = 40\n";
 
 /// A process cluster of `n` nodes of the `coffer` under test (`extra` in every node's config),
 /// started and formed.

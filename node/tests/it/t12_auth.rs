@@ -659,3 +659,122 @@ async fn a_policy_admin_cannot_raise_its_own_rights() -> anyhow::Result<()> {
     must_deny(s.get(with_token(get("p", None), &admin)?).await, "secret/p", "read");
     Ok(())
 }
+
+/// Server limits: a Keys stream is closed when idle or too long, a request over the size limit is
+/// refused, a key cannot rotate past its version cap, and auto-rotation has a floor.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_bound_what_one_caller_can_hold() -> anyhow::Result<()> {
+    use coffer_proto::v1::{RotateKeyRequest, StreamRequest, UpdateKeyConfigRequest};
+    let limits = "[limits]\nstream-idle = \"300ms\"\nstream-max-items = 5\nmax-message-bytes = 2048\n\
+                  min-auto-rotate-period = \"1h\"\nmax-key-versions = 3\n";
+    let cluster = must_start_cluster(1, limits)?;
+    let mut k = KeysClient::new(cluster.channel(0)?);
+    k.create_key(CreateKeyRequest { name: "k".into(), r#type: KeyType::Aes256Gcm as i32, ..Default::default() })
+        .await?;
+    let item = |id| StreamRequest {
+        id,
+        request: Some(CryptoRequest {
+            call: Some(Call::Encrypt(EncryptRequest {
+                name: "k".into(),
+                plaintext: b"x".to_vec(),
+                associated_data: vec![],
+            })),
+        }),
+    };
+    // Six items on a stream of at most five: five answers, then RESOURCE_EXHAUSTED.
+    let mut replies = k.stream(tokio_stream::iter((0..6).map(item))).await?.into_inner();
+    let mut answered = 0;
+    let ended = loop {
+        match replies.message().await {
+            Ok(Some(_)) => answered += 1,
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    assert_eq!(answered, 5);
+    let status = ended.ok_or_else(|| anyhow::anyhow!("the stream ended without an error"))?;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("stream-max-items"), "{}", status.message());
+    // A stream that sends one item and then nothing is closed after stream-idle.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(item(0)).await?;
+    let mut replies = k.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    replies.message().await?;
+    let idle = tokio::time::timeout(Duration::from_secs(5), replies.message()).await?;
+    let status = idle.err().ok_or_else(|| anyhow::anyhow!("an idle stream stayed open"))?;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("stream-idle"), "{}", status.message());
+    drop(tx);
+    // A request over max-message-bytes is refused before it is decoded.
+    let big = EncryptRequest { name: "k".into(), plaintext: vec![0; 4096], associated_data: vec![] };
+    assert!(k.encrypt(big).await.is_err(), "a 4 KiB request passed a 2 KiB limit");
+    // Versions: 1 made, 2 more allowed, then refused; a period under the floor is refused.
+    let rotate = || RotateKeyRequest { name: "k".into(), request_id: String::new() };
+    k.rotate_key(rotate()).await?;
+    k.rotate_key(rotate()).await?;
+    let status = k.rotate_key(rotate()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert_eq!(k.get_key(GetKeyRequest { name: "k".into() }).await?.into_inner().versions.len(), 3);
+    let fast = UpdateKeyConfigRequest {
+        name: "k".into(),
+        auto_rotate_period: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+        ..Default::default()
+    };
+    let status = k.update_key_config(fast).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("min-auto-rotate-period"), "{}", status.message());
+    Ok(())
+}
+
+/// A client certificate that Coffer's TLS verified logs in through a role: directly per call, or
+/// traded for a token with the role's policies. One no role admits gets nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_logs_in_through_its_role() -> anyhow::Result<()> {
+    use coffer_proto::v1::{LoginRequest, WriteRoleRequest};
+    use coffer_tls::{Ca, ClientFiles, Subject};
+    let node = InProcessNode::must_start().await?;
+    node.client().await?.put(put("web/config", b"v", None)).await?;
+    node.client().await?.put(put("db/password", b"p", None)).await?;
+    write_policy(&node, "web", "[[rule]]\npath = \"secret/web/*\"\nallow = [\"read\"]\n").await?;
+    let role = WriteRoleRequest {
+        name: "web".into(),
+        identities: vec!["spiffe://coffer/client/web-*".into()],
+        policies: vec!["web".into()],
+        token_ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+    };
+    AuthClient::new(node.channel().await?).write_role(with_token(role, &node.root_token)?).await?;
+    let ca_dir = node.path().join("ca");
+    let channel_as = |name: &str| {
+        let issued = Ca::load(&ca_dir)?.issue(
+            &Subject::Client(name.into()),
+            &[],
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+            &node.path().join(name),
+            name,
+        )?;
+        let tls = coffer_tls::client_config(&ClientFiles {
+            ca: ca_dir.join(coffer_tls::CA_CERT),
+            identity: Some((issued.cert, issued.key)),
+        })?;
+        anyhow::Ok(tonic::transport::Endpoint::from_shared(node.addr.clone())?.tls_config(tls)?)
+    };
+    let web = channel_as("web-1")?.connect().await?;
+    // Per call, with the certificate alone.
+    let mut s = SecretsClient::new(web.clone());
+    assert_eq!(s.get(get("web/config", None)).await?.into_inner().value, b"v");
+    must_deny(s.get(get("db/password", None)).await, "secret/db/password", "read");
+    // Traded for a token: the role's policies, the role's ttl, no parent.
+    let made = AuthClient::new(web).login(LoginRequest { ttl: None }).await?.into_inner();
+    let info = made.info.unwrap_or_default();
+    assert_eq!(
+        (info.policies, info.has_parent, info.display_name.as_str()),
+        (vec!["web".to_owned()], false, "cert:spiffe://coffer/client/web-1")
+    );
+    let mut bare = SecretsClient::new(bare_channel(&node).await?);
+    assert_eq!(bare.get(with_token(get("web/config", None), &made.token)?).await?.into_inner().value, b"v");
+    // A certificate no role admits.
+    let other = channel_as("batch")?.connect().await?;
+    let err = SecretsClient::new(other).get(get("web/config", None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    Ok(())
+}
