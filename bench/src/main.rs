@@ -257,7 +257,10 @@ async fn service_token(
 
 /// A cost comparison: two fresh 3-node clusters made with `sides`' options, seeded alike, and
 /// each of `scenarios` run against the first and then the second, the other frozen (SIGSTOP)
-/// meanwhile, so each has the machine to itself. Both are loaded with a least-privilege token.
+/// meanwhile, so each has the machine to itself; after a warm-up round, [`COST_ROUNDS`] rounds
+/// in alternating order (B A, A B), so a drift of the machine, or an advantage of going first,
+/// falls on both sides alike. The goals compare the means.
+/// Both are loaded with a least-privilege token.
 /// Fresh, not the main pass's cluster: that one carries the main pass's writes (RocksDB
 /// compacting them would be measured as the cost).
 async fn cost_pass(
@@ -277,23 +280,36 @@ async fn cost_pass(
         let pids: Vec<u32> = (0..cluster.nodes.len()).filter_map(|i| cluster.pid(i)).collect();
         started.push((system, cluster, target, pids));
     }
-    for i in 0..started.len() {
+    // Round 0 warms both sides up and is not recorded: the first side measured after the two
+    // clusters start was measured up to 35 % slow, whichever side it was. Then A B, B A: drift
+    // and order fall on both sides alike.
+    let order = |round: usize, k: usize| if round % 2 == 1 { 1 - k } else { k };
+    for (round, i) in (0..=COST_ROUNDS).flat_map(|r| (0..2).map(move |k| (r, order(r, k)))) {
         let idle: Vec<u32> =
             started.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, s)| s.3.clone()).collect();
         let (system, _, target, pids) = &started[i];
+        let system = format!("{system} (round {round})");
         signal(&idle, "-STOP");
         tokio::time::sleep(SETTLE).await;
         for name in scenarios {
             let Some(scenario) = <Scenario as clap::ValueEnum>::from_str(name, true).ok() else { continue };
+            let shape = if round == 0 { Shape { duration: WARM_ROUND, ..shape } } else { shape };
             let before = baselines::total_cpu(pids);
             let m = load::run(&format!("{system} {name}"), shape, target.op(scenario)).await;
             let cpu = baselines::total_cpu(pids).saturating_sub(before);
-            report.push(Figure::new(system, name, m, Some(cpu)));
+            if round > 0 {
+                report.push(Figure::new(&system, name, m, Some(cpu)));
+            }
         }
         signal(&idle, "-CONT");
     }
     Ok(())
 }
+
+/// Measured rounds of a cost pass (after an unrecorded warm-up round).
+const COST_ROUNDS: usize = 2;
+/// How long each scenario runs in the warm-up round.
+const WARM_ROUND: Duration = Duration::from_secs(2);
 
 /// How long a cluster resumed from SIGSTOP is left to settle before it is measured.
 const SETTLE: Duration = Duration::from_secs(3);

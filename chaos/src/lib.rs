@@ -13,6 +13,7 @@ pub mod fault;
 pub mod history;
 pub mod links;
 pub mod report;
+pub mod revoke;
 pub mod scenario;
 pub mod wgl;
 pub mod workload;

@@ -58,6 +58,8 @@ pub struct Report {
     pub healed_at_us: u64,
     /// Every fault, in order: what it did, when it took effect and the nodes it hit.
     pub faults: Vec<Fault>,
+    /// What the scenario measured beside the history (the revocation drill's times).
+    pub notes: Vec<String>,
     /// Every operation, written beside the report as JSON lines.
     #[serde(skip)]
     pub history: Vec<Op>,
@@ -110,7 +112,17 @@ impl Report {
             fault_at_us: fault_us,
             healed_at_us: heal_us,
             faults,
+            notes: Vec::new(),
             history: history.to_vec(),
+        }
+    }
+
+    /// Adds what the scenario found beside the history; a violation fails the drill.
+    pub fn add_findings(&mut self, notes: Vec<String>, violations: Vec<String>) {
+        self.notes.extend(notes);
+        self.violations.extend(violations);
+        if !self.violations.is_empty() {
+            self.verdict = "FAIL".into();
         }
     }
 
@@ -151,6 +163,12 @@ impl Report {
         md.push_str("\n| phase | ops | p50 | p99 |\n|---|---|---|---|\n");
         for (phase, l) in &self.latency {
             md.push_str(&format!("| {} | {} | {:.1} ms | {:.1} ms |\n", &phase[2..], l.count, l.p50_ms, l.p99_ms));
+        }
+        if !self.notes.is_empty() {
+            md.push('\n');
+            for note in &self.notes {
+                md.push_str(&format!("- {note}\n"));
+            }
         }
         if !self.violations.is_empty() {
             md.push_str("\nViolations:\n");

@@ -20,6 +20,7 @@ use crate::fault::{FaultKind, FaultLog, Hit, Role};
 use crate::history::{Call, Op, Outcome};
 use crate::links::Links;
 use crate::report::{Latency, Report};
+use crate::revoke;
 use crate::workload::{self, Recorder, Targets, KEY_NAME};
 
 /// The drills that run against a local cluster.
@@ -45,11 +46,14 @@ pub enum Scenario {
     FlappingLink,
     /// one follower's HSM fails (and the node restarts during it), then every node's, then all recover.
     HsmOutage,
+    /// cut a follower off, revoke a token that probes use on every node, heal: every node stops
+    /// serving it within the stated bound, the cut-off one included.
+    RevokeDuringPartition,
 }
 
 impl Scenario {
     /// Every scenario, in the order the suite runs them.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::KillLeader,
         Scenario::KillFollower,
         Scenario::KillLeaderRepeatedly,
@@ -60,6 +64,7 @@ impl Scenario {
         Scenario::PartitionMinority,
         Scenario::FlappingLink,
         Scenario::HsmOutage,
+        Scenario::RevokeDuringPartition,
     ];
 
     /// The scenario's name in reports.
@@ -75,6 +80,7 @@ impl Scenario {
             Scenario::PartitionMinority => "partition-minority",
             Scenario::FlappingLink => "flapping-link",
             Scenario::HsmOutage => "hsm-outage",
+            Scenario::RevokeDuringPartition => "revoke-during-partition",
         }
     }
 
@@ -89,7 +95,13 @@ impl Scenario {
 
     /// Whether the scenario cuts node-to-node links (and so needs a proxy on each).
     fn cuts_links(self) -> bool {
-        matches!(self, Scenario::PartitionLeader | Scenario::PartitionMinority | Scenario::FlappingLink)
+        matches!(
+            self,
+            Scenario::PartitionLeader
+                | Scenario::PartitionMinority
+                | Scenario::FlappingLink
+                | Scenario::RevokeDuringPartition
+        )
     }
 }
 
@@ -126,10 +138,18 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     let targets = Targets { urls: cluster.nodes.iter().map(|n| n.url()).collect(), tls: cluster.client_tls()? };
     // The rotation drill must actually rotate: at least a few versions by the end.
     let min_versions = if scenario == Scenario::KillLeaderDuringRotation { 3 } else { 1 };
-    drive(scenario.name(), &targets, settings, min_versions, |faults| {
-        inject(scenario, &mut cluster, links.as_ref(), settings.fault_duration, faults)
+    let mut findings = revoke::Findings::default();
+    let mut report = drive(scenario.name(), &targets, settings, min_versions, |faults| {
+        if scenario == Scenario::RevokeDuringPartition {
+            let links = links.as_ref().context("this drill needs cuttable links")?;
+            revoke::run(&cluster, links, &targets, settings.fault_duration, faults, &mut findings)
+        } else {
+            inject(scenario, &mut cluster, links.as_ref(), settings.fault_duration, faults)
+        }
     })
-    .await
+    .await?;
+    report.add_findings(findings.notes, findings.violations);
+    Ok(report)
 }
 
 /// Prepares, starts and forms a local cluster of `n` nodes with the test kit's launcher. With
@@ -395,6 +415,7 @@ fn inject(
                 std::thread::sleep(FLAP);
             }
         }
+        Scenario::RevokeDuringPartition => anyhow::bail!("the revocation drill runs through revoke::run"),
         Scenario::HsmOutage => {
             let leader = cluster.leader()?;
             let follower = (leader + 1) % cluster.nodes.len();
