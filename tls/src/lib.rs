@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 pub use client::{client_config, ClientFiles};
 pub use files::{read_certs, read_key};
-pub use pki::{identity, login_name, Ca, Identity, Issued, Subject, CA_CERT, CA_KEY};
+pub use pki::{common_name, identity, login_name, Ca, Identity, Issued, Subject, CA_CERT, CA_KEY};
 pub use server::{ClientCerts, ReloadingServer, ServerFiles};
 
 /// Everything that can go wrong with certificates and TLS configuration.

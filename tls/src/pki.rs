@@ -229,6 +229,14 @@ pub fn login_name(cert: &CertificateDer<'_>) -> Option<String> {
     dns
 }
 
+/// The subject's common name, for login roles that ask for it (`cn:`). Call it only on a
+/// certificate that TLS verified.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    Some(cn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +253,10 @@ mod tests {
         assert_eq!(identity(&read_certs(&node.cert)?[0]), Some(Identity::Node(3)));
         assert_eq!(identity(&read_certs(&client.cert)?[0]), Some(Identity::Client("ops".into())));
         assert_eq!(login_name(&read_certs(&client.cert)?[0]).as_deref(), Some("spiffe://coffer/client/ops"));
+        assert!(
+            common_name(&read_certs(&client.cert)?[0]).is_some_and(|cn| cn.contains("ops")),
+            "a CN naming the client"
+        );
         let operator = ca.issue(&Subject::Operator("root".into()), &[], year, dir.path(), "root")?;
         assert_eq!(identity(&read_certs(&operator.cert)?[0]), Some(Identity::Operator("root".into())));
         #[cfg(unix)]

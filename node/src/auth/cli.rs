@@ -177,7 +177,8 @@ enum RoleCommand {
     Write {
         /// The role's name.
         name: String,
-        /// A certificate identity it admits: spiffe://… (the URI SAN) or dns:<name>; a trailing
+        /// A certificate identity it admits: spiffe://… (the first URI SAN), dns:<name> (the first
+        /// DNS SAN, for certificates without a URI), or cn:<name> (the subject's CN); a trailing
         /// `*` matches any rest. Repeat for more.
         #[arg(long = "identity", required = true)]
         identities: Vec<String>,

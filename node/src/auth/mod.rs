@@ -52,8 +52,15 @@ use crate::node::Node;
 pub enum Credential {
     /// A token, by its keyed hash.
     Token(TokenHash),
-    /// A client certificate, by its login name.
-    Cert(String),
+    /// A client certificate, by its login name (first URI SAN, else `dns:` and the first DNS
+    /// SAN, else `cn:` and the subject's CN) and its CN, which only roles that ask for it
+    /// (`cn:` identities) look at.
+    Cert {
+        /// The login name.
+        login: String,
+        /// The subject's common name, if it has one.
+        cn: Option<String>,
+    },
     /// An operator certificate, by its name.
     Operator(String),
 }
@@ -83,7 +90,7 @@ impl Principal {
         match (&self.credential, &self.token) {
             (Credential::Token(_), Some(t)) => format!("token {} ({})", t.accessor, t.display_name),
             (Credential::Token(_), None) => "a token".into(),
-            (Credential::Cert(name), _) => format!("certificate {name}"),
+            (Credential::Cert { login, .. }, _) => format!("certificate {login}"),
             (Credential::Operator(name), _) => format!("operator certificate {name}"),
         }
     }
@@ -309,10 +316,14 @@ impl Node {
             if let Some(coffer_tls::Identity::Operator(name)) = coffer_tls::identity(cert) {
                 return Ok(Credential::Operator(name));
             }
-            if let Some(name) = coffer_tls::login_name(cert) {
-                return Ok(Credential::Cert(name));
+            let cn = coffer_tls::common_name(cert);
+            if let Some(login) = coffer_tls::login_name(cert) {
+                return Ok(Credential::Cert { login, cn });
             }
-            return Err(unauthenticated("the client certificate names no URI or DNS identity to log in with"));
+            if let Some(name) = cn {
+                return Ok(Credential::Cert { login: format!("cn:{name}"), cn: Some(name) });
+            }
+            return Err(unauthenticated("the client certificate names no URI, DNS or CN identity to log in with"));
         }
         Err(unauthenticated(
             "no credential: send a token (authorization: Bearer cfr_s_…; the CLI reads COFFER_TOKEN or \
@@ -410,15 +421,22 @@ impl Node {
                     expires,
                 })
             }
-            Credential::Cert(name) | Credential::Operator(name) => {
-                let login = match credential {
-                    Credential::Operator(_) => format!("spiffe://coffer/operator/{name}"),
-                    _ => name.clone(),
+            Credential::Cert { .. } | Credential::Operator(_) => {
+                let (login, cn) = match credential {
+                    Credential::Operator(name) => (format!("spiffe://coffer/operator/{name}"), None),
+                    Credential::Cert { login, cn } => (login.clone(), cn.as_deref()),
+                    Credential::Token(_) => unreachable!("matched above"),
+                };
+                let name = &login;
+                // A `cn:` identity looks at the CN; every other at the login name.
+                let admits = |pattern: &String| match pattern.strip_prefix("cn:") {
+                    Some(cn_pattern) => cn.is_some_and(|cn| ops::identity_matches(cn_pattern, cn)),
+                    None => ops::identity_matches(pattern, &login),
                 };
                 let mut roles = Vec::new();
                 let mut names = Vec::new();
                 for role in reader.cert_roles()? {
-                    if role.identities.iter().any(|pattern| ops::identity_matches(pattern, &login)) {
+                    if role.identities.iter().any(admits) {
                         roles.push(role.name.clone());
                         names.extend(role.policies.iter().cloned());
                     }

@@ -277,8 +277,10 @@ pub async fn create_token(node: &Node, caller: &Principal, mut ask: NewToken) ->
 /// # Errors
 /// `InvalidArgument` when the caller is not a certificate a role admits; replica errors.
 pub async fn login(node: &Node, caller: &Principal, ttl: Option<Duration>) -> Result<MadeToken, Error> {
-    let (Credential::Cert(name) | Credential::Operator(name)) = &caller.credential else {
-        return Err(invalid("login needs a client certificate (this call carried a token)"));
+    let name = match &caller.credential {
+        Credential::Cert { login, .. } => login,
+        Credential::Operator(name) => name,
+        Credential::Token(_) => return Err(invalid("login needs a client certificate (this call carried a token)")),
     };
     if caller.roles.is_empty() {
         return Err(Error::Unauthenticated { reason: format!("the certificate {name} matches no login role") });
@@ -424,11 +426,11 @@ pub async fn write_role(
         return Err(invalid("a role admits at least one identity (spiffe://… or dns:…)"));
     }
     for identity in &identities {
-        if identity.starts_with("cn:") {
-            return Err(invalid("matching a certificate's CN is not supported yet; use its URI or DNS SAN"));
-        }
-        if !(identity.starts_with("spiffe://") || identity.starts_with("dns:")) || identity.len() > 512 {
-            return Err(invalid(format!("identity {identity:?}: identities are spiffe://… URIs or dns:<name>")));
+        let known = ["spiffe://", "dns:", "cn:"].iter().any(|p| identity.starts_with(p) && identity.len() > p.len());
+        if !known || identity.len() > 512 {
+            return Err(invalid(format!(
+                "identity {identity:?}: identities are spiffe://… URIs, dns:<name> or cn:<common name>"
+            )));
         }
         if identity.find('*').is_some_and(|at| at != identity.len() - 1) {
             return Err(invalid(format!("identity {identity:?}: '*' is allowed only at the end")));

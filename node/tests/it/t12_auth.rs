@@ -774,7 +774,16 @@ async fn a_certificate_logs_in_through_its_role() -> anyhow::Result<()> {
     assert_eq!(bare.get(with_token(get("web/config", None), &made.token)?).await?.into_inner().value, b"v");
     // A certificate no role admits.
     let other = channel_as("batch")?.connect().await?;
-    let err = SecretsClient::new(other).get(get("web/config", None)).await.unwrap_err();
+    let err = SecretsClient::new(other.clone()).get(get("web/config", None)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    // Its CN counts only for a role that asks for it.
+    let by_cn = WriteRoleRequest {
+        name: "by-cn".into(),
+        identities: vec!["cn:coffer client batch".into()],
+        policies: vec!["web".into()],
+        token_ttl: None,
+    };
+    AuthClient::new(node.channel().await?).write_role(with_token(by_cn, &node.root_token)?).await?;
+    assert_eq!(SecretsClient::new(other).get(get("web/config", None)).await?.into_inner().value, b"v");
     Ok(())
 }
