@@ -148,7 +148,7 @@ pub enum Error {
         reason: String,
     },
     /// The caller's policies do not allow this capability on this path.
-    #[error("permission denied: {capability} on {path} (coffer policy explain --accessor <yours> {path} {capability} shows why)")]
+    #[error("permission denied: {capability} on {path} (`coffer policy explain {path} {capability}` shows why)")]
     PermissionDenied {
         /// The capability asked for.
         capability: crate::auth::Capability,
