@@ -183,7 +183,21 @@ pub fn run(
         } else {
             "follower"
         };
-        let first_refusal = node.iter().filter(|s| s.invoked >= sent && s.code != Code::Ok).map(|s| s.completed).min();
+        // A connected node refuses the token as revoked; the cut-off one because it cannot vouch.
+        let refusal_code = if i == cut { Code::Unavailable } else { Code::Unauthenticated };
+        let first_refusal =
+            node.iter().filter(|s| s.invoked >= sent && s.code == refusal_code).map(|s| s.completed).min();
+        if i != cut {
+            // The cut must not have stopped the connected nodes: they served the token between
+            // the cut (plus the bound) and the revoke.
+            let served_meanwhile =
+                node.iter().any(|s| s.invoked > cut_at + BOUND && s.completed < sent && s.code == Code::Ok);
+            if !served_meanwhile {
+                findings
+                    .violations
+                    .push(format!("node {} ({role}) did not serve the token between the cut and the revoke", i + 1));
+            }
+        }
         let refusal = first_refusal.map_or("never".to_owned(), |at| ms(at.saturating_duration_since(acked)));
         let late = if i == cut { acked } else { acked + BOUND };
         let served_late = node.iter().filter(|s| s.invoked > late && s.code == Code::Ok).count();
@@ -210,6 +224,13 @@ pub fn run(
         .collect();
     if during.contains(&Code::Ok) {
         findings.violations.push(format!("node {} served the token while cut off past the bound", cut + 1));
+    }
+    if during.is_empty() || !during.iter().all(|c| *c == Code::Unavailable) {
+        findings.violations.push(format!(
+            "node {} was not refusing with UNAVAILABLE while cut off ({} calls: {during:?}): was it cut off?",
+            cut + 1,
+            during.len()
+        ));
     }
     findings.notes.push(format!(
         "node {} refused {} calls while cut off ({}), and after the heal {}",

@@ -96,6 +96,17 @@ pub enum Error {
         /// What it is used for now.
         now: Box<coffer_raft::Intent>,
     },
+    /// The key has as many versions as a key may have (`limits.max-key-versions`).
+    #[error(
+        "key {name} has {versions} versions, the most a key may have (limits.max-key-versions; every version is read \
+         on every call): create a new key and move to it"
+    )]
+    KeyVersionsCapped {
+        /// The key.
+        name: String,
+        /// How many it has.
+        versions: usize,
+    },
     /// A secret or key has reached the largest version number.
     #[error("{what} has reached the largest version number; write to a new path or key")]
     VersionsExhausted {
@@ -282,7 +293,10 @@ impl From<Error> for tonic::Status {
                 }
                 return status;
             }
-            Error::CasMismatch { .. } | Error::KeyVersionRetired { .. } | Error::KeyRule(_) => Code::FailedPrecondition,
+            Error::CasMismatch { .. }
+            | Error::KeyVersionRetired { .. }
+            | Error::KeyRule(_)
+            | Error::KeyVersionsCapped { .. } => Code::FailedPrecondition,
             Error::VersionsExhausted { .. } => Code::ResourceExhausted,
             Error::Contended { .. } => Code::Aborted,
             Error::Hsm(HsmError::Unavailable { .. } | HsmError::PoolStopped) => Code::Unavailable,

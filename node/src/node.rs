@@ -145,7 +145,11 @@ impl Node {
     /// # Errors
     /// `AlreadyInitialized` when the node is part of a cluster; Raft or HSM failures.
     pub async fn init_cluster(&self) -> Result<(ClusterRecord, zeroize::Zeroizing<String>), Error> {
-        self.replica.initialize().await?;
+        if self.reader().cluster()?.is_some() {
+            return Err(coffer_raft::Error::AlreadyInitialized.into());
+        }
+        // Everything that can fail on its own (randomness, the HSM, the keyring) before Raft is
+        // initialised: a failure then leaves the node as it was.
         let rng = SystemRandom::new();
         let mut id = [0u8; 16];
         rng.fill(&mut id).map_err(|_| crate::envelope::EnvelopeError::Random)?;
@@ -159,6 +163,12 @@ impl Node {
         let crate::auth::ops::NewIdentity { identity, root_token: root, token_key } =
             crate::auth::ops::new_identity(self, &first)?;
         let init = InitClusterWithIdentity { cluster: InitCluster { cluster: cluster.clone(), keyring }, identity };
+        // A node whose Raft was initialised by an init that failed after (a timeout, a full
+        // queue) has no cluster record yet: proposing again finishes it.
+        match self.replica.initialize().await {
+            Ok(()) | Err(coffer_raft::Error::AlreadyInitialized) => {}
+            Err(e) => return Err(e.into()),
+        }
         match self.propose(Write::new(Op::InitClusterWithIdentity(init))).await? {
             Outcome::Applied => {
                 self.auth.set_hash_key(&token_key);

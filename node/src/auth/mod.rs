@@ -53,12 +53,12 @@ pub enum Credential {
     /// A token, by its keyed hash.
     Token(TokenHash),
     /// A client certificate, by its login name (first URI SAN, else `dns:` and the first DNS
-    /// SAN, else `cn:` and the subject's CN) and its CN, which only roles that ask for it
-    /// (`cn:` identities) look at.
+    /// SAN) or, for a certificate with neither, its subject CN, which only roles that ask for it
+    /// (`cn:` identities) admit.
     Cert {
         /// The login name.
         login: String,
-        /// The subject's common name, if it has one.
+        /// The subject's common name, for a certificate with no SAN.
         cn: Option<String>,
     },
     /// An operator certificate, by its name.
@@ -316,11 +316,12 @@ impl Node {
             if let Some(coffer_tls::Identity::Operator(name)) = coffer_tls::identity(cert) {
                 return Ok(Credential::Operator(name));
             }
-            let cn = coffer_tls::common_name(cert);
+            // The CN only for a certificate with no SAN: a certificate has one name (node and
+            // operator certificates always carry a URI SAN, so no `cn:` role can reach them).
             if let Some(login) = coffer_tls::login_name(cert) {
-                return Ok(Credential::Cert { login, cn });
+                return Ok(Credential::Cert { login, cn: None });
             }
-            if let Some(name) = cn {
+            if let Some(name) = coffer_tls::common_name(cert) {
                 return Ok(Credential::Cert { login: format!("cn:{name}"), cn: Some(name) });
             }
             return Err(unauthenticated("the client certificate names no URI, DNS or CN identity to log in with"));

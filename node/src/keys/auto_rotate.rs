@@ -28,7 +28,11 @@ pub async fn run(node: Arc<Node>) {
     }
 }
 
+/// One pass over every key. A key that cannot rotate (at `limits.max-key-versions`, say) is
+/// logged and passed over: it never holds back the keys after it. A period set before
+/// `limits.min-auto-rotate-period` existed is treated as that floor.
 async fn rotate_due(node: &Node) -> Result<(), crate::error::Error> {
+    let floor = u64::try_from(node.config.limits.min_auto_rotate_period.as_millis()).unwrap_or(u64::MAX);
     let mut after: Option<String> = None;
     loop {
         let names = node.reader().named_keys(after.as_deref(), 1000)?;
@@ -36,10 +40,17 @@ async fn rotate_due(node: &Node) -> Result<(), crate::error::Error> {
         for name in names {
             let Some(record) = node.reader().named_key(&name)? else { continue };
             let period = record.auto_rotate_period_ms;
+            if period == 0 || record.versions.len() >= node.config.limits.max_key_versions {
+                continue;
+            }
             let primary_at = record.versions.values().next_back().map_or(0, |v| v.created_at_ms.0);
-            if period > 0 && UnixMillis::now().0.saturating_sub(primary_at) >= period {
-                let rotated = manage_keys::rotate_key(node, name.as_str(), "").await?;
-                tracing::info!(key = %name, version = %rotated.primary(), "rotated key automatically");
+            if UnixMillis::now().0.saturating_sub(primary_at) >= period.max(floor) {
+                match manage_keys::rotate_key(node, name.as_str(), "").await {
+                    Ok(rotated) => {
+                        tracing::info!(key = %name, version = %rotated.primary(), "rotated key automatically");
+                    }
+                    Err(e) => tracing::warn!(key = %name, error = %e, "automatic rotation of this key failed"),
+                }
             }
         }
         after = Some(last.to_string());

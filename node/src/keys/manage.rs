@@ -104,13 +104,7 @@ pub async fn rotate_key(node: &Node, name: &str, request_id: &str) -> Result<Nam
         // (`limits.max-key-versions`, default 1000: hourly rotation for 41 days). Old versions
         // are not erased yet (the key hierarchy's erasure is its own issue).
         if record.versions.len() >= node.config.limits.max_key_versions {
-            return Err(Error::Overloaded {
-                limit: format!(
-                    "key {name} has {} versions, the most a key may have (every version is read on every call); \
-                     create a new key and move to it",
-                    record.versions.len()
-                ),
-            });
+            return Err(Error::KeyVersionsCapped { name: name.to_string(), versions: record.versions.len() });
         }
         let version =
             record.primary().next().ok_or_else(|| Error::VersionsExhausted { what: format!("key {name}") })?;

@@ -259,8 +259,12 @@ impl Keys for KeysService {
                     Ok(principal) => execute_item(&node, Ok(&principal), next.request).await,
                     Err(e) => execute_item(&node, Err(e), next.request).await,
                 };
-                if tx.send(Ok(StreamResponse { id: next.id, result: Some(result) })).await.is_err() {
-                    return;
+                // A client that stops reading frees the stream after stream-idle, as one that stops
+                // sending does.
+                let reply = Ok(StreamResponse { id: next.id, result: Some(result) });
+                match tokio::time::timeout(idle, tx.send(reply)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return,
                 }
             }
         });

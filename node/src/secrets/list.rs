@@ -1,5 +1,7 @@
 //! List: secret paths under a prefix, one page at a time. The page token is the last path of
-//! the previous page, so pages stay correct while secrets are added or removed between calls.
+//! the previous page, so pages stay correct while secrets are added or removed between calls;
+//! on the wire it is sealed with the keyring ([`seal_cursor`]), so it names no path to a caller
+//! whose policies hid that path.
 
 use crate::error::Error;
 use crate::node::Node;
@@ -17,6 +19,35 @@ pub struct Page {
     pub paths: Vec<String>,
     /// Token for the next page.
     pub next_page_token: Option<String>,
+}
+
+const CURSOR_AAD: &[u8] = b"coffer/list-cursor/v1";
+
+/// The page token for a page that ended at `last`: `<keyring version>.<base64url of the seal>`.
+///
+/// # Errors
+/// The keyring's nonce counter is exhausted.
+pub fn seal_cursor(keyring: &crate::envelope::Keyring, last: &str) -> Result<String, Error> {
+    use base64::Engine;
+    let (version, sealed) = keyring.wrap(CURSOR_AAD, last.as_bytes())?;
+    Ok(format!("{}.{}", version.0, base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)))
+}
+
+/// The path a page token from [`seal_cursor`] ends at; `None` for the first page.
+///
+/// # Errors
+/// `InvalidArgument` for a token that no node of this cluster made.
+pub fn open_cursor(keyring: &crate::envelope::Keyring, token: &str) -> Result<Option<String>, Error> {
+    use base64::Engine;
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::InvalidArgument { rule: "page_token is not a token from a previous List".into() };
+    let (version, sealed) = token.split_once('.').ok_or_else(bad)?;
+    let version = coffer_raft::KeyringVersion(version.parse().map_err(|_| bad())?);
+    let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sealed).map_err(|_| bad())?;
+    let plain = keyring.unwrap(version, CURSOR_AAD, &sealed).map_err(|_| bad())?;
+    Ok(Some(String::from_utf8(plain.to_vec()).map_err(|_| bad())?))
 }
 
 /// Lists paths (linearizable).

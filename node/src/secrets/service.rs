@@ -123,15 +123,23 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        // `list` on the prefix itself (trailing '/' dropped; none: `secret`), as a folder: every
-        // name under it is then shown. Filtering names one by one instead would leak the others
-        // through the page token.
-        let prefix = request.get_ref().prefix.trim_end_matches('/');
-        let on = if prefix.is_empty() { "secret".to_owned() } else { secret_path(prefix)? };
-        self.node.authorize(&request, &on, Capability::List).await?;
+        // A list is of a folder: `list` on the folder itself (`secret` for all), and only names
+        // under `<folder>/` (a prefix `app` does not reach `apple/…`). Names the caller is denied
+        // `list` on are left out, and the page token is sealed with the keyring, so a page of
+        // left-out names reveals none of them.
+        let principal = self.node.authenticate(&request).await?;
+        let folder = request.get_ref().prefix.trim_end_matches('/').to_owned();
+        principal
+            .require(&if folder.is_empty() { "secret".to_owned() } else { secret_path(&folder)? }, Capability::List)?;
         let req = request.into_inner();
-        let page = list::list_secrets(&self.node, &req.prefix, req.page_size, &req.page_token).await?;
-        Ok(Response::new(ListResponse { paths: page.paths, next_page_token: page.next_page_token.unwrap_or_default() }))
+        let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
+        let ready = self.node.ready().await?;
+        let after = list::open_cursor(&ready.keyring, &req.page_token)?;
+        let page = list::list_secrets(&self.node, &prefix, req.page_size, after.as_deref().unwrap_or("")).await?;
+        let paths =
+            page.paths.into_iter().filter(|p| principal.allows(&format!("secret/{p}"), Capability::List)).collect();
+        let next = page.next_page_token.map(|last| list::seal_cursor(&ready.keyring, &last)).transpose()?;
+        Ok(Response::new(ListResponse { paths, next_page_token: next.unwrap_or_default() }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -60,7 +60,8 @@ pub(crate) fn init_with_identity(txn: &mut Txn<'_>, i: &InitClusterWithIdentity)
     let root = &i.identity.root;
     let taken = txn.get::<ClusterRecord>(cf::CLUSTER, CLUSTER_KEY, "cluster record")?.is_some()
         || txn.get::<IdentityKeyRecord>(cf::IDENTITY, KEY, "identity key")?.is_some()
-        || txn.get::<TokenRecord>(cf::IDENTITY, &key(TOKEN, &root.hash.0), "token")?.is_some();
+        || txn.get::<TokenRecord>(cf::IDENTITY, &key(TOKEN, &root.hash.0), "token")?.is_some()
+        || txn.get::<TokenHash>(cf::IDENTITY, &key(ACCESSOR, root.record.accessor.as_bytes()), "accessor")?.is_some();
     if taken {
         return rejected(Rejection::AlreadyInitialized);
     }
