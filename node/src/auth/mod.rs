@@ -274,17 +274,17 @@ impl Node {
         self.lookup(&credential)
     }
 
-    /// Waits (up to half a second, or `crypto-staleness` if shorter) until this node is fresh
-    /// enough to check credentials: a node that has just started or just missed a heartbeat
-    /// answers a moment late rather than refuse, and a node cut off refuses soon, not holding
-    /// every call for long. The first check costs one clock read and no wait.
+    /// Waits (up to `crypto-staleness`, at most 2 s) until this node is fresh enough to check
+    /// credentials: a node that has just started, is catching up, or just missed a heartbeat
+    /// answers a moment late rather than refuse. A node cut off holds each call that long before
+    /// it refuses. The first check costs one clock read and no wait.
     async fn wait_fresh(&self) -> Result<(), Error> {
         let bound = self.config.crypto_staleness;
         let started = std::time::Instant::now();
         loop {
             match self.fresh_within(bound) {
                 Ok(()) => return Ok(()),
-                Err(e) if started.elapsed() >= bound.min(std::time::Duration::from_millis(500)) => {
+                Err(e) if started.elapsed() >= bound.min(std::time::Duration::from_secs(2)) => {
                     return Err(self.cannot_vouch(e))
                 }
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,

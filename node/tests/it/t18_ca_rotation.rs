@@ -73,7 +73,20 @@ async fn a_cluster_moves_to_a_new_ca_without_a_restart() -> anyhow::Result<()> {
     cluster.start_node(follower)?;
     cluster.wait_member(follower)?;
     let mut on_follower = SecretsClient::new(cluster.channel(follower)?);
-    let value = on_follower.get(get("rotation/after", None)).await?.into_inner().value;
+    // Until it has caught up with the leader it cannot vouch for credentials (UNAVAILABLE, which
+    // clients retry): it answers only once the leader reached it with its renewed certificate.
+    let started = std::time::Instant::now();
+    let value = loop {
+        match on_follower.get(get("rotation/after", None)).await {
+            Ok(reply) => break reply.into_inner().value,
+            Err(s)
+                if s.code() == tonic::Code::Unavailable && started.elapsed() < std::time::Duration::from_secs(15) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(s) => anyhow::bail!("the restarted follower never answered: {s}"),
+        }
+    };
     assert_eq!(value, b"new-ca");
     let log = std::fs::read_to_string(cluster.nodes[leader].dir.join("server.log"))?;
     assert!(log.contains("TLS certificate and key reloaded"), "the leader never reloaded");
