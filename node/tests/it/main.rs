@@ -22,6 +22,7 @@ mod t25_forged_and_retried;
 mod t30_cli;
 mod t40_crash;
 mod t50_at_rest;
+mod t55_audit;
 mod t60_kcv;
 mod t70_standard_tools;
 mod t80_cluster;
