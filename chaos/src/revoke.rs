@@ -159,7 +159,9 @@ pub fn run(
         ms(sent - cut_at),
         ms(acked - sent)
     ));
-    std::thread::sleep(duration.saturating_sub(BOUND + Duration::from_millis(500)).max(Duration::from_secs(1)));
+    // Long enough that the cut-off node, which holds each call up to the bound before refusing,
+    // answers at least one probe started after the bound and before the heal.
+    std::thread::sleep(duration.saturating_sub(BOUND + Duration::from_millis(500)).max(Duration::from_millis(2500)));
     cut_off(false);
     let healed = Instant::now();
     // The cut-off node catches up and refuses the token as revoked.
