@@ -41,6 +41,9 @@
 //! min-auto-rotate-period = "1h"         # a key's auto_rotate_period is 0 (off) or at least this
 //! max-key-versions = 1000               # a key with this many versions cannot rotate again
 //!
+//! [audit]
+//! # spool = "audit.log"                 # one record per call, hash-chained (off by default for now)
+//!
 //! [raft]
 //! heartbeat-interval = "50ms"
 //! election-timeout-min = "150ms"
@@ -107,6 +110,8 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
     /// `"off"`, or a table of [`RawTls`]: checked by hand for a message that names the rule.
     tls: Option<toml::Value>,
 }
@@ -123,6 +128,12 @@ struct RawTls {
 
 fn default_client_certs() -> String {
     "optional".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawAudit {
+    spool: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,6 +341,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Server limits.
     pub limits: Limits,
+    /// The audit spool, when audit is on.
+    pub audit_spool: Option<PathBuf>,
 }
 
 /// What one client may hold of a node at once.
@@ -597,6 +610,7 @@ impl RawConfig {
             return invalid("limits.stream-idle is more than 0".into());
         }
         Ok(Config {
+            audit_spool: self.audit.spool.map(|p| resolve(path, p)),
             limits: Limits {
                 max_concurrent_streams: limits.max_concurrent_streams,
                 max_message_bytes: limits.max_message_bytes,

@@ -241,8 +241,15 @@ impl Node {
         capability: Capability,
     ) -> Result<Arc<Principal>, Error> {
         let principal = self.authenticate(request).await?;
-        principal.require(path, capability)?;
-        Ok(principal)
+        let decided = principal.require(path, capability);
+        if let Some(slot) = request.extensions().get::<crate::audit::layer::AuditSlot>() {
+            slot.update(|info| {
+                info.path = Some(path.to_owned());
+                info.capability = Some(capability.name());
+                info.decision = Some(if decided.is_ok() { "allowed" } else { "denied" });
+            });
+        }
+        decided.map(|()| principal)
     }
 
     /// Authorises an operator call (`operator` on `sys/operator/<action>`). An operator
@@ -269,9 +276,25 @@ impl Node {
         if self.config.auth.checks == crate::config::Checks::Off {
             return Ok(self.auth.unchecked.get_or_init(unchecked).clone());
         }
-        let credential = self.credential(request).await?;
-        self.wait_fresh().await?;
-        self.lookup(&credential)
+        let slot = request.extensions().get::<crate::audit::layer::AuditSlot>();
+        if let Some(slot) = slot {
+            slot.update(|info| info.peer = request.remote_addr().map(|a| a.to_string()));
+        }
+        let resolved = match self.credential(request).await {
+            Ok(credential) => match self.wait_fresh().await {
+                Ok(()) => self.lookup(&credential),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Some(slot) = slot {
+            slot.update(|info| match &resolved {
+                Ok(principal) => info.principal = Some(principal.display()),
+                Err(Error::Unauthenticated { .. }) => info.decision = Some("unauthenticated"),
+                Err(_) => {}
+            });
+        }
+        resolved
     }
 
     /// Waits (up to `crypto-staleness`, at most 2 s) until this node is fresh enough to check

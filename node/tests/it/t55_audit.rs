@@ -41,3 +41,64 @@ async fn audit_verify_passes_a_real_spool_and_names_each_tampering() -> anyhow::
     assert!(!ok && said.contains("does not follow"), "{said}");
     Ok(())
 }
+
+/// With `[audit] spool` set, every public call leaves one record (allowed, denied and
+/// unauthenticated alike) before its answer, the chain verifies, and no value appears in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
+    use coffer_proto::v1::keys_client::KeysClient;
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    use coffer_proto::v1::{CreateKeyRequest, EncryptRequest, KeyType};
+    let mut cluster = crate::must_start_cluster(1, "[audit]\nspool = \"audit.log\"\n")?;
+    let marker = b"MARKER-7f3a-never-in-audit";
+    let mut s = SecretsClient::new(cluster.channel(0)?);
+    s.put(crate::put("app/db", marker, None)).await?;
+    s.get(crate::get("app/db", None)).await?;
+    let mut k = KeysClient::new(cluster.channel(0)?);
+    k.create_key(CreateKeyRequest { name: "k".into(), r#type: KeyType::Aes256Gcm as i32, ..Default::default() })
+        .await?;
+    k.encrypt(EncryptRequest { name: "k".into(), plaintext: marker.to_vec(), associated_data: vec![] }).await?;
+    // Unauthenticated: no certificate, no token.
+    let pki = cluster.pki().ok_or_else(|| anyhow::anyhow!("a TLS cluster"))?.clone();
+    let tls = coffer_tls::client_config(&coffer_tls::ClientFiles { ca: pki.ca_cert(), identity: None })?;
+    let bare = tonic::transport::Endpoint::from_shared(cluster.nodes[0].url())?.tls_config(tls)?.connect().await?;
+    assert!(SecretsClient::new(bare).get(crate::get("app/db", None)).await.is_err());
+    cluster.stop(0)?;
+
+    let file = cluster.node_dir(0).join("audit.log");
+    let (ok, said) = verify(&file)?;
+    assert!(ok, "{said}");
+    let text = std::fs::read_to_string(&file)?;
+    assert!(!text.contains("MARKER-7f3a"), "a value is in the audit file");
+    let records: Vec<serde_json::Value> =
+        text.lines().map(serde_json::from_str::<serde_json::Value>).collect::<Result<_, _>>()?;
+    let calls: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            let r = &r["record"];
+            let field = |f: &str| r[f].as_str().unwrap_or_default().to_owned();
+            (field("method"), field("decision"), field("status"))
+        })
+        .filter(|(m, _, _)| m.starts_with("/coffer.v1.Secrets/") || m.starts_with("/coffer.v1.Keys/"))
+        .collect();
+    let expect = |m: &str, d: &str, s: &str| (m.to_owned(), d.to_owned(), s.to_owned());
+    assert_eq!(
+        calls,
+        vec![
+            expect("/coffer.v1.Secrets/Put", "allowed", "OK"),
+            expect("/coffer.v1.Secrets/Get", "allowed", "OK"),
+            expect("/coffer.v1.Keys/CreateKey", "allowed", "OK"),
+            expect("/coffer.v1.Keys/Encrypt", "allowed", "OK"),
+            expect("/coffer.v1.Secrets/Get", "unauthenticated", "UNAUTHENTICATED"),
+        ],
+        "one record per call, in order"
+    );
+    let get = &records
+        .iter()
+        .find(|r| r["record"]["method"] == "/coffer.v1.Secrets/Get")
+        .ok_or_else(|| anyhow::anyhow!("no Get"))?["record"];
+    assert_eq!(get["path"], "secret/app/db");
+    assert_eq!(get["capability"], "read");
+    assert!(get["principal"].as_str().is_some_and(|p| p.contains("operator")), "{get}");
+    Ok(())
+}
