@@ -24,17 +24,15 @@ use crate::wire::{duration, timestamp};
 /// (versions are deleted, never the secret), so an `update`-only caller's local check is safe.
 /// A caller with neither right gets the same refusal whether or not the secret exists.
 fn write_rule(
-    node: &Node,
     principal: &Principal,
     on: &str,
-    path: &str,
+    exists: bool,
     cas: Option<u64>,
 ) -> Result<Option<u64>, crate::error::Error> {
     let (create, update) = (principal.allows(on, Capability::Create), principal.allows(on, Capability::Update));
     if !create && !update {
         return principal.require(on, Capability::Create).map(|()| cas);
     }
-    let exists = node.reader().secret(&coffer_raft::SecretPath::parse(path)?)?.is_some();
     match (create, update) {
         (true, true) => Ok(cas),
         (true, false) if exists || cas.is_some_and(|v| v > 0) => {
@@ -64,9 +62,20 @@ impl Secrets for SecretsService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let principal = self.node.authenticate(&request).await?;
+        let slot = request.extensions().get::<crate::audit::layer::AuditSlot>().cloned();
         let req = request.into_inner();
         let on = secret_path(&req.path)?;
-        let cas = write_rule(&self.node, &principal, &on, &req.path, req.cas)?;
+        let parsed = coffer_raft::SecretPath::parse(&req.path).map_err(crate::error::Error::from)?;
+        let exists = self.node.reader().secret(&parsed).map_err(crate::error::Error::from)?.is_some();
+        if let Some(slot) = slot {
+            // The capability a put of this path needs, as the audit record names it.
+            let needs = if exists { Capability::Update } else { Capability::Create };
+            slot.update(|info| {
+                info.path = Some(on.clone());
+                info.capability = Some(needs.name());
+            });
+        }
+        let cas = write_rule(&principal, &on, exists, req.cas)?;
         let put = put::PutSecret {
             path: req.path,
             value: Zeroizing::new(req.value),

@@ -93,6 +93,11 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
         ],
         "one record per call, in order"
     );
+    let put = &records
+        .iter()
+        .find(|r| r["record"]["method"] == "/coffer.v1.Secrets/Put")
+        .ok_or_else(|| anyhow::anyhow!("no Put"))?["record"];
+    assert_eq!((put["path"].as_str(), put["capability"].as_str()), (Some("secret/app/db"), Some("create")));
     let get = &records
         .iter()
         .find(|r| r["record"]["method"] == "/coffer.v1.Secrets/Get")
