@@ -7,7 +7,7 @@
 //! | [`chain`] | the file format: JSON lines hash-chained to the line before; `verify` |
 //! | [`spool`] | the node's spool: one writer thread, grouped appends, one fsync per group, fail closed |
 //! | [`layer`] | one record per public call, written before the answer leaves (opt-in: `[audit] spool`) |
-//! | [`cli`] | `coffer audit verify FILE…` |
+//! | [`cli`] | `coffer audit verify FILE…`, `coffer audit tail FILE` with filters |
 //!
 //! Still to come (see the issue): HSM-signed checkpoints
 //! (what makes a file cut short after a checkpoint detectable), keyed HMACs of values, sinks that

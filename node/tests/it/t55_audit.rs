@@ -105,5 +105,16 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     assert_eq!(get["path"], "secret/app/db");
     assert_eq!(get["capability"], "read");
     assert!(get["principal"].as_str().is_some_and(|p| p.contains("operator")), "{get}");
+    // tail, filtered by decision and by method.
+    let tail = |args: &[&str]| -> anyhow::Result<Vec<String>> {
+        let out = std::process::Command::new(coffer_bin()).args(["audit", "tail"]).arg(&file).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    };
+    let refused = tail(&["--decision", "unauthenticated"])?;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("/coffer.v1.Secrets/Get") && refused[0].contains("UNAUTHENTICATED"));
+    assert_eq!(tail(&["--method", "Keys/Encrypt", "-n", "5"])?.len(), 1);
+    assert_eq!(tail(&["--path", "secret/app/"])?.len(), 2, "the put and the allowed get");
     Ok(())
 }
