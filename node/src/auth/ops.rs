@@ -63,9 +63,8 @@ async fn apply(node: &Node, op: Op, what: &'static str) -> Result<(), Error> {
     }
 }
 
-/// A new token's random text, hash and accessor.
-async fn mint(node: &Node) -> Result<(Zeroizing<String>, TokenHash, String), Error> {
-    let key = node.token_key().await?;
+/// A new token's random text, its hash under `key`, and an accessor.
+fn mint_with(node: &Node, key: &ring::hmac::Key) -> Result<(Zeroizing<String>, TokenHash, String), Error> {
     let random = node.keys.random_bytes(48)?;
     let mut body = [0u8; 32];
     body.copy_from_slice(&random[..32]);
@@ -74,6 +73,12 @@ async fn mint(node: &Node) -> Result<(Zeroizing<String>, TokenHash, String), Err
     let text = token::format(&body);
     let hash = token::hash(key, &text);
     Ok((text, hash, token::accessor(&acc)))
+}
+
+/// A new token under the cluster's token-hashing key.
+async fn mint(node: &Node) -> Result<(Zeroizing<String>, TokenHash, String), Error> {
+    let key = node.token_key().await?;
+    mint_with(node, key)
 }
 
 /// A cluster's identity, made by the node that initialises it: a random token-hashing key sealed
@@ -87,16 +92,11 @@ pub fn new_identity(node: &Node, keyring: &crate::envelope::Keyring) -> Result<N
     let key = node.keys.random_bytes(32)?;
     let (keyring_version, sealed) = keyring.wrap(IDENTITY_KEY_AAD, &key)?;
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
-    let random = node.keys.random_bytes(48)?;
-    let mut body = [0u8; 32];
-    body.copy_from_slice(&random[..32]);
-    let mut acc = [0u8; 16];
-    acc.copy_from_slice(&random[32..48]);
-    let text = token::format(&body);
+    let (text, hash, accessor) = mint_with(node, &hmac_key)?;
     let root = CreateToken {
-        hash: token::hash(&hmac_key, &text),
+        hash,
         record: TokenRecord {
-            accessor: token::accessor(&acc),
+            accessor,
             policies: vec![policy::ROOT_POLICY.to_owned()],
             parent: None,
             display_name: "root".into(),

@@ -171,10 +171,6 @@ impl Caps {
     fn contains(self, c: Capability) -> bool {
         self.0 & c.bit() != 0
     }
-
-    fn names(self) -> Vec<&'static str> {
-        ALL.iter().filter(|c| self.contains(**c)).map(|c| c.name()).collect()
-    }
 }
 
 /// A rule as written.
@@ -192,8 +188,9 @@ struct RuleDoc {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyDoc {
-    #[serde(default)]
-    description: Option<String>,
+    /// For people; the stored document keeps it, the decision never reads it.
+    #[serde(default, rename = "description")]
+    _description: Option<String>,
     #[serde(default)]
     rule: Vec<RuleDoc>,
 }
@@ -218,11 +215,6 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// The rule's path glob as written.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
     fn matches(&self, path: &[&str]) -> bool {
         glob_match(&self.segments, path)
     }
@@ -269,7 +261,6 @@ fn glob_match(pattern: &[Segment], path: &[&str]) -> bool {
 #[derive(Debug, Clone)]
 pub struct Policy {
     name: String,
-    description: Option<String>,
     rules: Vec<Rule>,
 }
 
@@ -334,22 +325,12 @@ impl Policy {
             .enumerate()
             .map(|(i, r)| parse_rule(r).map_err(|e| format!("rule {}: {e}", i + 1)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Policy { name: name.to_owned(), description: doc.description, rules })
+        Ok(Policy { name: name.to_owned(), rules })
     }
 
     /// The policy's name.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// The description, if the document has one.
-    pub fn description(&self) -> Option<&str> {
-        self.description.as_deref()
-    }
-
-    /// The rules, in document order.
-    pub fn rules(&self) -> &[Rule] {
-        &self.rules
     }
 }
 
@@ -540,11 +521,6 @@ impl Explanation {
         }
         out
     }
-}
-
-/// A rule's capabilities by name, for printing a policy back.
-pub fn rule_caps(rule: &Rule) -> (Vec<&'static str>, Vec<&'static str>) {
-    (rule.allow.names(), rule.deny.names())
 }
 
 #[cfg(test)]

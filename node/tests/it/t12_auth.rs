@@ -832,3 +832,72 @@ async fn a_listing_shows_its_folder_minus_the_denied_names_and_its_page_token_na
     assert_eq!(s.list(with_token(forged, &t)?).await.unwrap_err().code(), Code::InvalidArgument);
     Ok(())
 }
+
+/// A stranger (no certificate, no token) or a forged token gets UNAUTHENTICATED from every Auth
+/// call, and nothing changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_auth_service_refuses_strangers_and_forged_tokens_on_every_call() -> anyhow::Result<()> {
+    use coffer_proto::v1::{
+        DeletePolicyRequest, DeleteRoleRequest, ListPoliciesRequest, ListRolesRequest, LoginRequest, ReadPolicyRequest,
+        ReadRoleRequest, RenewTokenRequest, WriteRoleRequest,
+    };
+    let node = InProcessNode::must_start().await?;
+    write_policy(&node, "kept", "[[rule]]\npath = \"secret/*\"\nallow = [\"read\"]\n").await?;
+    let forged = coffer_node::auth::token::format(&[3; 32]).to_string();
+    let mut auth = AuthClient::new(bare_channel(&node).await?);
+    for token in [None, Some(forged.as_str())] {
+        macro_rules! refused {
+            ($call:ident, $msg:expr) => {{
+                let mut request = tonic::Request::new($msg);
+                if let Some(t) = token {
+                    request = with_token($msg, t)?;
+                }
+                let err = auth
+                    .$call(request)
+                    .await
+                    .err()
+                    .ok_or_else(|| anyhow::anyhow!("{} served a stranger", stringify!($call)))?;
+                assert_eq!(err.code(), Code::Unauthenticated, "{}: {err}", stringify!($call));
+            }};
+        }
+        refused!(create_token, CreateTokenRequest { policies: vec!["root".into()], ..Default::default() });
+        refused!(login, LoginRequest { ttl: None });
+        refused!(lookup_token, LookupTokenRequest::default());
+        refused!(renew_token, RenewTokenRequest::default());
+        refused!(revoke_token, RevokeTokenRequest::default());
+        refused!(list_accessors, ListAccessorsRequest { page_size: 10, page_token: String::new() });
+        refused!(
+            write_policy,
+            WritePolicyRequest {
+                name: "kept".into(),
+                document: "[[rule]]\npath = \"**\"\nallow = [\"read\"]\n".into()
+            }
+        );
+        refused!(read_policy, ReadPolicyRequest { name: "kept".into() });
+        refused!(list_policies, ListPoliciesRequest {});
+        refused!(delete_policy, DeletePolicyRequest { name: "kept".into() });
+        refused!(
+            explain,
+            ExplainRequest { accessor: String::new(), path: "secret/a".into(), capability: "read".into() }
+        );
+        refused!(
+            write_role,
+            WriteRoleRequest {
+                name: "r".into(),
+                identities: vec!["dns:x".into()],
+                policies: vec!["root".into()],
+                token_ttl: None
+            }
+        );
+        refused!(read_role, ReadRoleRequest { name: "r".into() });
+        refused!(list_roles, ListRolesRequest {});
+        refused!(delete_role, DeleteRoleRequest { name: "r".into() });
+    }
+    // Nothing changed: the policy is as written, no role exists.
+    let mut admin = AuthClient::new(node.channel().await?);
+    let kept = admin.read_policy(with_token(ReadPolicyRequest { name: "kept".into() }, &node.root_token)?).await?;
+    assert_eq!(kept.into_inner().document, "[[rule]]\npath = \"secret/*\"\nallow = [\"read\"]\n");
+    let roles = admin.list_roles(with_token(ListRolesRequest {}, &node.root_token)?).await?.into_inner().names;
+    assert_eq!(roles, vec![coffer_testkit::TEST_ROLE.to_owned()]);
+    Ok(())
+}
