@@ -368,6 +368,20 @@ async fn an_expired_token_is_refused_at_once_and_swept_by_the_leader() -> anyhow
     Ok(())
 }
 
+/// Waits until every node of `cluster` accepts `token`: a follower may apply a new token a moment
+/// after the node that made it answered.
+async fn must_accept_everywhere(cluster: &coffer_testkit::Cluster, token: &str) -> anyhow::Result<()> {
+    for n in 0..cluster.nodes.len() {
+        let mut auth = AuthClient::new(cluster.channel(n)?);
+        let started = Instant::now();
+        while let Err(s) = auth.lookup_token(with_token(LookupTokenRequest::default(), token)?).await {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(5), "node {} never accepted the token: {s}", n + 1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Every file under `dir`, read whole (RocksDB files, snapshots, logs).
 fn files_under(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
@@ -393,6 +407,7 @@ async fn tokens_are_never_at_rest_in_plain_not_in_data_snapshots_or_logs() -> an
     for i in 0..5 {
         let req = CreateTokenRequest { policies: vec!["rw".into()], renewable: true, ..Default::default() };
         let token = auth.create_token(with_token(req, &root)?).await?.into_inner().token;
+        must_accept_everywhere(&cluster, &token).await?;
         // Each token is used: a put and a read on every node.
         for n in 0..3 {
             let mut s = SecretsClient::new(cluster.channel(n)?);
@@ -443,6 +458,7 @@ async fn a_token_revoked_mid_stream_is_refused_on_every_node_within_the_bound() 
     let req = CreateTokenRequest { policies: vec!["enc".into()], ..Default::default() };
     let made = auth.create_token(with_token(req, &root)?).await?.into_inner();
     let accessor = made.info.map(|i| i.accessor).unwrap_or_default();
+    must_accept_everywhere(&cluster, &made.token).await?;
 
     // One stream per node; each records when its first refusal came back.
     let revoked_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
