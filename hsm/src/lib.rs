@@ -12,7 +12,7 @@ mod secret;
 
 pub use config::{resolve_module, HsmConfig, PinSource, DEFAULT_ROOT_KEY_LABEL, SOFTHSM_MODULE_PATHS};
 pub use error::HsmError;
-pub use pkcs11::{init_root_key, init_token, Hsm};
+pub use pkcs11::{init_root_key, init_token, Hsm, SigningKey};
 pub use secret::{Key256, Pin};
 
 /// A root key's key check value: identifies the key without revealing it.

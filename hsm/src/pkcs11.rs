@@ -422,3 +422,86 @@ fn worker(session: &Session, root: ObjectHandle, jobs: &Mutex<mpsc::Receiver<Job
         job(session, root);
     }
 }
+
+/// The DER encoding of the P-256 curve's OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS` wants it.
+const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// An ECDSA P-256 key pair held by the HSM, for signing audit checkpoints: the private half is
+/// sensitive and never leaves the token; the public half is what a verifier pins.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    private: ObjectHandle,
+    /// The public key, as an uncompressed point (65 bytes, `04 ‖ X ‖ Y`).
+    pub public: Vec<u8>,
+}
+
+/// The uncompressed point in a `CKA_EC_POINT` value: PKCS#11 says it is a DER OCTET STRING, and
+/// some tokens give the bare point.
+fn ec_point(value: &[u8]) -> Option<Vec<u8>> {
+    match value {
+        [0x04, 0x41, point @ ..] if point.len() == 65 => Some(point.to_vec()),
+        point if point.len() == 65 && point[0] == 0x04 => Some(point.to_vec()),
+        _ => None,
+    }
+}
+
+fn signing_key_with(session: &Session, label: &str) -> Result<SigningKey, HsmError> {
+    let labelled = |class| [Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())];
+    let mut private = session.find_objects(&labelled(ObjectClass::PRIVATE_KEY))?;
+    let mut public = session.find_objects(&labelled(ObjectClass::PUBLIC_KEY))?;
+    if private.is_empty() || public.is_empty() {
+        let public_template = [
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::EcParams(P256_PARAMS.to_vec()),
+            Attribute::Verify(true),
+        ];
+        let private_template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+        ];
+        let (p, s) = session.generate_key_pair(&Mechanism::EccKeyPairGen, &public_template, &private_template)?;
+        (public, private) = (vec![p], vec![s]);
+    }
+    // Two nodes sharing a token may both have created a pair under one label; the lowest handle
+    // of each class is used, consistently, and the public half is read back from the same pair.
+    private.sort_by_key(|h| h.handle());
+    public.sort_by_key(|h| h.handle());
+    let (private, public) = (private[0], public[0]);
+    let point = session
+        .get_attributes(public, &[AttributeType::EcPoint])?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(value) => ec_point(&value),
+            _ => None,
+        })
+        .ok_or_else(|| HsmError::Unavailable { reason: format!("the key pair {label:?} has no P-256 public point") })?;
+    Ok(SigningKey { private, public: point })
+}
+
+impl Hsm {
+    /// The ECDSA P-256 key pair labelled `label`, created in the token (private half sensitive,
+    /// not extractable) the first time it is asked for.
+    ///
+    /// # Errors
+    /// A failing PKCS#11 call (a token without EC support among them), or a stopped pool.
+    pub async fn signing_key(&self, label: &str) -> Result<SigningKey, HsmError> {
+        let label = label.to_owned();
+        self.run(move |session, _| signing_key_with(session, &label)).await
+    }
+
+    /// Signs `message` with `key` (ECDSA P-256 over its SHA-256, computed here): 64 bytes,
+    /// `r ‖ s`, as `ring::signature::ECDSA_P256_SHA256_FIXED` verifies them.
+    ///
+    /// # Errors
+    /// A failing PKCS#11 call, or a stopped pool.
+    pub async fn sign(&self, key: &SigningKey, message: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, message).as_ref().to_vec();
+        let private = key.private;
+        self.run(move |session, _| Ok(session.sign(&Mechanism::Ecdsa, private, &digest)?)).await
+    }
+}

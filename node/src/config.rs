@@ -42,7 +42,10 @@
 //! max-key-versions = 1000               # a key with this many versions cannot rotate again
 //!
 //! [audit]
-//! # spool = "audit.log"                 # one record per call, hash-chained (off by default for now)
+//! enabled = true                        # one record per call, hash-chained, before the answer leaves
+//! spool = "<data-dir>/audit.log"        # the node's audit file (relative: to this file's directory)
+//! checkpoint-every = "10s"              # an HSM-signed checkpoint this often, even when idle ...
+//! checkpoint-records = 10000            # ... and after this many records
 //!
 //! [raft]
 //! heartbeat-interval = "50ms"
@@ -130,10 +133,39 @@ fn default_client_certs() -> String {
     "optional".into()
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct RawAudit {
+    #[serde(default = "default_true")]
+    enabled: bool,
     spool: Option<PathBuf>,
+    #[serde(with = "humantime_serde", default = "default_checkpoint_every")]
+    checkpoint_every: Duration,
+    #[serde(default = "default_checkpoint_records")]
+    checkpoint_records: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        RawAudit {
+            enabled: true,
+            spool: None,
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_records: default_checkpoint_records(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_checkpoint_every() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_checkpoint_records() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,8 +373,19 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Server limits.
     pub limits: Limits,
-    /// The audit spool, when audit is on.
-    pub audit_spool: Option<PathBuf>,
+    /// Audit: the spool and its checkpoints; `None` when `[audit] enabled = false`.
+    pub audit: Option<AuditConfig>,
+}
+
+/// Where a node writes its audit records and how often it signs a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The spool file.
+    pub spool: PathBuf,
+    /// A checkpoint at least this often.
+    pub checkpoint_every: Duration,
+    /// And after this many records.
+    pub checkpoint_records: u64,
 }
 
 /// What one client may hold of a node at once.
@@ -609,8 +652,17 @@ impl RawConfig {
         if limits.stream_idle.is_zero() {
             return invalid("limits.stream-idle is more than 0".into());
         }
+        let audit = &self.audit;
+        if audit.checkpoint_every < Duration::from_millis(100) || audit.checkpoint_records == 0 {
+            return invalid("audit: checkpoint-every is at least 100ms and checkpoint-records at least 1".into());
+        }
+        let data_dir = resolve(path, self.data_dir.clone());
         Ok(Config {
-            audit_spool: self.audit.spool.map(|p| resolve(path, p)),
+            audit: self.audit.enabled.then(|| AuditConfig {
+                spool: self.audit.spool.clone().map_or_else(|| data_dir.join("audit.log"), |p| resolve(path, p)),
+                checkpoint_every: self.audit.checkpoint_every,
+                checkpoint_records: self.audit.checkpoint_records,
+            }),
             limits: Limits {
                 max_concurrent_streams: limits.max_concurrent_streams,
                 max_message_bytes: limits.max_message_bytes,

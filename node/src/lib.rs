@@ -5,7 +5,7 @@
 //! | [`secrets`] | the Secrets service, its use cases (put, get, describe, list, delete/undelete/destroy), `coffer secret` |
 //! | [`keys`] | the Keys service, key management and crypto, key material in memory, automatic rotation, usage stats, `coffer key` |
 //! | [`cluster`] | the Operator service, membership and leadership, `coffer operator` |
-//! | [`audit`] | the audit spool and its hash chain, `coffer audit verify` (not yet on the request path) |
+//! | [`audit`] | a record per public call: the spool, its hash chain, HSM-signed checkpoints, `coffer audit` |
 //! | [`auth`] | tokens, certificate login, policies, the per-call check, `coffer token/login/policy` |
 //! | [`node`] | a running node: HSM, store, replica and keyring, started in order |
 //! | [`envelope`] | the keyring and envelope encryption of secret values |

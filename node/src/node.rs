@@ -46,6 +46,8 @@ pub struct Node {
     pub(crate) keys: KeyCache,
     /// The token-hashing key and the cache of resolved principals.
     pub(crate) auth: crate::auth::Auth,
+    /// The audit spool and checkpoint key; `None` when `[audit] enabled = false`.
+    pub(crate) audit: Option<Arc<crate::audit::Audit>>,
     ready: OnceCell<Ready>,
 }
 
@@ -105,7 +107,11 @@ impl Node {
         .await?;
         let keys = KeyCache::new(config.key_cache_entries);
         let auth = crate::auth::Auth::new(&config.auth);
-        let node = Arc::new(Node { config, replica, hsm, keys, auth, ready: OnceCell::new() });
+        let audit = match &config.audit {
+            Some(audit) => Some(crate::audit::Audit::open(audit, &hsm, config.node_id.0).await?),
+            None => None,
+        };
+        let node = Arc::new(Node { config, replica, hsm, keys, auth, audit, ready: OnceCell::new() });
         if node.reader().cluster()?.is_some() {
             node.ready().await?;
         } else {
@@ -212,6 +218,9 @@ impl Node {
 
     /// Stops replication. Requests still in flight fail with `UNAVAILABLE`.
     pub async fn shutdown(&self) {
+        if let Some(audit) = &self.audit {
+            audit.close().await;
+        }
         self.replica.shutdown().await;
     }
 

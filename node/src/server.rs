@@ -98,16 +98,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     // batch; a policy document.
     let limits = &node.config.limits;
     let secret_bytes = node.config.max_value_bytes + 64 * 1024;
-    // One audit record per public call, when the config names a spool.
-    let audit = match &node.config.audit_spool {
-        Some(path) => {
-            let spool = crate::audit::spool::Spool::open(path)
-                .map_err(|e| Error::Serve(format!("cannot open the audit spool {}: {e}", path.display()).into()))?;
-            tracing::info!(spool = %path.display(), "auditing every call");
-            Some(crate::audit::layer::AuditLayer::new(std::sync::Arc::new(spool), node.config.node_id.0))
-        }
-        None => None,
-    };
+    // One audit record per public call, unless audit is off; checkpoints on their own task.
+    let audit = node.audit.clone().map(crate::audit::layer::AuditLayer::new);
+    let checkpoints = node.audit.clone().map(|audit| tokio::spawn(audit.run()));
     let public = server_builder()
         .layer(tower::util::option_layer(audit))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
@@ -191,6 +184,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     rotator.abort();
     sweeper.abort();
+    if let Some(checkpoints) = checkpoints {
+        checkpoints.abort();
+        let _ = checkpoints.await;
+    }
     let _ = rotator.await;
     let _ = sweeper.await;
     node.shutdown().await;

@@ -17,7 +17,7 @@ pub use coffer_testkit::PIN;
 
 /// Every token a test in this binary uses.
 const TOKENS: &[&str] =
-    &["t-roundtrip", "t-init", "t-unreadable", "t-missing", "t-wrongpin", "t-extractable", "t-insensitive"];
+    &["t-roundtrip", "t-init", "t-unreadable", "t-missing", "t-wrongpin", "t-extractable", "t-insensitive", "t-sign"];
 
 /// A config for one of the fixture's tokens; panics if the fixture cannot be made.
 pub fn must_config(token: &str) -> HsmConfig {

@@ -98,3 +98,38 @@ fn root_key_value_cannot_be_read_out() -> anyhow::Result<()> {
     assert!(session.update_attributes(root, &[Attribute::Sensitive(false)]).is_err());
     Ok(())
 }
+
+/// The audit signing key: created once in the token, found again on the next ask, its signatures
+/// verify with the public half alone (as `coffer audit verify` checks them), a changed message
+/// fails, and the private half's value cannot be read.
+#[tokio::test]
+async fn signing_key_signs_verifiably_and_stays_in_the_token() -> anyhow::Result<()> {
+    let config = must_config("t-sign");
+    init_root_key(&config)?;
+    let hsm = Hsm::open(&config)?;
+    let key = hsm.signing_key("coffer-audit-test").await?;
+    assert_eq!(key.public.len(), 65);
+    assert_eq!(hsm.signing_key("coffer-audit-test").await?.public, key.public, "the same pair, found again");
+    let signature = hsm.sign(&key, b"checkpoint 42").await?;
+    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &key.public);
+    assert!(public.verify(b"checkpoint 42", &signature).is_ok());
+    assert!(public.verify(b"checkpoint 43", &signature).is_err(), "another message must not verify");
+    let other = hsm.signing_key("coffer-audit-other").await?;
+    assert_ne!(other.public, key.public, "another label is another key");
+
+    let ctx = cryptoki::context::Pkcs11::new(coffer_hsm::resolve_module(None)?)?;
+    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_initialized_token()?
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).map(|i| i.label().trim_end() == "t-sign").unwrap_or(false))
+        .ok_or_else(|| anyhow::anyhow!("token t-sign"))?;
+    let session = ctx.open_rw_session(slot)?;
+    let _ = session.login(UserType::User, Some(&PIN.to_owned().into()));
+    let private = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(b"coffer-audit-test".to_vec())])?;
+    assert_eq!(private.len(), 1);
+    let info = session.get_attribute_info(private[0], &[AttributeType::Value])?;
+    assert!(matches!(info[0], AttributeInfo::Sensitive), "the private value must be unreadable: {info:?}");
+    Ok(())
+}

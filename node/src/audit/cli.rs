@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::chain::{self, Broken};
+use super::verify::{self, Ending};
 
 /// `coffer audit …`
 #[derive(Debug, Args)]
@@ -17,13 +17,21 @@ pub struct AuditArgs {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check audit files' hash chains and report the first broken link: an edited line, a line
-    /// removed, inserted or reordered, a line that is not an audit line. Give a node's rotated
-    /// files oldest first to check the chain across them. Exits 1 on a broken chain.
+    /// Check audit files and report the first broken link: an edited line, a line removed,
+    /// inserted or reordered, a checkpoint forged or signed by another key, records rewritten
+    /// under a checkpoint, a file cut short after a checkpoint. Exits 1 on a broken file.
+    ///
+    /// Each file is checked on its own. Pin the node's checkpoint key with --key (it is in
+    /// `audit.log.pub` next to the node's spool; keep a copy where the node's host cannot
+    /// change it): without it, the file's first checkpoint names the key, which proves only
+    /// that the file is consistent with itself.
     Verify {
-        /// The files, oldest first.
+        /// The files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The public key the checkpoints must be signed by: hex, or a file holding it.
+        #[arg(long)]
+        key: Option<String>,
     },
     /// Print the last records of an audit file (JSON lines, one record each), filtered.
     Tail {
@@ -64,8 +72,8 @@ fn matches(
 
 /// Runs `coffer audit …`.
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
-    let files = match args.command {
-        AuditCommand::Verify { files } => files,
+    let (files, key) = match args.command {
+        AuditCommand::Verify { files, key } => (files, key),
         AuditCommand::Tail { file, lines, principal, path, method, decision } => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -91,19 +99,51 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     };
+    let pinned = match key {
+        None => None,
+        Some(key) => {
+            let text = match std::fs::read_to_string(&key) {
+                Ok(text) => text,
+                Err(_) => key.clone(),
+            };
+            Some(hex::decode(text.trim()).map_err(|_| {
+                anyhow::anyhow!("--key {key:?}: not a hex public key, nor a file holding one (see audit.log.pub)")
+            })?)
+        }
+    };
     let mut broken = false;
     for file in files {
         let reader = std::io::BufReader::new(
             std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
         );
-        match chain::verify(reader) {
-            Ok(v) => match v.span {
-                Some((first, last)) => {
-                    println!("{}: {} records, seq {first}..{last}, chain intact", file.display(), v.lines);
+        match verify::verify(reader, pinned.as_deref(), crate::node::now_ms()) {
+            Ok(report) => {
+                let Some((first, last)) = report.span else {
+                    println!("{}: empty", file.display());
+                    continue;
+                };
+                let ending = match report.ending {
+                    Ending::Closed => "ends with a clean stop".to_owned(),
+                    Ending::Live { unvouched: 0 } => "live (its node is writing it)".to_owned(),
+                    Ending::Live { unvouched } => {
+                        format!("live; {unvouched} record(s) after the last checkpoint are not vouched for yet")
+                    }
+                    Ending::Empty => "empty".to_owned(),
+                };
+                let key = report.key.as_deref().unwrap_or_default();
+                let pin = if pinned.is_some() { "pinned" } else { "not pinned: pass --key" };
+                println!(
+                    "{}: {} lines, seq {first}..{last}, chain intact, {} checkpoint(s) signed by key {}… ({pin}), {ending}",
+                    file.display(),
+                    report.lines,
+                    report.checkpoints,
+                    &key[..key.len().min(16)],
+                );
+                for note in report.notes {
+                    println!("  note: {note}");
                 }
-                None => println!("{}: empty", file.display()),
-            },
-            Err(e @ (Broken::Unreadable { .. } | Broken::Edited { .. } | Broken::OutOfChain { .. })) => {
+            }
+            Err(e) => {
                 println!("{}: BROKEN: {e}", file.display());
                 broken = true;
             }

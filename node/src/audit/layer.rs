@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::spool::Spool;
+use super::Audit;
 
 /// What authentication and authorisation learned about a call.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -64,21 +64,20 @@ struct Record<'a> {
 /// The layer: wraps the public router's services.
 #[derive(Clone)]
 pub struct AuditLayer {
-    spool: Arc<Spool>,
-    node: u64,
+    audit: Arc<Audit>,
 }
 
 impl AuditLayer {
-    /// Records every call of the services it wraps to `spool`, as node `node`.
-    pub fn new(spool: Arc<Spool>, node: u64) -> AuditLayer {
-        AuditLayer { spool, node }
+    /// Records every call of the services it wraps to `audit`'s spool.
+    pub fn new(audit: Arc<Audit>) -> AuditLayer {
+        AuditLayer { audit }
     }
 }
 
 impl<S> tower::Layer<S> for AuditLayer {
     type Service = Audited<S>;
     fn layer(&self, inner: S) -> Audited<S> {
-        Audited { inner, spool: self.spool.clone(), node: self.node }
+        Audited { inner, audit: self.audit.clone() }
     }
 }
 
@@ -86,8 +85,7 @@ impl<S> tower::Layer<S> for AuditLayer {
 #[derive(Clone)]
 pub struct Audited<S> {
     inner: S,
-    spool: Arc<Spool>,
-    node: u64,
+    audit: Arc<Audit>,
 }
 
 type BoxFuture<T, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
@@ -136,7 +134,7 @@ where
         // The ready service answers this call; a fresh clone waits for the next (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (spool, node) = (self.spool.clone(), self.node);
+        let audit = self.audit.clone();
         let slot = AuditSlot::default();
         request.extensions_mut().insert(slot.clone());
         let method = request.uri().path().to_owned();
@@ -155,14 +153,14 @@ where
             };
             let record = Record {
                 time_ms: crate::node::now_ms(),
-                node,
+                node: audit.node,
                 method: &method,
                 info,
                 status,
                 latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             };
             let json = serde_json::to_string(&record).unwrap_or_default();
-            match spool.append(json).await {
+            match audit.spool.append(json).await {
                 Ok(_) => Ok(response),
                 // Fail closed: the answer does not leave without its record.
                 Err(e) => Ok(tonic::Status::unavailable(e.to_string()).into_http()),

@@ -15,7 +15,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use super::chain::{self, Head};
 
@@ -48,10 +48,23 @@ struct Pending {
     done: tokio::sync::oneshot::Sender<Result<u64, SpoolError>>,
 }
 
+/// What the spool thread shares with the node: where the chain stands, and whether it failed.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The last line on disk.
+    head: Mutex<Head>,
+    /// Why the spool stopped writing, once it has.
+    failure: Mutex<Option<String>>,
+}
+
 /// A node's audit spool.
 pub struct Spool {
     tx: mpsc::SyncSender<Pending>,
     path: PathBuf,
+    shared: Arc<Shared>,
+    ended_closed: bool,
+    /// Woken each time another `every_records` records are on disk.
+    pub(crate) filled: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -60,10 +73,12 @@ impl std::fmt::Debug for Spool {
     }
 }
 
-/// Reads where the chain in `file` stands, dropping a torn last line (one without its newline).
-fn resume(file: &mut File) -> std::io::Result<Head> {
+/// Reads where the chain in `file` stands, dropping a torn last line (one without its newline),
+/// and whether the last line is a clean stop's `close` checkpoint.
+fn resume(file: &mut File) -> std::io::Result<(Head, bool)> {
     file.seek(SeekFrom::Start(0))?;
     let (mut head, mut good_len, mut text) = (Head::default(), 0u64, String::new());
+    let mut closed = false;
     {
         let mut reader = BufReader::new(&mut *file);
         loop {
@@ -76,28 +91,57 @@ fn resume(file: &mut File) -> std::io::Result<Head> {
             // the last line that parses.
             if let Ok(next) = chain::check_line(0, text.trim_end_matches('\n'), &Head::default()) {
                 head = next;
+                closed = text.contains(r#""checkpoint":{"kind":"close""#);
             }
             good_len += n as u64;
         }
     }
     file.set_len(good_len)?;
     file.seek(SeekFrom::End(0))?;
-    Ok(head)
+    Ok((head, closed))
 }
 
 impl Spool {
-    /// Opens (or creates, 0600) the spool at `path` and starts its thread.
+    /// Opens (or creates, 0600) the spool at `path` and starts its thread; [`Spool::filled`] is
+    /// woken every `every_records` records.
     ///
     /// # Errors
     /// The file cannot be opened or read.
-    pub fn open(path: &Path) -> std::io::Result<Spool> {
+    pub fn open(path: &Path, every_records: u64) -> std::io::Result<Spool> {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
-        let head = resume(&mut file)?;
+        let (head, ended_closed) = resume(&mut file)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let shown = path.display().to_string();
-        std::thread::Builder::new().name("coffer-audit".into()).spawn(move || run(file, head, rx, shown))?;
-        Ok(Spool { tx, path: path.to_owned() })
+        let shared = Arc::new(Shared { head: Mutex::new(head.clone()), failure: Mutex::new(None) });
+        let filled = Arc::new(tokio::sync::Notify::new());
+        let writer = Writer {
+            path: path.display().to_string(),
+            shared: shared.clone(),
+            filled: filled.clone(),
+            every_records: every_records.max(1),
+        };
+        std::thread::Builder::new().name("coffer-audit".into()).spawn(move || writer.run(file, head, &rx))?;
+        Ok(Spool { tx, path: path.to_owned(), shared, ended_closed, filled })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the chain on disk stands.
+    pub fn head(&self) -> Head {
+        self.shared.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Whether the file ended with a `close` checkpoint when it was opened.
+    pub fn ended_closed(&self) -> bool {
+        self.ended_closed
+    }
+
+    /// Why the spool stopped writing, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Appends one record (already JSON) and waits until it is on disk; returns its sequence
@@ -115,46 +159,63 @@ impl Spool {
     }
 }
 
-/// The spool thread: takes what is waiting (up to [`GROUP`]), writes it in one go, syncs, and
-/// answers every caller of the group.
-fn run(mut file: File, mut head: Head, rx: mpsc::Receiver<Pending>, path: String) {
-    let mut poisoned: Option<String> = None;
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < GROUP {
-            match rx.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
-        }
-        if let Some(why) = &poisoned {
-            for p in group {
-                let _ = p.done.send(Err(SpoolError::Failed { path: path.clone(), why: why.clone() }));
-            }
-            continue;
-        }
-        let start = head.clone();
-        let mut text = String::new();
-        let mut seqs = Vec::with_capacity(group.len());
-        for p in &group {
-            let (line, hash) = chain::line(head.seq + 1, &head.hash, &p.record_json);
-            head = Head { seq: head.seq + 1, hash };
-            seqs.push(head.seq);
-            text.push_str(&line);
-        }
-        let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_data());
-        match written {
-            Ok(()) => {
-                for (p, seq) in group.into_iter().zip(seqs) {
-                    let _ = p.done.send(Ok(seq));
+/// The spool thread's side.
+struct Writer {
+    path: String,
+    shared: Arc<Shared>,
+    filled: Arc<tokio::sync::Notify>,
+    every_records: u64,
+}
+
+impl Writer {
+    /// The spool thread: takes what is waiting (up to [`GROUP`]), writes it in one go, syncs, and
+    /// answers every caller of the group.
+    fn run(self, mut file: File, mut head: Head, rx: &mpsc::Receiver<Pending>) {
+        let path = self.path.clone();
+        let mut poisoned: Option<String> = None;
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < GROUP {
+                match rx.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::error!(path = %path, error = %e, "the audit spool cannot be written: refusing calls");
-                head = start;
-                poisoned = Some(e.to_string());
+            if let Some(why) = &poisoned {
                 for p in group {
-                    let _ = p.done.send(Err(SpoolError::Failed { path: path.clone(), why: e.to_string() }));
+                    let _ = p.done.send(Err(SpoolError::Failed { path: path.clone(), why: why.clone() }));
+                }
+                continue;
+            }
+            let start = head.clone();
+            let mut text = String::new();
+            let mut seqs = Vec::with_capacity(group.len());
+            for p in &group {
+                let (line, hash) = chain::line(head.seq + 1, &head.hash, &p.record_json);
+                head = Head { seq: head.seq + 1, hash };
+                seqs.push(head.seq);
+                text.push_str(&line);
+            }
+            let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_data());
+            match written {
+                Ok(()) => {
+                    *self.shared.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = head.clone();
+                    if start.seq / self.every_records != head.seq / self.every_records {
+                        self.filled.notify_one();
+                    }
+                    for (p, seq) in group.into_iter().zip(seqs) {
+                        let _ = p.done.send(Ok(seq));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path, error = %e, "the audit spool cannot be written: refusing calls");
+                    head = start;
+                    poisoned = Some(e.to_string());
+                    *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(e.to_string());
+                    for p in group {
+                        let _ = p.done.send(Err(SpoolError::Failed { path: path.clone(), why: e.to_string() }));
+                    }
                 }
             }
         }
@@ -165,11 +226,21 @@ fn run(mut file: File, mut head: Head, rx: mpsc::Receiver<Pending>, path: String
 mod tests {
     use super::*;
 
+    /// The first and last seq of an intact chain in `path`.
+    fn span(path: &Path) -> Result<(u64, u64), chain::Broken> {
+        let (mut head, mut first) = (Head::default(), None);
+        for (i, text) in std::fs::read_to_string(path).unwrap_or_default().lines().enumerate() {
+            head = chain::check_line(i as u64 + 1, text, &head)?;
+            first.get_or_insert(head.seq);
+        }
+        Ok((first.unwrap_or(0), head.seq))
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn concurrent_appends_make_one_chain_that_survives_a_reopen_and_a_tear() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("audit.log");
-        let spool = std::sync::Arc::new(Spool::open(&path)?);
+        let spool = std::sync::Arc::new(Spool::open(&path, 1000)?);
         let mut tasks = Vec::new();
         for i in 0..200 {
             let spool = spool.clone();
@@ -182,14 +253,13 @@ mod tests {
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=200).collect::<Vec<_>>(), "each append got its own place");
         drop(spool);
-        let verified = chain::verify(BufReader::new(File::open(&path)?))?;
-        assert_eq!(verified.span, Some((1, 200)));
+        assert_eq!(span(&path)?, (1, 200));
         // A torn last line (a crash mid-write) is dropped on reopen, and the chain goes on.
         OpenOptions::new().append(true).open(&path)?.write_all(b"{\"seq\":201,\"prev\":\"ab")?;
-        let spool = Spool::open(&path)?;
+        let spool = Spool::open(&path, 1000)?;
         assert_eq!(spool.append("{\"n\":\"after\"}".into()).await?, 201);
         drop(spool);
-        assert_eq!(chain::verify(BufReader::new(File::open(&path)?))?.span, Some((1, 201)));
+        assert_eq!(span(&path)?, (1, 201));
         Ok(())
     }
 }

@@ -1,55 +1,109 @@
-//! Audit files (issue #13, first part): the spool's chain as `coffer audit verify` checks it,
-//! against each way of tampering with a file that the chain alone can show.
-
-use coffer_node::audit::spool::Spool;
+//! Audit (issue #13): the records real nodes write, and `coffer audit verify` against each way
+//! of tampering with a file.
 
 use crate::coffer_bin;
 
-fn verify(file: &std::path::Path) -> anyhow::Result<(bool, String)> {
-    let out = std::process::Command::new(coffer_bin()).args(["audit", "verify"]).arg(file).output()?;
+fn verify(file: &std::path::Path, key: Option<&std::path::Path>) -> anyhow::Result<(bool, String)> {
+    let mut command = std::process::Command::new(coffer_bin());
+    command.args(["audit", "verify"]).arg(file);
+    if let Some(key) = key {
+        command.arg("--key").arg(key);
+    }
+    let out = command.output()?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn audit_verify_passes_a_real_spool_and_names_each_tampering() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("audit.log");
-    let spool = Spool::open(&path)?;
-    for i in 0..50 {
-        spool.append(format!("{{\"method\":\"coffer.v1.Secrets/Get\",\"path\":\"app/{i}\"}}")).await?;
+/// A put on node 0 of a node that has just started: retried while it answers `UNAVAILABLE`
+/// (not yet caught up), for up to 15 s.
+async fn put_once_serving(cluster: &coffer_testkit::Cluster, path: &str) -> anyhow::Result<()> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    let started = std::time::Instant::now();
+    loop {
+        match SecretsClient::new(cluster.channel(0)?).put(crate::put(path, b"v", None)).await {
+            Ok(_) => return Ok(()),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable && started.elapsed() < std::time::Duration::from_secs(15) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
     }
-    drop(spool);
-    let (ok, said) = verify(&path)?;
-    assert!(ok && said.contains("50 records, seq 1..50, chain intact"), "{said}");
-    let lines: Vec<String> = std::fs::read_to_string(&path)?.lines().map(|l| format!("{l}\n")).collect();
-    let tampered = |name: &str, lines: Vec<String>| -> anyhow::Result<(bool, String)> {
-        let file = dir.path().join(name);
-        std::fs::write(&file, lines.concat())?;
-        verify(&file)
+}
+
+/// A real node's audit file, written for a few seconds with checkpoints every second, stopped
+/// cleanly: `audit verify` passes it with the node's key pinned, and names each tampering: a
+/// flipped byte, a removed record, two records swapped, the file cut after a checkpoint. A
+/// restart after kill -9 is noted, not called a break.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_passes_a_real_file_and_names_each_tampering() -> anyhow::Result<()> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    let mut cluster = crate::must_start_cluster(1, "[audit]\ncheckpoint-every = \"1s\"\ncheckpoint-records = 40\n")?;
+    let mut s = SecretsClient::new(cluster.channel(0)?);
+    let started = std::time::Instant::now();
+    for i in 0..100 {
+        s.put(crate::put(&format!("app/{i}"), b"v", None)).await?;
+        if started.elapsed() < std::time::Duration::from_secs(6) {
+            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        }
+    }
+    cluster.stop(0)?;
+    let file = cluster.data_dir(0).join("audit.log");
+    let key = cluster.data_dir(0).join("audit.log.pub");
+    let (ok, said) = verify(&file, Some(&key))?;
+    assert!(ok && said.contains("chain intact") && said.contains("(pinned), ends with a clean stop"), "{said}");
+    let lines: Vec<String> = std::fs::read_to_string(&file)?.lines().map(|l| format!("{l}\n")).collect();
+    let is_checkpoint = |l: &String| l.contains("\"record\":{\"checkpoint\"");
+    let checkpoints: Vec<usize> = (0..lines.len()).filter(|i| is_checkpoint(&lines[*i])).collect();
+    assert!(checkpoints.len() >= 5, "open, one a second or per 40 records, close: {checkpoints:?}");
+    let records: Vec<usize> = (0..lines.len()).filter(|i| !is_checkpoint(&lines[*i])).collect();
+    let dir = tempfile::tempdir()?;
+    let tampered = |name: &str, lines: &[String]| -> anyhow::Result<(bool, String)> {
+        let copy = dir.path().join(name);
+        std::fs::write(&copy, lines.concat())?;
+        verify(&copy, Some(&key))
     };
     let mut edited = lines.clone();
-    edited[9] = edited[9].replace("app/9", "app/X");
-    let (ok, said) = tampered("edited", edited)?;
-    assert!(!ok && said.contains("line 10 (seq 10): its content does not match its hash"), "{said}");
+    let at = records[10];
+    edited[at] = edited[at].replacen("\"status\":\"OK\"", "\"status\":\"NOT_FOUND\"", 1);
+    assert_ne!(edited[at], lines[at]);
+    let (ok, said) = tampered("edited", &edited)?;
+    assert!(!ok && said.contains(&format!("line {}", at + 1)) && said.contains("does not match its hash"), "{said}");
     let mut removed = lines.clone();
-    removed.remove(20);
-    let (ok, said) = tampered("removed", removed)?;
-    assert!(!ok && said.contains("line 21 (seq 22): does not follow seq 20"), "{said}");
-    let mut reordered = lines;
-    reordered.swap(30, 31);
-    let (ok, said) = tampered("reordered", reordered)?;
+    removed.remove(records[20]);
+    let (ok, said) = tampered("removed", &removed)?;
+    assert!(!ok && said.contains(&format!("line {}", records[20] + 1)) && said.contains("does not follow"), "{said}");
+    let mut reordered = lines.clone();
+    reordered.swap(records[30], records[30] + 1);
+    let (ok, said) = tampered("reordered", &reordered)?;
     assert!(!ok && said.contains("does not follow"), "{said}");
+    // Cut after the second checkpoint, which is older than three intervals by now.
+    let cut = checkpoints[1];
+    let (ok, said) = tampered("cut", &lines[..=cut])?;
+    assert!(!ok && said.contains(&format!("line {}", cut + 1)) && said.contains("cut short"), "{said}");
+    let (ok, said) = tampered("cut-later", &lines[..cut + 3])?;
+    assert!(!ok && said.contains("cut short") && said.contains("2 record(s) after it"), "{said}");
+
+    // kill -9, restart: the node notes the unclean stop in its `open` checkpoint.
+    cluster.start_node(0)?;
+    put_once_serving(&cluster, "app/x").await?;
+    cluster.kill(0)?;
+    cluster.start_node(0)?;
+    put_once_serving(&cluster, "app/y").await?;
+    cluster.stop(0)?;
+    let (ok, said) = verify(&file, Some(&key))?;
+    assert!(ok && said.contains("note: line") && said.contains("unclean stop"), "{said}");
     Ok(())
 }
 
-/// With `[audit] spool` set, every public call leaves one record (allowed, denied and
+/// Every public call leaves one record (allowed, denied and
 /// unauthenticated alike) before its answer, the chain verifies, and no value appears in it.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     use coffer_proto::v1::keys_client::KeysClient;
     use coffer_proto::v1::secrets_client::SecretsClient;
     use coffer_proto::v1::{CreateKeyRequest, EncryptRequest, KeyType};
-    let mut cluster = crate::must_start_cluster(1, "[audit]\nspool = \"audit.log\"\n")?;
+    let mut cluster = crate::must_start_cluster(1, "")?;
     let marker = b"MARKER-7f3a-never-in-audit";
     let mut s = SecretsClient::new(cluster.channel(0)?);
     s.put(crate::put("app/db", marker, None)).await?;
@@ -65,8 +119,8 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     assert!(SecretsClient::new(bare).get(crate::get("app/db", None)).await.is_err());
     cluster.stop(0)?;
 
-    let file = cluster.node_dir(0).join("audit.log");
-    let (ok, said) = verify(&file)?;
+    let file = cluster.data_dir(0).join("audit.log");
+    let (ok, said) = verify(&file, None)?;
     assert!(ok, "{said}");
     let text = std::fs::read_to_string(&file)?;
     assert!(!text.contains("MARKER-7f3a"), "a value is in the audit file");
