@@ -445,14 +445,23 @@ fn ec_point(value: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Held while finding or creating a signing key: nodes served in one process (tests) share a
+/// token, and two creating the same label at once would make two pairs.
+static SIGNING_KEYS: Mutex<()> = Mutex::new(());
+
 fn signing_key_with(session: &Session, label: &str) -> Result<SigningKey, HsmError> {
-    let labelled = |class| [Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())];
+    let _creating = SIGNING_KEYS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let labelled = |class| vec![Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())];
     let mut private = session.find_objects(&labelled(ObjectClass::PRIVATE_KEY))?;
-    let mut public = session.find_objects(&labelled(ObjectClass::PUBLIC_KEY))?;
-    if private.is_empty() || public.is_empty() {
+    if private.is_empty() {
+        // The pair shares a random CKA_ID: the public half is found by it, never by position.
+        let mut id = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| HsmError::Unavailable { reason: "no randomness for a key id".into() })?;
         let public_template = [
             Attribute::Token(true),
             Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
             Attribute::EcParams(P256_PARAMS.to_vec()),
             Attribute::Verify(true),
         ];
@@ -460,18 +469,26 @@ fn signing_key_with(session: &Session, label: &str) -> Result<SigningKey, HsmErr
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Sign(true),
         ];
-        let (p, s) = session.generate_key_pair(&Mechanism::EccKeyPairGen, &public_template, &private_template)?;
-        (public, private) = (vec![p], vec![s]);
+        let (_, created) = session.generate_key_pair(&Mechanism::EccKeyPairGen, &public_template, &private_template)?;
+        private = vec![created];
     }
-    // Two nodes sharing a token may both have created a pair under one label; the lowest handle
-    // of each class is used, consistently, and the public half is read back from the same pair.
+    // Two processes sharing a token may each have created a pair under one label: the lowest
+    // handle is used, with the public half of its own pair.
     private.sort_by_key(|h| h.handle());
-    public.sort_by_key(|h| h.handle());
-    let (private, public) = (private[0], public[0]);
+    let private = private[0];
+    let id = session.get_attributes(private, &[AttributeType::Id])?.into_iter().find_map(|a| match a {
+        Attribute::Id(id) => Some(id),
+        _ => None,
+    });
+    let mut query = labelled(ObjectClass::PUBLIC_KEY);
+    query.extend(id.map(Attribute::Id));
+    let missing = || HsmError::Unavailable { reason: format!("the key pair {label:?} has no P-256 public half") };
+    let public = *session.find_objects(&query)?.first().ok_or_else(missing)?;
     let point = session
         .get_attributes(public, &[AttributeType::EcPoint])?
         .into_iter()
@@ -479,7 +496,7 @@ fn signing_key_with(session: &Session, label: &str) -> Result<SigningKey, HsmErr
             Attribute::EcPoint(value) => ec_point(&value),
             _ => None,
         })
-        .ok_or_else(|| HsmError::Unavailable { reason: format!("the key pair {label:?} has no P-256 public point") })?;
+        .ok_or_else(missing)?;
     Ok(SigningKey { private, public: point })
 }
 

@@ -1,4 +1,5 @@
-//! `coffer audit …`: audit files from the shell. Works on files only; talks to no server.
+//! `coffer audit …`: audit files from the shell. `verify` and `tail` work on files and talk to
+//! no server; `hash` asks a node for a value's keyed HMAC.
 #![allow(clippy::print_stdout)] // printing results is what a command line is for
 
 use std::path::PathBuf;
@@ -32,6 +33,17 @@ enum AuditCommand {
         /// The public key the checkpoints must be signed by: hex, or a file holding it.
         #[arg(long)]
         key: Option<String>,
+    },
+    /// The keyed HMAC of a value, as audit records hold it in `value_hmac`: find the calls that
+    /// wrote or read it (`grep` the files for the hex). Needs `hmac` on sys/audit/hash. The
+    /// value is read from standard input (kept out of the process list), or from --file.
+    Hash {
+        /// Read the value from this file instead of standard input (taken as is, bytes and all).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Where and how to connect.
+        #[command(flatten)]
+        conn: crate::cli::client::ConnectArgs,
     },
     /// Print the last records of an audit file (JSON lines, one record each), filtered.
     Tail {
@@ -71,8 +83,29 @@ fn matches(
 }
 
 /// Runs `coffer audit …`.
-pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let (files, key) = match args.command {
+        AuditCommand::Hash { file, conn } => {
+            use std::io::Read;
+            let mut value = zeroize::Zeroizing::new(Vec::new());
+            match file {
+                Some(path) => {
+                    *value =
+                        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                }
+                None => {
+                    std::io::stdin().read_to_end(&mut value)?;
+                }
+            }
+            let mut client = coffer_proto::v1::auth_client::AuthClient::new(crate::cli::client::connect(&conn).await?);
+            let request = coffer_proto::v1::AuditHashRequest { value: value.to_vec() };
+            let reply = client
+                .audit_hash(request)
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", crate::cli::client::describe_status(&s)))?;
+            println!("{}", reply.into_inner().hmac);
+            return Ok(ExitCode::SUCCESS);
+        }
         AuditCommand::Verify { files, key } => (files, key),
         AuditCommand::Tail { file, lines, principal, path, method, decision } => {
             let text =

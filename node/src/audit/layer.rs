@@ -1,15 +1,26 @@
 // Hot path: every public call, when audit is on.
 //! One audit record per call: a tower layer around the public services.
 //!
-//! The layer puts an [`AuditSlot`] into the request; authentication and authorisation fill it
-//! (who, what, which capability, allowed or not). When the service answers, the layer writes the
-//! record to the spool and only then lets the response leave: a call whose record cannot be
-//! written fails closed with `UNAVAILABLE`. A Keys batch or stream is one call, one record.
+//! The layer puts an [`AuditSlot`] into the request; authentication, authorisation and the
+//! services fill it (who, what, which capability and rule, allowed or not, versions, value
+//! HMACs, per-key counts). When the service answers, the layer writes the record to the spool
+//! and only then lets the response leave: a call whose record cannot be written fails closed
+//! with `UNAVAILABLE`.
+//!
+//! A Keys batch is one call and one record, with counts per key, operation and outcome. A Keys
+//! stream is one call too: its record is written when the stream ends, with the counts of every
+//! item and the final status, before that status leaves (a node killed mid-stream loses that
+//! stream's record; a spool that has failed refuses the stream at its start).
+//!
+//! Every call gets a request id: the client's `x-request-id` (up to 128 printable characters),
+//! else one the node makes; the answer carries it back in `x-request-id`. A W3C `traceparent`
+//! header's trace id is recorded too.
 //!
 //! The status is read from the response head: an error answered before any message carries
-//! `grpc-status` in its headers; a response without it is recorded as `OK` (for a stream: as
-//! opened).
+//! `grpc-status` in its headers; a response without it is recorded as `OK`.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -33,9 +44,69 @@ pub struct AuditInfo {
     /// `allowed`, `denied` or `unauthenticated`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<&'static str>,
+    /// The rule that decided: `root`, `<policy>#<rule>`, `default-deny`, `operator-certificate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// A token's accessor (never the token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accessor: Option<String>,
+    /// A certificate's identity (login name, or operator name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// SHA-256 of the client certificate (DER), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
     /// The caller's address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// The version read or written, or the key version used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// A keyed HMAC of the value written or read (`coffer audit hash` computes the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_hmac: Option<String>,
+    /// A batch or stream: per key, per operation, per outcome, how many items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BTreeMap<String, Counts>>,
+}
+
+/// A key's items in a batch or stream: per operation, per outcome (a gRPC code name), how many.
+pub type Counts = BTreeMap<&'static str, BTreeMap<&'static str, u64>>;
+
+impl AuditInfo {
+    /// Counts one item of a batch or stream.
+    pub fn count(&mut self, key: &str, operation: &'static str, outcome: &'static str) {
+        *self
+            .counts
+            .get_or_insert_with(BTreeMap::new)
+            .entry(key.to_owned())
+            .or_default()
+            .entry(operation)
+            .or_default()
+            .entry(outcome)
+            .or_default() += 1;
+    }
+}
+
+tokio::task_local! {
+    /// The slot of the call this task serves: where a refusal decided deep in a use case (a
+    /// token's subset rule, a policy admin's limits) writes its path, capability and rule.
+    pub static CURRENT: AuditSlot;
+}
+
+/// Notes a refusal in the current call's record (if the task serves an audited call and its
+/// record names no refusal yet): `PermissionDenied` from anywhere names what was refused.
+pub fn note_denied(path: &str, capability: &'static str, rule: String) {
+    let _ = CURRENT.try_with(|slot| {
+        slot.update(|info| {
+            if info.decision != Some("denied") || info.rule.is_none() {
+                info.path = Some(path.to_owned());
+                info.capability = Some(capability);
+                info.decision = Some("denied");
+                info.rule = Some(rule);
+            }
+        });
+    });
 }
 
 /// The slot a call's [`AuditInfo`] is written into.
@@ -54,6 +125,9 @@ impl AuditSlot {
 struct Record<'a> {
     time_ms: u64,
     node: u64,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
     method: &'a str,
     #[serde(flatten)]
     info: AuditInfo,
@@ -94,7 +168,12 @@ type BoxFuture<T, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result
 /// that opened).
 fn status_name(headers: &http::HeaderMap) -> &'static str {
     let code = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok());
-    match code.map(tonic::Code::from_i32) {
+    code.map_or("OK", |code| code_name(tonic::Code::from_i32(code)))
+}
+
+/// A gRPC code's name, as records and counts write it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    match Some(code) {
         None | Some(tonic::Code::Ok) => "OK",
         Some(tonic::Code::Cancelled) => "CANCELLED",
         Some(tonic::Code::Unknown) => "UNKNOWN",
@@ -138,33 +217,154 @@ where
         let slot = AuditSlot::default();
         request.extensions_mut().insert(slot.clone());
         let method = request.uri().path().to_owned();
+        let request_id = request_id(request.headers(), audit.node);
+        let trace_id = trace_id(request.headers());
         let started = Instant::now();
         Box::pin(async move {
-            let response = inner.call(request).await?;
-            let status = status_name(response.headers());
-            let mut info = slot.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-            // A refusal decided past the first check (a batch item, a put's create-or-update)
-            // shows in the status.
-            info.decision = match (status, info.decision) {
-                ("PERMISSION_DENIED", _) => Some("denied"),
-                ("UNAUTHENTICATED", _) => Some("unauthenticated"),
-                (_, None) if info.principal.is_some() => Some("allowed"),
-                (_, decision) => decision,
-            };
-            let record = Record {
-                time_ms: crate::node::now_ms(),
-                node: audit.node,
-                method: &method,
-                info,
-                status,
-                latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            };
-            let json = serde_json::to_string(&record).unwrap_or_default();
-            match audit.spool.append(json).await {
-                Ok(_) => Ok(response),
-                // Fail closed: the answer does not leave without its record.
-                Err(e) => Ok(tonic::Status::unavailable(e.to_string()).into_http()),
+            let pending = Pending { audit, slot, method, request_id, trace_id, started };
+            if pending.method == STREAM {
+                // A stream's record is written at its end; a failed spool refuses it now.
+                if let Some(why) = pending.audit.spool.failure() {
+                    return Ok(
+                        tonic::Status::unavailable(format!("the audit spool cannot be written ({why})")).into_http()
+                    );
+                }
+                let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
+                pending.echo_id(response.headers_mut());
+                if response.headers().contains_key("grpc-status") {
+                    return Ok(pending.finish(response).await);
+                }
+                let (parts, body) = response.into_parts();
+                let body = AuditedBody { inner: body, pending: Some(pending), writing: None };
+                return Ok(http::Response::from_parts(parts, tonic::body::Body::new(body)));
             }
+            let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
+            pending.echo_id(response.headers_mut());
+            Ok(pending.finish(response).await)
         })
+    }
+}
+
+/// The Keys stream method: recorded when it ends.
+const STREAM: &str = "/coffer.v1.Keys/Stream";
+
+/// The client's request id when it is sane, else one made here: `<node>-<start ms>-<n>`.
+fn request_id(headers: &http::HeaderMap, node: u64) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.to_owned();
+        }
+    }
+    let started = STARTED.get_or_init(crate::node::now_ms);
+    format!("{node}-{started:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_ascii_lowercase())
+}
+
+/// A call on its way: what its record needs once the status is known.
+struct Pending {
+    audit: Arc<Audit>,
+    slot: AuditSlot,
+    method: String,
+    request_id: String,
+    trace_id: Option<String>,
+    started: Instant,
+}
+
+impl Pending {
+    /// Puts the request id on the answer.
+    fn echo_id(&self, headers: &mut http::HeaderMap) {
+        if let Ok(value) = http::HeaderValue::from_str(&self.request_id) {
+            headers.insert("x-request-id", value);
+        }
+    }
+
+    /// The record's JSON for a call that ended with `status`.
+    fn record(&self, status: &'static str) -> String {
+        let mut info = self.slot.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        // A refusal decided past the first check (a put's create-or-update) shows in the status.
+        info.decision = match (status, info.decision) {
+            ("PERMISSION_DENIED", _) => Some("denied"),
+            ("UNAUTHENTICATED", _) => Some("unauthenticated"),
+            (_, None) if info.principal.is_some() => Some("allowed"),
+            (_, decision) => decision,
+        };
+        let record = Record {
+            time_ms: crate::node::now_ms(),
+            node: self.audit.node,
+            request_id: &self.request_id,
+            trace_id: self.trace_id.as_deref(),
+            method: &self.method,
+            info,
+            status,
+            latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        serde_json::to_string(&record).unwrap_or_default()
+    }
+
+    /// Writes the record of a unary call (or a stream refused at its start), then lets the
+    /// answer go; fails closed.
+    async fn finish(self, response: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+        let json = self.record(status_name(response.headers()));
+        match self.audit.spool.append(json).await {
+            Ok(_) => response,
+            Err(e) => tonic::Status::unavailable(e.to_string()).into_http(),
+        }
+    }
+}
+
+type Append = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, super::spool::SpoolError>> + Send>>;
+type Frame = Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>;
+
+/// A stream's body: passes messages through, and writes the record when the stream ends
+/// (trailers, an error, or the end), before that end leaves.
+struct AuditedBody {
+    inner: tonic::body::Body,
+    pending: Option<Pending>,
+    writing: Option<(Append, Frame)>,
+}
+
+impl http_body::Body for AuditedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Frame> {
+        let this = &mut *self;
+        if let Some((append, _)) = &mut this.writing {
+            let written = std::task::ready!(append.as_mut().poll(cx));
+            let (_, end) = this.writing.take().expect("set above");
+            return Poll::Ready(match written {
+                Ok(_) => end,
+                // Fail closed: the stream ends UNAVAILABLE, not with the status it had.
+                Err(e) => Some(Err(tonic::Status::unavailable(e.to_string()))),
+            });
+        }
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(pending) = this.pending.take() else { return Poll::Ready(frame) };
+        let status = match &frame {
+            Some(Ok(f)) if f.is_trailers() => f.trailers_ref().map_or("OK", status_name),
+            Some(Ok(_)) => {
+                this.pending = Some(pending);
+                return Poll::Ready(frame);
+            }
+            Some(Err(e)) => code_name(e.code()),
+            None => "OK",
+        };
+        let json = pending.record(status);
+        let audit = pending.audit;
+        this.writing = Some((Box::pin(async move { audit.spool.append(json).await }), frame));
+        self.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.writing.is_none() && self.inner.is_end_stream()
     }
 }

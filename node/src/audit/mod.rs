@@ -46,6 +46,17 @@ impl std::fmt::Debug for Audit {
     }
 }
 
+/// An error and its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// The HSM label of node `node`'s checkpoint key.
 pub fn key_label(node: u64) -> String {
     format!("coffer-audit-node-{node}")
@@ -64,13 +75,16 @@ impl Audit {
         let key = hsm
             .signing_key(&key_label(node))
             .await
-            .map_err(|e| fail(format!("cannot get the audit checkpoint key from the HSM: {e}")))?;
+            .map_err(|e| fail(format!("cannot get the audit checkpoint key from the HSM: {}", chain(&e))))?;
         let public = spool.path().with_extension("log.pub");
         std::fs::write(&public, format!("{}\n", hex::encode(&key.public)))
             .map_err(|e| fail(format!("cannot write {}: {e}", public.display())))?;
         let unclean = !spool.ended_closed() && spool.head().seq > 0;
         let audit = Arc::new(Audit { spool, hsm: hsm.clone(), key, node, config: config.clone() });
-        audit.checkpoint(Kind::Open, unclean).await.map_err(|e| fail(format!("cannot write the audit spool: {e}")))?;
+        audit
+            .checkpoint(Kind::Open, unclean)
+            .await
+            .map_err(|e| fail(format!("cannot write the first audit checkpoint: {e:#}")))?;
         tracing::info!(spool = %config.spool.display(), "auditing every call");
         Ok(audit)
     }

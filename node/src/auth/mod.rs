@@ -95,6 +95,26 @@ impl Principal {
         }
     }
 
+    /// Writes who this is into an audit record: the display name, a token's accessor, a
+    /// certificate's identity.
+    pub fn describe(&self, info: &mut crate::audit::layer::AuditInfo) {
+        info.principal = Some(self.display());
+        match (&self.credential, &self.token) {
+            (Credential::Token(_), Some(t)) => info.accessor = Some(t.accessor.clone()),
+            (Credential::Cert { login, .. }, _) => info.identity = Some(login.clone()),
+            (Credential::Operator(name), _) => info.identity = Some(name.clone()),
+            (Credential::Token(_), None) => {}
+        }
+    }
+
+    /// The rule that decides `capability` on `path`, as the audit record names it.
+    pub fn deciding_rule(&self, path: &str, capability: Capability) -> String {
+        if self.operator && capability == Capability::Operator && path.starts_with("sys/operator/") {
+            return "operator-certificate".into();
+        }
+        self.policies.deciding_rule(path, capability)
+    }
+
     /// Whether this principal may use `capability` on `path`.
     pub fn allows(&self, path: &str, capability: Capability) -> bool {
         (self.operator && capability == Capability::Operator && path.starts_with("sys/operator/"))
@@ -110,6 +130,7 @@ impl Principal {
             return Ok(());
         }
         tracing::debug!(principal = %self.display(), path, %capability, "permission denied");
+        crate::audit::layer::note_denied(path, capability.name(), self.deciding_rule(path, capability));
         Err(Error::PermissionDenied { capability, path: path.to_owned() })
     }
 
@@ -159,6 +180,8 @@ const MAX_CACHED_PRINCIPALS: usize = 100_000;
 /// A node's authentication state: the token-hashing key, once loaded, and the cache.
 pub struct Auth {
     hash_key: std::sync::OnceLock<ring::hmac::Key>,
+    /// The key of values' HMACs in audit records (`coffer audit hash`).
+    value_key: std::sync::OnceLock<ring::hmac::Key>,
     /// Per-credential call rate, when `auth.token-rate` sets one.
     limiter: Option<governor::DefaultKeyedRateLimiter<Credential>>,
     /// The principal of every call when checks are off.
@@ -179,7 +202,13 @@ impl Auth {
         let limiter = config.token_rate.map(|rate| {
             governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(config.token_burst))
         });
-        Auth { hash_key: Default::default(), limiter, unchecked: Default::default(), cache: Default::default() }
+        Auth {
+            hash_key: Default::default(),
+            value_key: Default::default(),
+            limiter,
+            unchecked: Default::default(),
+            cache: Default::default(),
+        }
     }
 
     /// Counts one call of `credential` against its rate.
@@ -203,9 +232,18 @@ impl Auth {
         }
     }
 
-    /// Sets the token-hashing key (once; later calls are ignored).
+    /// Sets the token-hashing key (once; later calls are ignored), and the audit value key
+    /// derived from it (HMAC of a fixed label: one cluster-wide key, sealed like the identity
+    /// key it comes from, never used for tokens).
     pub(crate) fn set_hash_key(&self, key: &[u8]) {
-        let _ = self.hash_key.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
+        let hash_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let derived = ring::hmac::sign(&hash_key, b"coffer audit value hmac, v1");
+        let _ = self.value_key.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()));
+        let _ = self.hash_key.set(hash_key);
+    }
+
+    pub(crate) fn value_key(&self) -> Option<&ring::hmac::Key> {
+        self.value_key.get()
     }
 
     pub(crate) fn hash_key(&self) -> Option<&ring::hmac::Key> {
@@ -226,27 +264,39 @@ fn unchecked() -> Arc<Principal> {
     })
 }
 
+/// SHA-256 (hex) of the client certificate the call came with, for its audit record.
+fn cert_sha256<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    let first = certs.first()?;
+    Some(hex::encode(ring::digest::digest(&ring::digest::SHA256, first.as_ref())))
+}
+
 /// The metadata key a token travels in.
 pub const AUTHORIZATION: &str = "authorization";
 
 impl Node {
-    /// Authenticates the caller and checks one capability on one path.
+    /// Authenticates the caller and checks one capability on one path. The path comes as the
+    /// result of validating the request: a caller is authenticated before it learns anything
+    /// about its request's shape, and its audit record names it either way.
     ///
     /// # Errors
-    /// As [`Node::authenticate`], and `PermissionDenied`.
+    /// As [`Node::authenticate`]; the path's own error; `PermissionDenied`.
     pub async fn authorize<T>(
         &self,
         request: &Request<T>,
-        path: &str,
+        path: Result<String, Error>,
         capability: Capability,
     ) -> Result<Arc<Principal>, Error> {
         let principal = self.authenticate(request).await?;
+        let path = path?;
+        let path = path.as_str();
         let decided = principal.require(path, capability);
         if let Some(slot) = request.extensions().get::<crate::audit::layer::AuditSlot>() {
             slot.update(|info| {
                 info.path = Some(path.to_owned());
                 info.capability = Some(capability.name());
                 info.decision = Some(if decided.is_ok() { "allowed" } else { "denied" });
+                info.rule = Some(principal.deciding_rule(path, capability));
             });
         }
         decided.map(|()| principal)
@@ -259,12 +309,37 @@ impl Node {
     /// # Errors
     /// As [`Node::authorize`].
     pub async fn authorize_operator<T>(&self, request: &Request<T>, action: &str) -> Result<(), Error> {
+        let path = format!("sys/operator/{action}");
+        let slot = request.extensions().get::<crate::audit::layer::AuditSlot>();
+        if let Some(slot) = slot {
+            slot.update(|info| {
+                info.peer = request.remote_addr().map(|a| a.to_string());
+                info.cert_sha256 = cert_sha256(request);
+                info.path = Some(path.clone());
+                info.capability = Some(Capability::Operator.name());
+            });
+        }
         let credential = self.credential(request).await?;
-        if let Credential::Operator(_) = credential {
+        if let Credential::Operator(name) = &credential {
+            if let Some(slot) = slot {
+                slot.update(|info| {
+                    info.principal = Some(format!("operator certificate {name}"));
+                    info.identity = Some(name.clone());
+                    info.decision = Some("allowed");
+                    info.rule = Some("operator-certificate".into());
+                });
+            }
             return Ok(());
         }
         self.wait_fresh().await?;
-        self.lookup(&credential)?.require(&format!("sys/operator/{action}"), Capability::Operator)
+        let principal = self.lookup(&credential)?;
+        if let Some(slot) = slot {
+            slot.update(|info| {
+                principal.describe(info);
+                info.rule = Some(principal.deciding_rule(&path, Capability::Operator));
+            });
+        }
+        principal.require(&path, Capability::Operator)
     }
 
     /// Who is calling: a token in metadata, else the verified client certificate.
@@ -278,7 +353,10 @@ impl Node {
         }
         let slot = request.extensions().get::<crate::audit::layer::AuditSlot>();
         if let Some(slot) = slot {
-            slot.update(|info| info.peer = request.remote_addr().map(|a| a.to_string()));
+            slot.update(|info| {
+                info.peer = request.remote_addr().map(|a| a.to_string());
+                info.cert_sha256 = cert_sha256(request);
+            });
         }
         let resolved = match self.credential(request).await {
             Ok(credential) => match self.wait_fresh().await {
@@ -289,7 +367,7 @@ impl Node {
         };
         if let Some(slot) = slot {
             slot.update(|info| match &resolved {
-                Ok(principal) => info.principal = Some(principal.display()),
+                Ok(principal) => principal.describe(info),
                 Err(Error::Unauthenticated { .. }) => info.decision = Some("unauthenticated"),
                 Err(_) => {}
             });

@@ -145,6 +145,18 @@ impl Node {
         self.auth.set_hash_key(&key);
         self.auth.hash_key().ok_or_else(not_yet)
     }
+
+    /// The keyed HMAC of a value as audit records hold it (HMAC-SHA-256, hex), under a key
+    /// derived from the cluster's identity key: equal values match across every node, and
+    /// only someone allowed `hmac` on `sys/audit/hash` can compute one (`coffer audit hash`).
+    ///
+    /// # Errors
+    /// `AuthUnavailable` before this node has the identity key.
+    pub(crate) async fn audit_hmac(&self, value: &[u8]) -> Result<String, Error> {
+        self.token_key().await?;
+        let key = self.auth.value_key().ok_or_else(|| Error::AuthUnavailable { reason: "no audit key yet".into() })?;
+        Ok(hex::encode(ring::hmac::sign(key, value)))
+    }
 }
 
 /// What a caller asks a new token to be.

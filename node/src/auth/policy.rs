@@ -450,21 +450,39 @@ impl PolicySet {
 
     /// The decision for `capability` on `path`, without explanation: the hot path.
     pub fn allows(&self, path: &str, capability: Capability) -> bool {
+        self.decide(path, capability).0
+    }
+
+    /// The decision and the rule that made it, as the audit record names it: `root`,
+    /// `<policy>#<rule>` (the deny that won, else the first allow), or `default-deny`.
+    pub fn deciding_rule(&self, path: &str, capability: Capability) -> String {
+        match self.decide(path, capability) {
+            _ if self.root => "root".to_owned(),
+            (_, Some((policy, rule))) => format!("{policy}#{rule}"),
+            (_, None) => "default-deny".to_owned(),
+        }
+    }
+
+    /// The decision, and the policy and rule number (from 1) that made it: the first deny that
+    /// matches, else the first allow; `None` when no rule matched (or for root).
+    fn decide(&self, path: &str, capability: Capability) -> (bool, Option<(&str, usize)>) {
         if self.root {
-            return true;
+            return (true, None);
         }
         let segments: Vec<&str> = path.split('/').collect();
-        let mut allowed = false;
-        for rule in self.policies.iter().flat_map(|p| p.rules.iter()) {
-            let named = rule.allow.contains(capability) || rule.deny.contains(capability);
-            if named && rule.matches(&segments) {
-                if rule.deny.contains(capability) {
-                    return false;
+        let mut allowed = None;
+        for policy in &self.policies {
+            for (i, rule) in policy.rules.iter().enumerate() {
+                let named = rule.allow.contains(capability) || rule.deny.contains(capability);
+                if named && rule.matches(&segments) {
+                    if rule.deny.contains(capability) {
+                        return (false, Some((&policy.name, i + 1)));
+                    }
+                    allowed = allowed.or(Some((policy.name.as_str(), i + 1)));
                 }
-                allowed = true;
             }
         }
-        allowed
+        (allowed.is_some(), allowed)
     }
 
     /// The decision for `capability` on `path` and every rule that counted in it.

@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use coffer_proto::v1::auth_server::Auth;
 use coffer_proto::v1::{
-    CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest, DeletePolicyResponse, DeleteRoleRequest,
-    DeleteRoleResponse, ExplainRequest, ExplainResponse, ListAccessorsRequest, ListAccessorsResponse,
-    ListPoliciesRequest, ListPoliciesResponse, ListRolesRequest, ListRolesResponse, LoginRequest, LookupTokenRequest,
-    PolicyInfo, ReadPolicyRequest, ReadRoleRequest, RenewTokenRequest, RevokeTokenRequest, RevokeTokenResponse,
-    RoleInfo, TokenInfo, WritePolicyRequest, WritePolicyResponse, WriteRoleRequest, WriteRoleResponse,
+    AuditHashRequest, AuditHashResponse, CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest,
+    DeletePolicyResponse, DeleteRoleRequest, DeleteRoleResponse, ExplainRequest, ExplainResponse, ListAccessorsRequest,
+    ListAccessorsResponse, ListPoliciesRequest, ListPoliciesResponse, ListRolesRequest, ListRolesResponse,
+    LoginRequest, LookupTokenRequest, PolicyInfo, ReadPolicyRequest, ReadRoleRequest, RenewTokenRequest,
+    RevokeTokenRequest, RevokeTokenResponse, RoleInfo, TokenInfo, WritePolicyRequest, WritePolicyResponse,
+    WriteRoleRequest, WriteRoleResponse,
 };
 use coffer_raft::TokenRecord;
 use tonic::{Request, Response, Status};
@@ -18,6 +19,9 @@ use crate::auth::{Capability, Credential};
 use crate::error::Error;
 use crate::node::Node;
 use crate::wire::{duration, timestamp};
+
+/// The path whose `hmac` capability lets a caller compute audit value HMACs.
+pub const AUDIT_HASH_PATH: &str = "sys/audit/hash";
 
 /// The Auth service over a started node.
 #[derive(Debug, Clone)]
@@ -187,6 +191,12 @@ impl Auth for AuthService {
             text.push_str("  (allowed: an operator certificate may do operator things on sys/operator/…)\n");
         }
         Ok(Response::new(ExplainResponse { allowed, explanation: text }))
+    }
+
+    async fn audit_hash(&self, request: Request<AuditHashRequest>) -> Result<Response<AuditHashResponse>, Status> {
+        self.node.authorize(&request, Ok(AUDIT_HASH_PATH.to_owned()), Capability::Hmac).await?;
+        let value = zeroize::Zeroizing::new(request.into_inner().value);
+        Ok(Response::new(AuditHashResponse { hmac: self.node.audit_hmac(&value).await? }))
     }
 
     async fn write_role(&self, request: Request<WriteRoleRequest>) -> Result<Response<WriteRoleResponse>, Status> {

@@ -56,7 +56,7 @@ enum Commands {
     Policy(crate::auth::cli::PolicyArgs),
     /// Login methods: certificate login roles.
     Auth(crate::auth::cli::AuthArgs),
-    /// Audit files: verify their hash chains.
+    /// Audit files: verify their chains and checkpoints, tail them, hash a value to find it.
     Audit(crate::audit::cli::AuditArgs),
     /// Failover drills (runs `coffer-chaos`, installed next to `coffer`); see `coffer drill run --help`.
     #[command(disable_help_flag = true)]
@@ -91,7 +91,7 @@ impl Cli {
             Commands::Login(args) => crate::auth::cli::run_login(args).await,
             Commands::Policy(args) => crate::auth::cli::run_policy(args).await,
             Commands::Auth(args) => crate::auth::cli::run_auth(args).await,
-            Commands::Audit(args) => crate::audit::cli::run(args),
+            Commands::Audit(args) => crate::audit::cli::run(args).await,
             Commands::Drill { args } => run_drill(args).await,
         };
         match result {

@@ -37,6 +37,20 @@ impl OperatorService {
             return Ok(());
         }
         let identity = request.peer_certs().and_then(|certs| certs.first().and_then(coffer_tls::identity));
+        let allowed = matches!(identity, Some(coffer_tls::Identity::Operator(_)));
+        if let Some(slot) = request.extensions().get::<crate::audit::layer::AuditSlot>() {
+            slot.update(|info| {
+                info.peer = request.remote_addr().map(|a| a.to_string());
+                info.path = Some(format!("sys/operator/{}", if action.starts_with("join") { "join" } else { "init" }));
+                info.capability = Some(crate::auth::Capability::Operator.name());
+                info.decision = Some(if allowed { "allowed" } else { "denied" });
+                info.rule = Some("operator-certificate".into());
+                if let Some(coffer_tls::Identity::Operator(name)) = &identity {
+                    info.principal = Some(format!("operator certificate {name}"));
+                    info.identity = Some(name.clone());
+                }
+            });
+        }
         let presented = match identity {
             Some(coffer_tls::Identity::Operator(_)) => return Ok(()),
             None => "no client certificate".to_owned(),

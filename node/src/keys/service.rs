@@ -144,6 +144,33 @@ fn needs(call: &Call) -> (&str, Capability) {
     }
 }
 
+/// What an item of a batch or stream counts as in its call's audit record: the key's path and
+/// the operation.
+fn audit_label(request: Option<&CryptoRequest>) -> (String, &'static str) {
+    let Some(call) = request.and_then(|r| r.call.as_ref()) else { return ("-".into(), "none") };
+    let operation = match call {
+        Call::Encrypt(_) => "encrypt",
+        Call::Decrypt(_) => "decrypt",
+        Call::Rewrap(_) => "rewrap",
+        Call::GenerateDataKey(_) => "generate-data-key",
+        Call::Sign(_) => "sign",
+        Call::Verify(_) => "verify",
+        Call::Hmac(_) => "hmac",
+        Call::VerifyHmac(_) => "verify-hmac",
+    };
+    (format!("key/{}", needs(call).0), operation)
+}
+
+/// Counts an item's outcome in the call's audit record.
+fn count(slot: Option<&crate::audit::layer::AuditSlot>, label: (String, &'static str), result: &CryptoResult) {
+    let Some(slot) = slot else { return };
+    let outcome = match &result.result {
+        Some(CryptoOutcome::Error(e)) => crate::audit::layer::code_name(tonic::Code::from_i32(e.code)),
+        _ => "OK",
+    };
+    slot.update(|info| info.count(&label.0, label.1, outcome));
+}
+
 /// Runs one crypto call of a batch or stream; `Err` is what the unary RPC would have returned.
 async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Error> {
     Ok(match call {
@@ -169,7 +196,13 @@ async fn execute_item(
         (Err(e), Some(_)) => Err(e),
         (Ok(principal), Some(call)) => {
             let (name, capability) = needs(&call);
-            match key_path(name).and_then(|path| principal.require(&path, capability)) {
+            // Not `require`: an item refused is counted in the batch's record, and does not make
+            // the whole call a refusal.
+            let allowed = |path: String| match principal.allows(&path, capability) {
+                true => Ok(()),
+                false => Err(Error::PermissionDenied { capability, path }),
+            };
+            match key_path(name).and_then(allowed) {
                 Ok(()) => execute(node, call).await,
                 Err(e) => Err(e),
             }
@@ -196,6 +229,7 @@ impl Keys for KeysService {
         // token's rate, and a revoke lands mid-batch as it does mid-stream.
         self.node.authenticate(&request).await?;
         let credential = self.node.credential(&request).await?;
+        let slot = request.extensions().get::<crate::audit::layer::AuditSlot>().cloned();
         let items = request.into_inner().items;
         let max = self.node.config.max_batch_items;
         if items.len() > max {
@@ -206,10 +240,12 @@ impl Keys for KeysService {
         }
         let mut results = Vec::with_capacity(items.len());
         for item in items {
+            let label = audit_label(Some(&item));
             let result = match self.node.resolve(&credential) {
                 Ok(principal) => execute_item(&self.node, Ok(&principal), Some(item)).await,
                 Err(e) => execute_item(&self.node, Err(e), Some(item)).await,
             };
+            count(slot.as_ref(), label, &result);
             results.push(result);
         }
         Ok(Response::new(BatchResponse { results }))
@@ -223,7 +259,14 @@ impl Keys for KeysService {
         // Checked at the start, then again for every item: a token revoked (or a policy changed)
         // mid-stream stops the next items, on every node, within the staleness bound.
         let credential = self.node.credential(&request).await?;
-        self.node.resolve(&credential)?;
+        let principal = self.node.resolve(&credential)?;
+        let slot = request.extensions().get::<crate::audit::layer::AuditSlot>().cloned();
+        if let Some(slot) = &slot {
+            slot.update(|info| {
+                principal.describe(info);
+                info.peer = request.remote_addr().map(|a| a.to_string());
+            });
+        }
         let mut inbound = request.into_inner();
         let node = self.node.clone();
         let (idle, max_items) = (node.config.limits.stream_idle, node.config.limits.stream_max_items);
@@ -255,10 +298,12 @@ impl Keys for KeysService {
                     let _ = tx.send(Err(Error::Overloaded { limit }.into())).await;
                     return;
                 }
+                let label = audit_label(next.request.as_ref());
                 let result = match node.resolve(&credential) {
                     Ok(principal) => execute_item(&node, Ok(&principal), next.request).await,
                     Err(e) => execute_item(&node, Err(e), next.request).await,
                 };
+                count(slot.as_ref(), label, &result);
                 // A client that stops reading frees the stream after stream-idle, as one that stops
                 // sending does.
                 let reply = Ok(StreamResponse { id: next.id, result: Some(result) });
@@ -273,7 +318,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<Key>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::KeyAdmin).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let record =
             manage_keys::create_key(&self.node, &req.name, key_type(req.r#type)?, req.exportable, &req.request_id)
@@ -283,7 +328,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::KeyAdmin).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let name = request.into_inner().name;
         let record = manage_keys::get_key(&self.node, &name).await?;
         let usage = manage_keys::cluster_usage(&self.node, &name).await;
@@ -304,7 +349,7 @@ impl Keys for KeysService {
     async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
         // `key-admin` on `key` itself (`key/**` grants it): key names are listed whole or not at
         // all; filtering one by one would leak the others through the page token.
-        self.node.authorize(&request, "key", Capability::KeyAdmin).await?;
+        self.node.authorize(&request, Ok("key".to_owned()), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let (names, next) = manage_keys::list_keys(&self.node, req.page_size, &req.page_token).await?;
         Ok(Response::new(ListKeysResponse { names, next_page_token: next.unwrap_or_default() }))
@@ -312,7 +357,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<Key>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::KeyAdmin).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let record = manage_keys::rotate_key(&self.node, &req.name, &req.request_id).await?;
         Ok(Response::new(wire_key(req.name, &record)))
@@ -320,7 +365,7 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn update_key_config(&self, request: Request<UpdateKeyConfigRequest>) -> Result<Response<Key>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::KeyAdmin).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         let change = manage_keys::ConfigChange {
             min_decryption_version: req.min_decryption_version.map(coffer_raft::KeyVersion),
@@ -333,24 +378,24 @@ impl Keys for KeysService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete_key(&self, request: Request<DeleteKeyRequest>) -> Result<Response<DeleteKeyResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::KeyAdmin).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::KeyAdmin).await?;
         let req = request.into_inner();
         manage_keys::delete_key(&self.node, &req.name, &req.request_id).await?;
         Ok(Response::new(DeleteKeyResponse {}))
     }
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Encrypt).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Encrypt).await?;
         Ok(Response::new(encrypt(&self.node, request.into_inner()).await?))
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Decrypt).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Decrypt).await?;
         Ok(Response::new(decrypt(&self.node, request.into_inner()).await?))
     }
 
     async fn rewrap(&self, request: Request<RewrapRequest>) -> Result<Response<RewrapResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Rewrap).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Rewrap).await?;
         Ok(Response::new(rewrap(&self.node, request.into_inner()).await?))
     }
 
@@ -358,27 +403,27 @@ impl Keys for KeysService {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Datakey).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Datakey).await?;
         Ok(Response::new(generate_data_key(&self.node, request.into_inner()).await?))
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Sign).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Sign).await?;
         Ok(Response::new(sign(&self.node, request.into_inner()).await?))
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Verify).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Verify).await?;
         Ok(Response::new(verify(&self.node, request.into_inner()).await?))
     }
 
     async fn hmac(&self, request: Request<HmacRequest>) -> Result<Response<HmacResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Hmac).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Hmac).await?;
         Ok(Response::new(hmac(&self.node, request.into_inner()).await?))
     }
 
     async fn verify_hmac(&self, request: Request<VerifyHmacRequest>) -> Result<Response<VerifyResponse>, Status> {
-        self.node.authorize(&request, &key_path(&request.get_ref().name)?, Capability::Hmac).await?;
+        self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Hmac).await?;
         Ok(Response::new(verify_hmac(&self.node, request.into_inner()).await?))
     }
 }

@@ -67,15 +67,20 @@ impl Secrets for SecretsService {
         let on = secret_path(&req.path)?;
         let parsed = coffer_raft::SecretPath::parse(&req.path).map_err(crate::error::Error::from)?;
         let exists = self.node.reader().secret(&parsed).map_err(crate::error::Error::from)?.is_some();
-        if let Some(slot) = slot {
+        if let Some(slot) = &slot {
             // The capability a put of this path needs, as the audit record names it.
             let needs = if exists { Capability::Update } else { Capability::Create };
             slot.update(|info| {
                 info.path = Some(on.clone());
                 info.capability = Some(needs.name());
+                info.rule = Some(principal.deciding_rule(&on, needs));
             });
         }
         let cas = write_rule(&principal, &on, exists, req.cas)?;
+        let value_hmac = match &slot {
+            Some(_) => self.node.audit_hmac(&req.value).await.ok(),
+            None => None,
+        };
         let put = put::PutSecret {
             path: req.path,
             value: Zeroizing::new(req.value),
@@ -84,6 +89,12 @@ impl Secrets for SecretsService {
             request_id: req.request_id,
         };
         let written = put::put_secret(&self.node, put).await?;
+        if let Some(slot) = slot {
+            slot.update(|info| {
+                info.version = Some(written.version.0);
+                info.value_hmac = value_hmac;
+            });
+        }
         Ok(Response::new(PutResponse {
             version: written.version.0,
             created_at: Some(timestamp(written.created_at_ms.0)),
@@ -92,10 +103,18 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Read).await?;
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Read).await?;
+        let slot = request.extensions().get::<crate::audit::layer::AuditSlot>().cloned();
         let req = request.into_inner();
         let max_staleness = req.max_staleness.map(|d| duration("max_staleness", d)).transpose()?;
         let secret = get::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
+        if let Some(slot) = slot {
+            let value_hmac = self.node.audit_hmac(&secret.value).await.ok();
+            slot.update(|info| {
+                info.version = Some(secret.version.0);
+                info.value_hmac = value_hmac;
+            });
+        }
         // The reply owns a copy for encoding; tonic drops it after writing, unzeroized (a limit of
         // prost's `Vec<u8>` fields).
         Ok(Response::new(GetResponse {
@@ -107,7 +126,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Read).await?;
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Read).await?;
         let req = request.into_inner();
         let meta = describe::describe_secret(&self.node, &req.path).await?;
         let versions = meta
@@ -153,7 +172,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Delete).await?;
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Delete).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Deleted, &req.request_id)
             .await?;
@@ -162,7 +181,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn undelete(&self, request: Request<UndeleteRequest>) -> Result<Response<UndeleteResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Undelete).await?;
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Undelete).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Undeleted, &req.request_id)
             .await?;
@@ -171,7 +190,7 @@ impl Secrets for SecretsService {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn destroy(&self, request: Request<DestroyRequest>) -> Result<Response<DestroyResponse>, Status> {
-        self.node.authorize(&request, &secret_path(&request.get_ref().path)?, Capability::Destroy).await?;
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Destroy).await?;
         let req = request.into_inner();
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed, &req.request_id)
             .await?;

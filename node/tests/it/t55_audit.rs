@@ -107,11 +107,30 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     let marker = b"MARKER-7f3a-never-in-audit";
     let mut s = SecretsClient::new(cluster.channel(0)?);
     s.put(crate::put("app/db", marker, None)).await?;
-    s.get(crate::get("app/db", None)).await?;
+    // A request id and a trace id from the client: recorded, and the id comes back.
+    let mut get = tonic::Request::new(crate::get("app/db", None));
+    get.metadata_mut().insert("x-request-id", "client-chose-this".parse()?);
+    get.metadata_mut().insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?);
+    let got = s.get(get).await?;
+    assert_eq!(got.metadata().get("x-request-id").and_then(|v| v.to_str().ok()), Some("client-chose-this"));
     let mut k = KeysClient::new(cluster.channel(0)?);
     k.create_key(CreateKeyRequest { name: "k".into(), r#type: KeyType::Aes256Gcm as i32, ..Default::default() })
         .await?;
     k.encrypt(EncryptRequest { name: "k".into(), plaintext: marker.to_vec(), associated_data: vec![] }).await?;
+    let item = |name: &str| coffer_proto::v1::CryptoRequest {
+        call: Some(coffer_proto::v1::crypto_request::Call::Encrypt(EncryptRequest {
+            name: name.into(),
+            plaintext: marker.to_vec(),
+            associated_data: vec![],
+        })),
+    };
+    k.batch(coffer_proto::v1::BatchRequest { items: vec![item("k"), item("k"), item("missing")] }).await?;
+    // The value's keyed HMAC, as `coffer audit hash` computes it for someone allowed to.
+    let value_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(value_file.path(), marker)?;
+    let marker_hmac =
+        cluster.cli_ok(0, &["audit", "hash", "--file", &value_file.path().display().to_string()])?.trim().to_owned();
+    assert_eq!(marker_hmac.len(), 64, "{marker_hmac}");
     // Unauthenticated: no certificate, no token.
     let pki = cluster.pki().ok_or_else(|| anyhow::anyhow!("a TLS cluster"))?.clone();
     let tls = coffer_tls::client_config(&coffer_tls::ClientFiles { ca: pki.ca_cert(), identity: None })?;
@@ -143,6 +162,7 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
             expect("/coffer.v1.Secrets/Get", "allowed", "OK"),
             expect("/coffer.v1.Keys/CreateKey", "allowed", "OK"),
             expect("/coffer.v1.Keys/Encrypt", "allowed", "OK"),
+            expect("/coffer.v1.Keys/Batch", "allowed", "OK"),
             expect("/coffer.v1.Secrets/Get", "unauthenticated", "UNAUTHENTICATED"),
         ],
         "one record per call, in order"
@@ -158,6 +178,22 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no Get"))?["record"];
     assert_eq!(get["path"], "secret/app/db");
     assert_eq!(get["capability"], "read");
+    assert_eq!(
+        (get["request_id"].as_str(), get["trace_id"].as_str()),
+        (Some("client-chose-this"), Some("4bf92f3577b34da6a3ce929d0e0e4736"))
+    );
+    assert_eq!((get["version"].as_u64(), put["version"].as_u64()), (Some(1), Some(1)));
+    assert_eq!((get["value_hmac"].as_str(), put["value_hmac"].as_str()), (Some(&*marker_hmac), Some(&*marker_hmac)));
+    assert_eq!((put["rule"].as_str(), get["rule"].as_str()), (Some("root"), Some("root")));
+    let batch = &records
+        .iter()
+        .find(|r| r["record"]["method"] == "/coffer.v1.Keys/Batch")
+        .ok_or_else(|| anyhow::anyhow!("no Batch"))?["record"];
+    assert_eq!(
+        batch["counts"],
+        serde_json::json!({"key/k": {"encrypt": {"OK": 2}}, "key/missing": {"encrypt": {"NOT_FOUND": 1}}}),
+        "{batch}"
+    );
     assert!(get["principal"].as_str().is_some_and(|p| p.contains("operator")), "{get}");
     // tail, filtered by decision and by method.
     let tail = |args: &[&str]| -> anyhow::Result<Vec<String>> {
@@ -170,5 +206,144 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     assert!(refused[0].contains("/coffer.v1.Secrets/Get") && refused[0].contains("UNAUTHENTICATED"));
     assert_eq!(tail(&["--method", "Keys/Encrypt", "-n", "5"])?.len(), 1);
     assert_eq!(tail(&["--path", "secret/app/"])?.len(), 2, "the put and the allowed get");
+    Ok(())
+}
+
+/// One raw call with an empty message (every field at its default), as a stranger would send
+/// it: `token` in metadata if any, `id` as the request id. Returns the status the client saw.
+async fn raw_call(
+    channel: tonic::transport::Channel,
+    path: &str,
+    streaming: bool,
+    token: Option<&str>,
+    id: &str,
+) -> anyhow::Result<tonic::Code> {
+    use tonic_prost::ProstCodec;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::try_from(path.to_owned())?;
+    let dress = |request: &mut tonic::metadata::MetadataMap| -> anyhow::Result<()> {
+        request.insert("x-request-id", id.parse()?);
+        if let Some(token) = token {
+            request.insert("authorization", format!("Bearer {token}").parse()?);
+        }
+        Ok(())
+    };
+    if streaming {
+        let mut request = tonic::Request::new(tokio_stream::once(()));
+        dress(request.metadata_mut())?;
+        let mut stream = match grpc.streaming(request, path, ProstCodec::<(), ()>::default()).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Ok(status.code()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(())) => {}
+                Ok(None) => return Ok(tonic::Code::Ok),
+                Err(status) => return Ok(status.code()),
+            }
+        }
+    }
+    let mut request = tonic::Request::new(());
+    dress(request.metadata_mut())?;
+    Ok(match grpc.unary(request, path, ProstCodec::<(), ()>::default()).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    })
+}
+
+/// Every RPC of every public service (read from the API's own descriptor, so a new RPC is in
+/// the table without anyone adding it), called by nobody (no credential), by a stranger (a
+/// token whose policy grants nothing there) and by root: each call leaves exactly one record,
+/// found by its request id, with its method and the status the client saw; a refusal names the
+/// decision, and the stranger's accessor; an allowed call names the rule that allowed it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_of_every_service_leaves_exactly_one_record() -> anyhow::Result<()> {
+    use coffer_proto::v1::auth_client::AuthClient;
+    use coffer_proto::v1::{CreateTokenRequest, WritePolicyRequest};
+    use prost::Message;
+    let mut cluster = crate::must_start_cluster(1, "")?;
+    let root = cluster.root_token().ok_or_else(|| anyhow::anyhow!("a root token"))?.to_owned();
+    let mut auth = AuthClient::new(cluster.channel(0)?);
+    let policy = "[[rule]]\npath = \"secret/elsewhere/*\"\nallow = [\"read\"]\n";
+    auth.write_policy(coffer_testkit::with_token(
+        WritePolicyRequest { name: "elsewhere".into(), document: policy.into() },
+        &root,
+    )?)
+    .await?;
+    let made = auth
+        .create_token(coffer_testkit::with_token(
+            CreateTokenRequest { policies: vec!["elsewhere".into()], ..Default::default() },
+            &root,
+        )?)
+        .await?
+        .into_inner();
+    let accessor = made.info.as_ref().map(|i| i.accessor.clone()).unwrap_or_default();
+    let root_accessor = auth
+        .lookup_token(coffer_testkit::with_token(coffer_proto::v1::LookupTokenRequest::default(), &root)?)
+        .await?
+        .into_inner()
+        .accessor;
+    let pki = cluster.pki().ok_or_else(|| anyhow::anyhow!("a TLS cluster"))?.clone();
+    let tls = coffer_tls::client_config(&coffer_tls::ClientFiles { ca: pki.ca_cert(), identity: None })?;
+    let bare = tonic::transport::Endpoint::from_shared(cluster.nodes[0].url())?.tls_config(tls)?.connect().await?;
+
+    let set = prost_types::FileDescriptorSet::decode(coffer_proto::FILE_DESCRIPTOR_SET)?;
+    let mut calls = Vec::new();
+    for file in set.file.iter().filter(|f| f.package() == "coffer.v1") {
+        for service in &file.service {
+            for method in &service.method {
+                let path = format!("/coffer.v1.{}/{}", service.name(), method.name());
+                let streaming = method.client_streaming() || method.server_streaming();
+                for (who, token) in [("nobody", None), ("stranger", Some(made.token.as_str())), ("root", Some(&*root))]
+                {
+                    let id = format!("table-{}", calls.len());
+                    let code = raw_call(bare.clone(), &path, streaming, token, &id).await?;
+                    calls.push((id, path.clone(), who, code));
+                }
+            }
+        }
+    }
+    assert!(calls.len() >= 3 * 45, "the table covers every RPC: {}", calls.len());
+    cluster.stop(0)?;
+
+    let text = std::fs::read_to_string(cluster.data_dir(0).join("audit.log"))?;
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["record"].clone()))
+        .collect::<Result<_, _>>()?;
+    for (id, path, who, code) in &calls {
+        let found: Vec<&serde_json::Value> = records.iter().filter(|r| r["request_id"] == id.as_str()).collect();
+        assert_eq!(found.len(), 1, "{who} calling {path} ({id}) left {} records", found.len());
+        let r = found[0];
+        let status = coffer_node::audit::layer::code_name(*code);
+        assert_eq!((r["method"].as_str(), r["status"].as_str()), (Some(path.as_str()), Some(status)), "{who}: {r}");
+        match (*who, code) {
+            (_, tonic::Code::Unauthenticated) => assert_eq!(r["decision"], "unauthenticated", "{who} {path}: {r}"),
+            // Init and join ask for an operator certificate, whatever else the caller has.
+            (_, tonic::Code::PermissionDenied) if path.ends_with("/Init") || path.ends_with("/Join") => {
+                assert_eq!(
+                    (r["decision"].as_str(), r["rule"].as_str()),
+                    (Some("denied"), Some("operator-certificate"))
+                );
+            }
+            ("nobody", _) => panic!("{path} answered {code:?} to a caller with no credential"),
+            // Everything else authenticates first: the record names the caller, whatever the
+            // request's shape (an empty message is mostly INVALID_ARGUMENT).
+            ("stranger", code) => {
+                assert_eq!(r["accessor"], accessor.as_str(), "{path}: {r}");
+                if *code == tonic::Code::PermissionDenied {
+                    assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("denied"), Some("default-deny")));
+                }
+            }
+            (_, code) => {
+                assert_eq!(r["accessor"], root_accessor.as_str(), "{path}: {r}");
+                if r["path"].is_string() {
+                    assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("allowed"), Some("root")), "{r}");
+                }
+                assert_ne!(*code, tonic::Code::PermissionDenied, "root refused {path}");
+            }
+        }
+    }
     Ok(())
 }
