@@ -101,6 +101,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     // One audit record per public call, unless audit is off; checkpoints on their own task.
     let audit = node.audit.clone().map(crate::audit::layer::AuditLayer::new);
     let checkpoints = node.audit.clone().map(|audit| tokio::spawn(audit.run()));
+    let audit_watch = node.audit.clone().map(|audit| tokio::spawn(audit.watch(node.clone(), health.clone())));
     let public = server_builder()
         .layer(tower::util::option_layer(audit))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
@@ -184,9 +185,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     rotator.abort();
     sweeper.abort();
-    if let Some(checkpoints) = checkpoints {
-        checkpoints.abort();
-        let _ = checkpoints.await;
+    for task in checkpoints.into_iter().chain(audit_watch) {
+        task.abort();
+        let _ = task.await;
     }
     let _ = rotator.await;
     let _ = sweeper.await;

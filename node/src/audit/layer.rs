@@ -222,13 +222,17 @@ where
         let started = Instant::now();
         Box::pin(async move {
             let pending = Pending { audit, slot, method, request_id, trace_id, started };
+            // A spool known to fail refuses the call before it runs, so the refusal changes
+            // nothing; the refusal's own record is a write attempt, which finds out when the
+            // spool recovers. (A spool that fails while the call runs refuses its answer only:
+            // like a timeout, UNAVAILABLE then does not say whether a write happened.)
+            if let Some(why) = pending.audit.spool.failure() {
+                let refused = tonic::Status::unavailable(format!(
+                    "the audit spool cannot be written ({why}): this node refuses calls it cannot audit; call another node"
+                ));
+                return Ok(pending.finish(refused.into_http()).await);
+            }
             if pending.method == STREAM {
-                // A stream's record is written at its end; a failed spool refuses it now.
-                if let Some(why) = pending.audit.spool.failure() {
-                    return Ok(
-                        tonic::Status::unavailable(format!("the audit spool cannot be written ({why})")).into_http()
-                    );
-                }
                 let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
                 pending.echo_id(response.headers_mut());
                 if response.headers().contains_key("grpc-status") {

@@ -141,3 +141,103 @@ impl Audit {
         }
     }
 }
+
+/// Free space below which the spool's filesystem is reported (`operator status`, a warning in
+/// the log every minute): long before a write fails and the node must refuse calls.
+pub const LOW_DISK_FRACTION: f64 = 0.10;
+/// ... or below this many bytes, whichever is more.
+pub const LOW_DISK_BYTES: u64 = 1 << 30;
+
+/// Free and total bytes of the filesystem that holds `path`.
+pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some((stat.f_bavail.saturating_mul(stat.f_frsize), stat.f_blocks.saturating_mul(stat.f_frsize)))
+}
+
+/// Whether `free` of `total` bytes is low enough to warn about.
+pub fn disk_low(free: u64, total: u64) -> bool {
+    #[allow(clippy::cast_precision_loss)] // a fraction of a disk, not an exact count
+    let fraction = free as f64 / total.max(1) as f64;
+    fraction < LOW_DISK_FRACTION || free < LOW_DISK_BYTES.min(total / 2)
+}
+
+impl Audit {
+    /// One line for `operator status`: the spool, where its chain stands, its disk.
+    pub fn status(&self) -> String {
+        let head = self.spool.head();
+        let disk = match disk_space(self.spool.path()) {
+            Some((free, total)) if disk_low(free, total) => {
+                format!("; LOW DISK: {} MiB free of {} MiB", free >> 20, total >> 20)
+            }
+            Some((free, total)) => format!("; disk {} MiB free of {} MiB", free >> 20, total >> 20),
+            None => String::new(),
+        };
+        match self.spool.failure() {
+            Some(why) => format!("FAILING ({why}): {} refuses every call{disk}", self.spool.path().display()),
+            None => format!("ok: {} at seq {}{disk}", self.spool.path().display(), head.seq),
+        }
+    }
+
+    /// Watches the spool. While it fails, health reports NOT_SERVING for every service and a
+    /// leader hands leadership to another voter (and this node stops standing for election),
+    /// since it can no longer audit what it does; when it recovers, both are undone. Warns
+    /// about low disk space once a minute meanwhile.
+    pub async fn watch(self: Arc<Self>, node: Arc<crate::node::Node>, health: tonic_health::server::HealthReporter) {
+        const SERVICES: [&str; 5] = ["", "coffer.v1.Secrets", "coffer.v1.Keys", "coffer.v1.Auth", "coffer.v1.Operator"];
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut warned_at: Option<std::time::Instant> = None;
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            match (self.spool.failure(), failing) {
+                (Some(why), false) => {
+                    failing = true;
+                    tracing::error!(spool = %self.spool.path().display(), error = %why, "audit spool failed: not serving, giving up leadership");
+                    for service in SERVICES {
+                        health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+                    }
+                    self.give_up_leadership(&node).await;
+                }
+                (None, true) => {
+                    failing = false;
+                    tracing::warn!(spool = %self.spool.path().display(), "audit spool recovered: serving, standing for election again");
+                    for service in SERVICES {
+                        health.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+                    }
+                    node.replica.allow_elections();
+                }
+                _ => {}
+            }
+            let recently = warned_at.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60));
+            if let (Some((free, total)), false) = (disk_space(self.spool.path()), recently) {
+                if disk_low(free, total) {
+                    tracing::warn!(
+                        spool = %self.spool.path().display(), free_mib = free >> 20, total_mib = total >> 20,
+                        "the audit spool's disk is nearly full: when a write fails this node refuses every call"
+                    );
+                    warned_at = Some(std::time::Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Hands leadership off (retried while a hand-off is busy or the target lags, for as long
+    /// as the spool still fails).
+    async fn give_up_leadership(&self, node: &crate::node::Node) {
+        for _ in 0..20 {
+            match node.replica.step_down().await {
+                Ok(Some(to)) => {
+                    tracing::warn!(%to, "handed leadership off: this node's audit spool cannot be written");
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) if self.spool.failure().is_some() => {
+                    tracing::warn!(error = %e, "cannot hand leadership off yet; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}

@@ -5,10 +5,11 @@
 //! # Correctness
 //! - An append completes only once its line is on disk: a caller that answers its client after
 //!   `append` returned `Ok` has its record durable first.
-//! - A failed write or sync poisons the spool: every later append fails (the node fails closed)
-//!   until the node restarts and reopens it. A half-written group is then the file's last line,
-//!   torn; reopening drops a torn last line before appending (the chain resumes from the last
-//!   complete one, and [`super::chain::verify`] of the old copy shows the tear).
+//! - A failed write or sync fails every append of its group (the node fails closed) and marks
+//!   the spool failing ([`Spool::failure`]); each later group first cuts the file back to what
+//!   was last synced, then tries again, and the first that succeeds clears the failure: the
+//!   node recovers by itself when space returns. A crash mid-write leaves a torn last line;
+//!   reopening drops it before appending.
 //! - The queue to the thread is bounded ([`QUEUE`]): a caller finding it full gets `Busy` at once
 //!   rather than waiting behind a stalled disk.
 
@@ -27,7 +28,7 @@ pub const GROUP: usize = 4096;
 /// Why an append failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpoolError {
-    /// The spool could not be written or synced; it refuses every append until the node restarts.
+    /// The spool could not be written or synced; every append fails until a write succeeds again.
     #[error("the audit spool {path} cannot be written ({why}); this node refuses calls until it can audit them")]
     Failed {
         /// The file.
@@ -172,7 +173,10 @@ impl Writer {
     /// answers every caller of the group.
     fn run(self, mut file: File, mut head: Head, rx: &mpsc::Receiver<Pending>) {
         let path = self.path.clone();
-        let mut poisoned: Option<String> = None;
+        // The length of what is on disk and synced: a failed write is cut back to it before the
+        // next try, so a torn group never stays in the chain.
+        let mut good_len = file.metadata().map_or(0, |m| m.len());
+        let mut failing = false;
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             while group.len() < GROUP {
@@ -180,12 +184,6 @@ impl Writer {
                     Ok(next) => group.push(next),
                     Err(_) => break,
                 }
-            }
-            if let Some(why) = &poisoned {
-                for p in group {
-                    let _ = p.done.send(Err(SpoolError::Failed { path: path.clone(), why: why.clone() }));
-                }
-                continue;
             }
             let start = head.clone();
             let mut text = String::new();
@@ -196,10 +194,22 @@ impl Writer {
                 seqs.push(head.seq);
                 text.push_str(&line);
             }
-            let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_data());
+            let cut_back = |file: &mut File| -> std::io::Result<()> {
+                file.set_len(good_len)?;
+                file.seek(SeekFrom::Start(good_len)).map(|_| ())
+            };
+            let written = if failing { cut_back(&mut file) } else { Ok(()) }
+                .and_then(|()| file.write_all(text.as_bytes()))
+                .and_then(|()| file.sync_data());
             match written {
                 Ok(()) => {
+                    good_len += text.len() as u64;
                     *self.shared.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = head.clone();
+                    if failing {
+                        failing = false;
+                        *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                        tracing::warn!(path = %path, "the audit spool is writable again: serving calls");
+                    }
                     if start.seq / self.every_records != head.seq / self.every_records {
                         self.filled.notify_one();
                     }
@@ -208,9 +218,11 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(path = %path, error = %e, "the audit spool cannot be written: refusing calls");
+                    if !failing {
+                        tracing::error!(path = %path, error = %e, "the audit spool cannot be written: refusing calls");
+                    }
+                    failing = true;
                     head = start;
-                    poisoned = Some(e.to_string());
                     *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                         Some(e.to_string());
                     for p in group {

@@ -256,11 +256,12 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                     "node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "last_log_index": s.last_log_index, "committed_index": s.committed_index, "applied_index": s.applied_index,
                     "cluster_id": s.cluster_id, "kcv": s.kcv, "hsm": s.hsm, "members": members, "transport": s.transport,
+                    "audit": s.audit,
                 })
                 .to_string()
             } else {
                 let mut text = format!(
-                    "node {} ({}), term {}, leader {}\nlast log {}, committed {}, applied {}\ncluster {}\nHSM {} (KCV {})\ntransport {}\nmembers:",
+                    "node {} ({}), term {}, leader {}\nlast log {}, committed {}, applied {}\ncluster {}\nHSM {} (KCV {})\ntransport {}\naudit {}\nmembers:",
                     s.node_id,
                     s.role,
                     s.term,
@@ -271,7 +272,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                     if s.cluster_id.is_empty() { "(not initialised)" } else { &s.cluster_id },
                     s.hsm,
                     s.kcv,
-                    if s.transport == "plaintext" { "PLAINTEXT (tls = \"off\" in the node's config)" } else { &s.transport }
+                    if s.transport == "plaintext" { "PLAINTEXT (tls = \"off\" in the node's config)" } else { &s.transport },
+                    s.audit
                 );
                 for m in &s.members {
                     text.push_str(&format!(

@@ -144,6 +144,7 @@ impl Operator for OperatorService {
                 crate::config::Tls::Off => "plaintext".into(),
             },
             hsm,
+            audit: node.audit.as_ref().map_or_else(|| "off".to_owned(), |audit| audit.status()),
         }))
     }
 }

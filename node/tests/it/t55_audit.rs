@@ -13,24 +13,6 @@ fn verify(file: &std::path::Path, key: Option<&std::path::Path>) -> anyhow::Resu
     Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-/// A put on node 0 of a node that has just started: retried while it answers `UNAVAILABLE`
-/// (not yet caught up), for up to 15 s.
-async fn put_once_serving(cluster: &coffer_testkit::Cluster, path: &str) -> anyhow::Result<()> {
-    use coffer_proto::v1::secrets_client::SecretsClient;
-    let started = std::time::Instant::now();
-    loop {
-        match SecretsClient::new(cluster.channel(0)?).put(crate::put(path, b"v", None)).await {
-            Ok(_) => return Ok(()),
-            Err(s)
-                if s.code() == tonic::Code::Unavailable && started.elapsed() < std::time::Duration::from_secs(15) =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(s) => return Err(s.into()),
-        }
-    }
-}
-
 /// A real node's audit file, written for a few seconds with checkpoints every second, stopped
 /// cleanly: `audit verify` passes it with the node's key pinned, and names each tampering: a
 /// flipped byte, a removed record, two records swapped, the file cut after a checkpoint. A
@@ -86,10 +68,10 @@ async fn audit_verify_passes_a_real_file_and_names_each_tampering() -> anyhow::R
 
     // kill -9, restart: the node notes the unclean stop in its `open` checkpoint.
     cluster.start_node(0)?;
-    put_once_serving(&cluster, "app/x").await?;
+    put_retrying_on(&cluster, 0, "app/x").await?;
     cluster.kill(0)?;
     cluster.start_node(0)?;
-    put_once_serving(&cluster, "app/y").await?;
+    put_retrying_on(&cluster, 0, "app/y").await?;
     cluster.stop(0)?;
     let (ok, said) = verify(&file, Some(&key))?;
     assert!(ok && said.contains("note: line") && said.contains("unclean stop"), "{said}");
@@ -346,4 +328,154 @@ async fn every_rpc_of_every_service_leaves_exactly_one_record() -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// Small tmpfs mounts, one per node (unmounted, lazily, when dropped).
+struct Tmpfs(Vec<std::path::PathBuf>);
+
+impl Tmpfs {
+    fn mount(dirs: Vec<std::path::PathBuf>) -> anyhow::Result<Tmpfs> {
+        let mut mounted = Tmpfs(Vec::new());
+        for dir in dirs {
+            std::fs::create_dir_all(&dir)?;
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+                .arg(&dir)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+            mounted.0.push(dir);
+        }
+        Ok(mounted)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::process::Command::new("umount").arg("-l").arg(dir).output();
+        }
+    }
+}
+
+/// Whether `coffer server` answers a put on node `i` with `UNAVAILABLE` naming the audit spool.
+async fn refused_for_audit(cluster: &coffer_testkit::Cluster, i: usize, path: &str) -> anyhow::Result<bool> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    Ok(match SecretsClient::new(cluster.channel(i)?).put(crate::put(path, b"v", None)).await {
+        Err(s) => s.code() == tonic::Code::Unavailable && s.message().contains("audit spool"),
+        Ok(_) => false,
+    })
+}
+
+/// The leader's audit spool on a full disk (a 4 MiB tmpfs filled up): its calls fail closed
+/// with UNAVAILABLE and change nothing, its health says NOT_SERVING, it hands leadership to
+/// another node, the other nodes keep serving; when space returns it serves again by itself,
+/// and its audit file verifies. Needs root to mount the tmpfs: as another user it says so and
+/// checks nothing (CI runs as root).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_disk_fails_its_node_closed_moves_leadership_and_recovers() -> anyhow::Result<()> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let uid = std::process::Command::new("id").arg("-u").output()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("SKIPPED: mounting a tmpfs for the audit spool needs root");
+        return Ok(());
+    }
+    let options = coffer_testkit::Options::tests("[audit]\nspool = \"spool/audit.log\"\ncheckpoint-every = \"1s\"\n");
+    let mut cluster = coffer_testkit::Cluster::prepare(crate::coffer_bin(), 3, options)?;
+    let tmpfs = Tmpfs::mount((0..3).map(|i| cluster.node_dir(i).join("spool")).collect())?;
+    for i in 0..3 {
+        cluster.start_node(i)?;
+    }
+    cluster.form()?;
+    let leader = cluster.leader()?;
+    let other = (leader + 1) % 3;
+    SecretsClient::new(cluster.channel(other)?).put(crate::put("app/before", b"v", None)).await?;
+
+    // Fill the leader's spool disk.
+    let filler = cluster.node_dir(leader).join("spool/filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler)?;
+        // Down to the last byte: a record squeezed into the tail would flap.
+        for size in [64 * 1024, 4096, 256, 1] {
+            let chunk = vec![0u8; size];
+            while file.write_all(&chunk).is_ok() {}
+        }
+    }
+    let started = std::time::Instant::now();
+    while !refused_for_audit(&cluster, leader, "app/refused").await? {
+        anyhow::ensure!(started.elapsed() < std::time::Duration::from_secs(10), "the full spool never refused a call");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Known to fail, the node refuses before the call runs: this put changes nothing.
+    assert!(refused_for_audit(&cluster, leader, "app/refused-2").await?);
+    let health = |i: usize| {
+        let channel = cluster.channel(i);
+        async move {
+            let reply = HealthClient::new(channel?).check(HealthCheckRequest { service: String::new() }).await;
+            anyhow::Ok(reply.map(|r| r.into_inner().status))
+        }
+    };
+    // Health itself is refused while nothing can be audited (UNAVAILABLE), or says NOT_SERVING
+    // once the node has noticed (it looks twice a second).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let status = health(leader).await?;
+    assert!(status.as_ref().map_or_else(|s| s.code() == tonic::Code::Unavailable, |s| *s == 2), "{status:?}");
+    // Leadership moves away, and the others keep serving.
+    let started = std::time::Instant::now();
+    loop {
+        let now = cluster.leader()?;
+        if now != leader {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "leadership stayed on the failing node"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    put_retrying_on(&cluster, other, "app/during").await?;
+    let mut s = SecretsClient::new(cluster.channel(other)?);
+    let refused = s.get(crate::get("app/refused-2", None)).await;
+    assert_eq!(refused.map_err(|e| e.code()).err(), Some(tonic::Code::NotFound), "a refused put wrote nothing");
+
+    // Space returns: the node serves again by itself.
+    std::fs::remove_file(&filler)?;
+    let started = std::time::Instant::now();
+    while refused_for_audit(&cluster, leader, "app/after").await? {
+        anyhow::ensure!(started.elapsed() < std::time::Duration::from_secs(10), "the node did not recover");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let started = std::time::Instant::now();
+    while health(leader).await?.ok() != Some(1) {
+        anyhow::ensure!(started.elapsed() < std::time::Duration::from_secs(5), "health never said SERVING again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    SecretsClient::new(cluster.channel(leader)?).get(crate::get("app/during", None)).await?;
+    cluster.stop(leader)?;
+    let (ok, said) = verify(&cluster.node_dir(leader).join("spool/audit.log"), None)?;
+    assert!(ok, "{said}");
+    for i in 0..3 {
+        cluster.kill(i)?;
+    }
+    drop(tmpfs);
+    Ok(())
+}
+
+/// A put on node `i`, retried for up to 15 s while it answers UNAVAILABLE (a leader change).
+async fn put_retrying_on(cluster: &coffer_testkit::Cluster, i: usize, path: &str) -> anyhow::Result<()> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    let started = std::time::Instant::now();
+    loop {
+        match SecretsClient::new(cluster.channel(i)?).put(crate::put(path, b"v", None)).await {
+            Ok(_) => return Ok(()),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable && started.elapsed() < std::time::Duration::from_secs(15) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
 }

@@ -133,6 +133,25 @@ impl Inner {
         Ok(quiet_for)
     }
 
+    pub(crate) async fn step_down(&self) -> Result<Option<NodeId>, Error> {
+        // From now on this node never stands for election (until it restarts).
+        self.raft.runtime_config().elect(false);
+        if !matches!(self.leadership(), Leadership::Me) {
+            return Ok(None);
+        }
+        let me = self.config.node_id;
+        let target = {
+            let metrics = self.raft.metrics().borrow().clone();
+            let matched = |id: &NodeId| {
+                metrics.replication.as_ref().and_then(|r| r.get(id)).and_then(|m| m.as_ref().map(|l| l.index))
+            };
+            metrics.membership_config.membership().voter_ids().filter(|id| *id != me).max_by_key(matched)
+        };
+        let Some(target) = target else { return Ok(None) };
+        self.hand_off(target).await?;
+        Ok(Some(target))
+    }
+
     pub(crate) async fn take_leadership(&self) -> Result<NodeId, Error> {
         let me = self.config.node_id;
         let leader = match self.leadership() {

@@ -392,6 +392,21 @@ impl Replica {
         self.inner.take_leadership().await
     }
 
+    /// Gives up leadership for good (until this node restarts): this node stops standing for
+    /// election and, if it leads, hands off to the most caught-up other voter. Returns that
+    /// voter; `None` when this node does not lead, or is the only voter (it then leads on).
+    ///
+    /// # Errors
+    /// As a hand-off: [`Error::HandoffBusy`], [`Error::Lagging`]: retry.
+    pub async fn step_down(&self) -> Result<Option<NodeId>, Error> {
+        self.inner.step_down().await
+    }
+
+    /// Undoes [`Replica::step_down`]'s refusal to stand for election.
+    pub fn allow_elections(&self) {
+        self.inner.raft.runtime_config().elect(true);
+    }
+
     /// Stops replication. Calls in flight fail with [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
         if let Err(e) = self.inner.raft.shutdown().await {
