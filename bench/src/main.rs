@@ -78,6 +78,10 @@ struct Cli {
     /// and its policy check, against a cluster with `auth.checks = "off"`, alternately).
     #[arg(long)]
     no_auth_cost: bool,
+    /// Skip the audit cost pass (put, get-linear, encrypt64 and encrypt64-batch against a
+    /// cluster that audits every call and one with `[audit] enabled = false`, alternately).
+    #[arg(long)]
+    no_audit_cost: bool,
 }
 
 fn main() -> ExitCode {
@@ -202,6 +206,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (report::CHECKED_PASS, bench_options(true, Checks::On)),
         ];
         cost_pass(&coffer, shape, &mut report, sides, &report::AUTH_COST_SCENARIOS).await?;
+    }
+    if cluster.is_some() && !cli.no_audit_cost && cli.rate.is_none() {
+        eprintln!("coffer-bench: audit cost: starting two fresh 3-node clusters, audit off and on");
+        let mut unaudited = bench_options(true, Checks::On);
+        unaudited.extra_config.push_str("[audit]\nenabled = false\n");
+        let sides = [(report::UNAUDITED_PASS, unaudited), (report::AUDITED_PASS, bench_options(true, Checks::On))];
+        cost_pass(&coffer, shape, &mut report, sides, &report::AUDIT_COST_SCENARIOS).await?;
     }
 
     if cli.memory_secrets > 0 && !pids.is_empty() {

@@ -70,6 +70,12 @@ pub(crate) const AUTH_COST_SCENARIOS: [&str; 2] = ["get-linear", "encrypt64"];
 pub(crate) const CHECKED_PASS: &str = "auth cost: token + policy";
 /// The side of the authorisation pass with `auth.checks = "off"`.
 pub(crate) const UNCHECKED_PASS: &str = "auth cost: checks off";
+/// The scenarios measured with and without audit.
+pub(crate) const AUDIT_COST_SCENARIOS: [&str; 4] = ["put", "get-linear", "encrypt64", "encrypt64-batch"];
+/// The side of the audit pass that records every call.
+pub(crate) const AUDITED_PASS: &str = "audit cost: audit on";
+/// The side of the audit pass with `[audit] enabled = false`.
+pub(crate) const UNAUDITED_PASS: &str = "audit cost: audit off";
 
 impl Report {
     /// An empty report of a run's settings.
@@ -276,30 +282,30 @@ impl Report {
             _ => ("—".to_owned(), None),
         };
         goals.push(("memory: < 200 MB per node with 100,000 secrets".to_owned(), measured, met));
-        // TLS's cost: the same scenario against a TLS cluster and a plaintext one, same run.
+        // Each layer's cost: the same scenario with the layer and without, same run, means of
+        // the alternating rounds.
+        let cost = |with: &str, without: &str, sc: &str, words: (&str, &str), limit: f64| match (
+            mean_rate(with, sc),
+            mean_rate(without, sc),
+        ) {
+            (Some(t), Some(p)) if p > 0.0 => {
+                let cost = 100.0 * (1.0 - t / p);
+                let shown = if cost >= 0.0 { format!("{cost:.1} % slower") } else { format!("{:.1} % faster", -cost) };
+                (format!("{t:.0}/s {}, {p:.0}/s {}: {shown}", words.0, words.1), Some(cost < limit))
+            }
+            _ => ("—".to_owned(), None),
+        };
         for sc in TLS_COST_SCENARIOS {
-            let (measured, met) = match (mean_rate(TLS_PASS, sc), mean_rate(PLAIN_PASS, sc)) {
-                (Some(t), Some(p)) if p > 0.0 => {
-                    let cost = 100.0 * (1.0 - t / p);
-                    let shown =
-                        if cost >= 0.0 { format!("{cost:.1} % slower") } else { format!("{:.1} % faster", -cost) };
-                    (format!("{t:.0}/s with TLS, {p:.0}/s without: {shown}"), Some(cost < 15.0))
-                }
-                _ => ("—".to_owned(), None),
-            };
+            let (measured, met) = cost(TLS_PASS, PLAIN_PASS, sc, ("with TLS", "without"), 15.0);
             goals.push((format!("TLS costs < 15 % on {sc}"), measured, met));
         }
         for sc in AUTH_COST_SCENARIOS {
-            let (measured, met) = match (mean_rate(CHECKED_PASS, sc), mean_rate(UNCHECKED_PASS, sc)) {
-                (Some(t), Some(p)) if p > 0.0 => {
-                    let cost = 100.0 * (1.0 - t / p);
-                    let shown =
-                        if cost >= 0.0 { format!("{cost:.1} % slower") } else { format!("{:.1} % faster", -cost) };
-                    (format!("{t:.0}/s checked, {p:.0}/s unchecked: {shown}"), Some(cost < 5.0))
-                }
-                _ => ("—".to_owned(), None),
-            };
+            let (measured, met) = cost(CHECKED_PASS, UNCHECKED_PASS, sc, ("checked", "unchecked"), 5.0);
             goals.push((format!("authorisation costs < 5 % on {sc}"), measured, met));
+        }
+        for sc in AUDIT_COST_SCENARIOS {
+            let (measured, met) = cost(AUDITED_PASS, UNAUDITED_PASS, sc, ("audited", "unaudited"), 10.0);
+            goals.push((format!("audit costs < 10 % on {sc}"), measured, met));
         }
         goals
     }
