@@ -46,6 +46,11 @@
 //! spool = "<data-dir>/audit.log"        # the node's audit file (relative: to this file's directory)
 //! checkpoint-every = "10s"              # an HSM-signed checkpoint this often, even when idle ...
 //! checkpoint-records = 10000            # ... and after this many records
+//! rotate-bytes = 268435456              # past this size the file is renamed audit.log.<first seq> (0: never)
+//! # [[audit.sink]]                      # a collector the spool is copied to, asynchronously (any number)
+//! # name = "siem"
+//! # address = "127.0.0.1:6514"          # TCP, JSON lines (the chain lines themselves)
+//! # timeout = "5s"                      # per connect and per write; then retry with backoff
 //!
 //! [raft]
 //! heartbeat-interval = "50ms"
@@ -143,6 +148,27 @@ struct RawAudit {
     checkpoint_every: Duration,
     #[serde(default = "default_checkpoint_records")]
     checkpoint_records: u64,
+    #[serde(default = "default_rotate_bytes")]
+    rotate_bytes: u64,
+    #[serde(default)]
+    sink: Vec<RawSink>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawSink {
+    name: String,
+    address: String,
+    #[serde(with = "humantime_serde", default = "default_sink_timeout")]
+    timeout: Duration,
+}
+
+fn default_rotate_bytes() -> u64 {
+    256 << 20
+}
+
+fn default_sink_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for RawAudit {
@@ -152,6 +178,8 @@ impl Default for RawAudit {
             spool: None,
             checkpoint_every: default_checkpoint_every(),
             checkpoint_records: default_checkpoint_records(),
+            rotate_bytes: default_rotate_bytes(),
+            sink: Vec::new(),
         }
     }
 }
@@ -386,6 +414,21 @@ pub struct AuditConfig {
     pub checkpoint_every: Duration,
     /// And after this many records.
     pub checkpoint_records: u64,
+    /// Past this size the spool is rotated (0: never).
+    pub rotate_bytes: u64,
+    /// Collectors the spool is copied to.
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// A collector an audit spool is copied to (`[[audit.sink]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// Its name (status, the cursor file).
+    pub name: String,
+    /// `host:port`, TCP.
+    pub address: String,
+    /// Per connect and per write.
+    pub timeout: Duration,
 }
 
 /// What one client may hold of a node at once.
@@ -656,12 +699,38 @@ impl RawConfig {
         if audit.checkpoint_every < Duration::from_millis(100) || audit.checkpoint_records == 0 {
             return invalid("audit: checkpoint-every is at least 100ms and checkpoint-records at least 1".into());
         }
+        let mut sink_names = std::collections::BTreeSet::new();
+        for sink in &audit.sink {
+            let name_ok = !sink.name.is_empty()
+                && sink.name.len() <= 32
+                && sink.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !name_ok || !sink_names.insert(sink.name.clone()) {
+                return invalid(format!("audit.sink name {:?}: 1 to 32 of a-z, 0-9 and -, and unique", sink.name));
+            }
+            if sink.address.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            {
+                return invalid(format!("audit.sink {:?}: address {:?} is not host:port", sink.name, sink.address));
+            }
+            if sink.timeout.is_zero() {
+                return invalid(format!("audit.sink {:?}: timeout is more than 0", sink.name));
+            }
+        }
+        if audit.rotate_bytes != 0 && audit.rotate_bytes < 4096 {
+            return invalid("audit.rotate-bytes is 0 (never) or at least 4096".into());
+        }
         let data_dir = resolve(path, self.data_dir.clone());
         Ok(Config {
             audit: self.audit.enabled.then(|| AuditConfig {
                 spool: self.audit.spool.clone().map_or_else(|| data_dir.join("audit.log"), |p| resolve(path, p)),
                 checkpoint_every: self.audit.checkpoint_every,
                 checkpoint_records: self.audit.checkpoint_records,
+                rotate_bytes: self.audit.rotate_bytes,
+                sinks: self
+                    .audit
+                    .sink
+                    .iter()
+                    .map(|s| SinkConfig { name: s.name.clone(), address: s.address.clone(), timeout: s.timeout })
+                    .collect(),
             }),
             limits: Limits {
                 max_concurrent_streams: limits.max_concurrent_streams,

@@ -102,6 +102,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let audit = node.audit.clone().map(crate::audit::layer::AuditLayer::new);
     let checkpoints = node.audit.clone().map(|audit| tokio::spawn(audit.run()));
     let audit_watch = node.audit.clone().map(|audit| tokio::spawn(audit.watch(node.clone(), health.clone())));
+    let sinks = node.audit.as_ref().map(|audit| audit.start_sinks()).unwrap_or_default();
     let public = server_builder()
         .layer(tower::util::option_layer(audit))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
@@ -185,7 +186,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     rotator.abort();
     sweeper.abort();
-    for task in checkpoints.into_iter().chain(audit_watch) {
+    for task in checkpoints.into_iter().chain(audit_watch).chain(sinks) {
         task.abort();
         let _ = task.await;
     }

@@ -9,7 +9,8 @@
 //! A node writes one when its spool opens (`open`; `unclean` when the file did not end with a
 //! `close`, that is after a crash or a cut), every `checkpoint-every` (even when idle: a file
 //! whose last checkpoint is older than that, and not a `close`, was cut short or its node
-//! killed) and every `checkpoint-records` records (`interval`), and on a clean stop (`close`).
+//! killed) and every `checkpoint-records` records (`interval`), on a clean stop (`close`), and as
+//! the last line of a file that is rotated away (`rotate`).
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,9 @@ pub enum Kind {
     Interval,
     /// The node stopped cleanly: nothing follows in this run.
     Close,
+    /// The file's last line: it is renamed `<spool>.<first seq>`, and the chain goes on in a
+    /// new file, which starts with records and an `open` checkpoint.
+    Rotate,
 }
 
 impl Kind {
@@ -31,6 +35,7 @@ impl Kind {
             Kind::Open => "open",
             Kind::Interval => "interval",
             Kind::Close => "close",
+            Kind::Rotate => "rotate",
         }
     }
 }

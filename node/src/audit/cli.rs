@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
+use super::chain;
 use super::verify::{self, Ending};
 
 /// `coffer audit …`
@@ -22,7 +23,9 @@ enum AuditCommand {
     /// inserted or reordered, a checkpoint forged or signed by another key, records rewritten
     /// under a checkpoint, a file cut short after a checkpoint. Exits 1 on a broken file.
     ///
-    /// Each file is checked on its own. Pin the node's checkpoint key with --key (it is in
+    /// Give a node's rotated files in order (audit.log.<first seq>…, then audit.log): each is
+    /// checked, and each must continue the chain of the one before it when that one ended with
+    /// a rotation. Pin the node's checkpoint key with --key (it is in
     /// `audit.log.pub` next to the node's spool; keep a copy where the node's host cannot
     /// change it): without it, the file's first checkpoint names the key, which proves only
     /// that the file is consistent with itself.
@@ -145,6 +148,8 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut broken = false;
+    // The place where the last file given ended, when it ended with a rotation.
+    let mut rotated_at: Option<(PathBuf, chain::Head)> = None;
     for file in files {
         let reader = std::io::BufReader::new(
             std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
@@ -155,8 +160,24 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
                     println!("{}: empty", file.display());
                     continue;
                 };
+                if let (Some((before, end)), Some((prev, _))) = (&rotated_at, &report.joins) {
+                    if *prev != end.hash || first != end.seq + 1 {
+                        println!(
+                            "{}: BROKEN: does not continue {} (which ended at seq {} with a rotation): files missing or out of order",
+                            file.display(),
+                            before.display(),
+                            end.seq
+                        );
+                        broken = true;
+                    }
+                }
+                rotated_at = match (&report.ending, &report.joins) {
+                    (Ending::Rotated, Some((_, end))) => Some((file.clone(), end.clone())),
+                    _ => None,
+                };
                 let ending = match report.ending {
                     Ending::Closed => "ends with a clean stop".to_owned(),
+                    Ending::Rotated => "ends with a rotation (the next file continues it)".to_owned(),
                     Ending::Live { unvouched: 0 } => "live (its node is writing it)".to_owned(),
                     Ending::Live { unvouched } => {
                         format!("live; {unvouched} record(s) after the last checkpoint are not vouched for yet")

@@ -8,6 +8,7 @@
 //! | [`verify`] | the whole check of a file, as `coffer audit verify` runs it |
 //! | [`spool`] | the node's spool: one writer thread, grouped appends, one fsync per group, fail closed |
 //! | [`layer`] | one record per public call, written before the answer leaves |
+//! | [`sink`] | copies of the spool drained to collectors over TCP, asynchronously |
 //! | [`cli`] | `coffer audit verify FILE…`, `coffer audit tail FILE` with filters |
 //!
 //! On by default (`[audit] enabled = false` turns it off); the file is `<data-dir>/audit.log`.
@@ -19,6 +20,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod cli;
 pub mod layer;
+pub mod sink;
 pub mod spool;
 pub mod verify;
 
@@ -38,6 +40,7 @@ pub struct Audit {
     key: SigningKey,
     node: u64,
     config: AuditConfig,
+    sinks: Vec<(crate::config::SinkConfig, Arc<sink::SinkState>)>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -70,7 +73,7 @@ impl Audit {
     /// The spool cannot be opened or written, or the HSM cannot give the key or sign.
     pub async fn open(config: &AuditConfig, hsm: &Hsm, node: u64) -> Result<Arc<Audit>, Error> {
         let fail = |what: String| Error::Serve(what.into());
-        let spool = Spool::open(&config.spool, config.checkpoint_records)
+        let spool = Spool::open(&config.spool, config.checkpoint_records, config.rotate_bytes)
             .map_err(|e| fail(format!("cannot open the audit spool {}: {e}", config.spool.display())))?;
         let key = hsm
             .signing_key(&key_label(node))
@@ -80,7 +83,8 @@ impl Audit {
         std::fs::write(&public, format!("{}\n", hex::encode(&key.public)))
             .map_err(|e| fail(format!("cannot write {}: {e}", public.display())))?;
         let unclean = !spool.ended_closed() && spool.head().seq > 0;
-        let audit = Arc::new(Audit { spool, hsm: hsm.clone(), key, node, config: config.clone() });
+        let sinks = config.sinks.iter().map(|s| (s.clone(), Arc::default())).collect();
+        let audit = Arc::new(Audit { spool, hsm: hsm.clone(), key, node, config: config.clone(), sinks });
         audit
             .checkpoint(Kind::Open, unclean)
             .await
@@ -112,8 +116,20 @@ impl Audit {
             sig: String::new(),
         };
         cp.sig = hex::encode(self.hsm.sign(&self.key, cp.message().as_bytes()).await?);
-        self.spool.append(cp.record_json()).await?;
+        if kind == Kind::Rotate {
+            self.spool.append_last(cp.record_json()).await?;
+        } else {
+            self.spool.append(cp.record_json()).await?;
+        }
         Ok(())
+    }
+
+    /// Starts one task per configured sink.
+    pub fn start_sinks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.sinks
+            .iter()
+            .map(|(config, state)| tokio::spawn(sink::run(self.config.spool.clone(), config.clone(), state.clone())))
+            .collect()
     }
 
     /// Writes a checkpoint every `checkpoint-every`, and after every `checkpoint-records`
@@ -128,7 +144,16 @@ impl Audit {
                 _ = tick.tick() => {}
                 () = self.spool.filled.notified() => tick.reset(),
             }
-            if let Err(e) = self.checkpoint(Kind::Interval, false).await {
+            let written = if self.spool.rotate_due() {
+                // The old file's last line, then the new file's first checkpoint.
+                match self.checkpoint(Kind::Rotate, false).await {
+                    Ok(()) => self.checkpoint(Kind::Open, false).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.checkpoint(Kind::Interval, false).await
+            };
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot write an audit checkpoint");
             }
         }
@@ -173,9 +198,17 @@ impl Audit {
             Some((free, total)) => format!("; disk {} MiB free of {} MiB", free >> 20, total >> 20),
             None => String::new(),
         };
+        let mut sinks = String::new();
+        for (config, state) in &self.sinks {
+            let delivered = state.delivered.load(std::sync::atomic::Ordering::Relaxed);
+            sinks.push_str(&format!("; sink {}: lag {} record(s)", config.name, head.seq.saturating_sub(delivered)));
+            if let Some(why) = state.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_deref() {
+                sinks.push_str(&format!(" (failing: {why})"));
+            }
+        }
         match self.spool.failure() {
-            Some(why) => format!("FAILING ({why}): {} refuses every call{disk}", self.spool.path().display()),
-            None => format!("ok: {} at seq {}{disk}", self.spool.path().display(), head.seq),
+            Some(why) => format!("FAILING ({why}): {} refuses every call{disk}{sinks}", self.spool.path().display()),
+            None => format!("ok: {} at seq {}{disk}{sinks}", self.spool.path().display(), head.seq),
         }
     }
 

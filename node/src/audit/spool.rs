@@ -46,6 +46,8 @@ pub enum SpoolError {
 
 struct Pending {
     record_json: String,
+    /// The last line of this file: once it is on disk the file is renamed and a new one begun.
+    rotate: bool,
     done: tokio::sync::oneshot::Sender<Result<u64, SpoolError>>,
 }
 
@@ -56,6 +58,8 @@ struct Shared {
     head: Mutex<Head>,
     /// Why the spool stopped writing, once it has.
     failure: Mutex<Option<String>>,
+    /// The file has reached its rotation size.
+    rotate_due: std::sync::atomic::AtomicBool,
 }
 
 /// A node's audit spool.
@@ -75,11 +79,12 @@ impl std::fmt::Debug for Spool {
 }
 
 /// Reads where the chain in `file` stands, dropping a torn last line (one without its newline),
-/// and whether the last line is a clean stop's `close` checkpoint.
-fn resume(file: &mut File) -> std::io::Result<(Head, bool)> {
+/// whether the last line is a clean stop's `close` checkpoint, and the file's first seq.
+fn resume(file: &mut File) -> std::io::Result<(Head, bool, Option<u64>)> {
     file.seek(SeekFrom::Start(0))?;
     let (mut head, mut good_len, mut text) = (Head::default(), 0u64, String::new());
     let mut closed = false;
+    let mut first = None;
     {
         let mut reader = BufReader::new(&mut *file);
         loop {
@@ -91,6 +96,7 @@ fn resume(file: &mut File) -> std::io::Result<(Head, bool)> {
             // Lines that do not chain are left for `verify` to report; the chain resumes after
             // the last line that parses.
             if let Ok(next) = chain::check_line(0, text.trim_end_matches('\n'), &Head::default()) {
+                first.get_or_insert(next.seq);
                 head = next;
                 closed = text.contains(r#""checkpoint":{"kind":"close""#);
             }
@@ -99,27 +105,28 @@ fn resume(file: &mut File) -> std::io::Result<(Head, bool)> {
     }
     file.set_len(good_len)?;
     file.seek(SeekFrom::End(0))?;
-    Ok((head, closed))
+    Ok((head, closed, first))
 }
 
 impl Spool {
     /// Opens (or creates, 0600) the spool at `path` and starts its thread; [`Spool::filled`] is
-    /// woken every `every_records` records.
+    /// woken every `every_records` records, and when the file passes `rotate_bytes` (0: never).
     ///
     /// # Errors
     /// The file cannot be opened or read.
-    pub fn open(path: &Path, every_records: u64) -> std::io::Result<Spool> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
-        let (head, ended_closed) = resume(&mut file)?;
+    pub fn open(path: &Path, every_records: u64, rotate_bytes: u64) -> std::io::Result<Spool> {
+        let mut file = create(path)?;
+        let (head, ended_closed, first) = resume(&mut file)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let shared = Arc::new(Shared { head: Mutex::new(head.clone()), failure: Mutex::new(None) });
+        let shared = Arc::new(Shared { head: Mutex::new(head.clone()), ..Shared::default() });
         let filled = Arc::new(tokio::sync::Notify::new());
         let writer = Writer {
-            path: path.display().to_string(),
+            path: path.to_owned(),
             shared: shared.clone(),
             filled: filled.clone(),
             every_records: every_records.max(1),
+            rotate_bytes,
+            first_seq: first.unwrap_or(head.seq + 1),
         };
         std::thread::Builder::new().name("coffer-audit".into()).spawn(move || writer.run(file, head, &rx))?;
         Ok(Spool { tx, path: path.to_owned(), shared, ended_closed, filled })
@@ -140,6 +147,11 @@ impl Spool {
         self.ended_closed
     }
 
+    /// Whether the file has reached its rotation size (the checkpointer then rotates it).
+    pub fn rotate_due(&self) -> bool {
+        self.shared.rotate_due.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Why the spool stopped writing, if it has.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -151,8 +163,21 @@ impl Spool {
     /// # Errors
     /// [`SpoolError`]: the node must refuse the call it was auditing.
     pub async fn append(&self, record_json: String) -> Result<u64, SpoolError> {
+        self.send(record_json, false).await
+    }
+
+    /// Appends the last record of this file (a `rotate` checkpoint): once it is on disk, the
+    /// file is renamed `<spool>.<its first seq, 20 digits>` and a new file continues the chain.
+    ///
+    /// # Errors
+    /// As [`Spool::append`].
+    pub async fn append_last(&self, record_json: String) -> Result<u64, SpoolError> {
+        self.send(record_json, true).await
+    }
+
+    async fn send(&self, record_json: String, rotate: bool) -> Result<u64, SpoolError> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx.try_send(Pending { record_json, done }).map_err(|e| match e {
+        self.tx.try_send(Pending { record_json, rotate, done }).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => SpoolError::Busy,
             mpsc::TrySendError::Disconnected(_) => SpoolError::Closed,
         })?;
@@ -160,31 +185,42 @@ impl Spool {
     }
 }
 
+/// Opens (or creates, 0600) a spool file.
+fn create(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
+}
+
 /// The spool thread's side.
 struct Writer {
-    path: String,
+    path: PathBuf,
     shared: Arc<Shared>,
     filled: Arc<tokio::sync::Notify>,
     every_records: u64,
+    rotate_bytes: u64,
+    /// The first seq of the file being written.
+    first_seq: u64,
 }
 
 impl Writer {
     /// The spool thread: takes what is waiting (up to [`GROUP`]), writes it in one go, syncs, and
     /// answers every caller of the group.
-    fn run(self, mut file: File, mut head: Head, rx: &mpsc::Receiver<Pending>) {
-        let path = self.path.clone();
+    fn run(mut self, mut file: File, mut head: Head, rx: &mpsc::Receiver<Pending>) {
+        let path = self.path.display().to_string();
         // The length of what is on disk and synced: a failed write is cut back to it before the
         // next try, so a torn group never stays in the chain.
         let mut good_len = file.metadata().map_or(0, |m| m.len());
         let mut failing = false;
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
-            while group.len() < GROUP {
+            // A file's last line ends its group.
+            while group.len() < GROUP && !group.last().is_some_and(|p| p.rotate) {
                 match rx.try_recv() {
                     Ok(next) => group.push(next),
                     Err(_) => break,
                 }
             }
+            let rotate = group.last().is_some_and(|p| p.rotate);
             let start = head.clone();
             let mut text = String::new();
             let mut seqs = Vec::with_capacity(group.len());
@@ -210,7 +246,20 @@ impl Writer {
                         *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                         tracing::warn!(path = %path, "the audit spool is writable again: serving calls");
                     }
-                    if start.seq / self.every_records != head.seq / self.every_records {
+                    if rotate {
+                        match self.rotate(&head) {
+                            Ok(next) => {
+                                file = next;
+                                good_len = 0;
+                            }
+                            Err(e) => {
+                                tracing::error!(path = %path, error = %e, "cannot rotate the audit spool; writing on")
+                            }
+                        }
+                    }
+                    let due = self.rotate_bytes != 0 && good_len >= self.rotate_bytes;
+                    self.shared.rotate_due.store(due, std::sync::atomic::Ordering::Relaxed);
+                    if due || start.seq / self.every_records != head.seq / self.every_records {
                         self.filled.notify_one();
                     }
                     for (p, seq) in group.into_iter().zip(seqs) {
@@ -234,6 +283,23 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Renames the file just ended to `<spool>.<first seq>` and opens a new one; the next line
+    /// continues the chain from `head`.
+    fn rotate(&mut self, head: &Head) -> std::io::Result<File> {
+        let rotated = super::sink::rotated_path(&self.path, self.first_seq);
+        std::fs::rename(&self.path, &rotated)?;
+        let file = create(&self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The rename and the new name, durable.
+            File::open(dir)?.sync_all()?;
+        }
+        self.first_seq = head.seq + 1;
+        tracing::info!(rotated = %rotated.display(), "audit spool rotated");
+        Ok(file)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +318,7 @@ mod tests {
     async fn concurrent_appends_make_one_chain_that_survives_a_reopen_and_a_tear() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("audit.log");
-        let spool = std::sync::Arc::new(Spool::open(&path, 1000)?);
+        let spool = std::sync::Arc::new(Spool::open(&path, 1000, 0)?);
         let mut tasks = Vec::new();
         for i in 0..200 {
             let spool = spool.clone();
@@ -268,7 +334,7 @@ mod tests {
         assert_eq!(span(&path)?, (1, 200));
         // A torn last line (a crash mid-write) is dropped on reopen, and the chain goes on.
         OpenOptions::new().append(true).open(&path)?.write_all(b"{\"seq\":201,\"prev\":\"ab")?;
-        let spool = Spool::open(&path, 1000)?;
+        let spool = Spool::open(&path, 1000, 0)?;
         assert_eq!(spool.append("{\"n\":\"after\"}".into()).await?, 201);
         drop(spool);
         assert_eq!(span(&path)?, (1, 201));

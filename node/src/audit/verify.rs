@@ -24,6 +24,8 @@ pub enum Ending {
     Empty,
     /// With a clean stop's `close` checkpoint.
     Closed,
+    /// With a `rotate` checkpoint: the chain goes on in the next file.
+    Rotated,
     /// With a recent checkpoint and `unvouched` records after it: a live file.
     Live {
         /// Records no checkpoint vouches for yet.
@@ -46,6 +48,8 @@ pub struct Report {
     pub ending: Ending,
     /// Things an auditor should know that do not break the chain (restarts after a crash).
     pub notes: Vec<String>,
+    /// The first line's `prev` and the last line's place: files in a row must join up.
+    pub joins: Option<(String, Head)>,
 }
 
 /// Checks one file. `pinned` is the public key the checkpoints must be signed by; `now_ms` is
@@ -62,7 +66,9 @@ pub fn verify(reader: impl BufRead, pinned: Option<&[u8]>, now_ms: u64) -> Resul
         key: pinned.map(hex::encode),
         ending: Ending::Empty,
         notes: vec![],
+        joins: None,
     };
+    let mut first_prev = None;
     // Hashes of lines not yet vouched for, by seq; and the records among them.
     let mut recent: BTreeMap<u64, String> = BTreeMap::new();
     let mut unvouched: Vec<u64> = Vec::new();
@@ -71,6 +77,11 @@ pub fn verify(reader: impl BufRead, pinned: Option<&[u8]>, now_ms: u64) -> Resul
         let number = i as u64 + 1;
         let text = text.map_err(|e| Broken::Unreadable { line: number, why: e.to_string() })?;
         head = chain::check_line(number, &text, &head)?;
+        if first_prev.is_none() {
+            first_prev = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["prev"].as_str().map(str::to_owned));
+        }
         report.span = Some((report.span.map_or(head.seq, |(first, _)| first), head.seq));
         report.lines += 1;
         recent.insert(head.seq, head.hash.clone());
@@ -123,9 +134,20 @@ pub fn verify(reader: impl BufRead, pinned: Option<&[u8]>, now_ms: u64) -> Resul
     if report.lines == 0 {
         return Ok(report);
     }
+    report.joins = first_prev.map(|prev| (prev, head.clone()));
     let Some((line, seq, cp)) = last else { return Err(Broken::NoCheckpoint { lines: report.lines }) };
     if cp.kind == Kind::Close && unvouched.is_empty() {
         report.ending = Ending::Closed;
+        return Ok(report);
+    }
+    if cp.kind == Kind::Rotate {
+        if !unvouched.is_empty() {
+            report.notes.push(format!(
+                "{} record(s) after the rotate checkpoint are vouched for by the next file's first checkpoint",
+                unvouched.len()
+            ));
+        }
+        report.ending = Ending::Rotated;
         return Ok(report);
     }
     let age_ms = now_ms.saturating_sub(cp.time_ms);

@@ -479,3 +479,204 @@ async fn put_retrying_on(cluster: &coffer_testkit::Cluster, i: usize, path: &str
         }
     }
 }
+
+/// The node's audit files, oldest first: the rotated ones (`audit.log.<first seq>`) by name,
+/// then the live one.
+fn audit_files(data_dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut rotated: Vec<std::path::PathBuf> = std::fs::read_dir(data_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.strip_prefix("audit.log.")
+                    .is_some_and(|seq| seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .collect();
+    rotated.sort();
+    rotated.push(data_dir.join("audit.log"));
+    Ok(rotated)
+}
+
+fn verify_all(files: &[std::path::PathBuf], key: &std::path::Path) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(coffer_bin())
+        .args(["audit", "verify"])
+        .args(files)
+        .arg("--key")
+        .arg(key)
+        .output()?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Past `rotate-bytes` the spool is renamed `audit.log.<first seq>` and a new file continues
+/// the chain: every record is in exactly one file, `verify` passes the files given in order,
+/// and names a file missing from the middle.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spool_rotates_by_size_and_the_files_chain_in_order() -> anyhow::Result<()> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    let mut cluster = crate::must_start_cluster(1, "[audit]\nrotate-bytes = 8192\ncheckpoint-every = \"1s\"\n")?;
+    let mut s = SecretsClient::new(cluster.channel(0)?);
+    for i in 0..150 {
+        let mut put = tonic::Request::new(crate::put(&format!("app/{i}"), b"v", None));
+        put.metadata_mut().insert("x-request-id", format!("rotation-{i}").parse()?);
+        s.put(put).await?;
+    }
+    cluster.stop(0)?;
+    let files = audit_files(&cluster.data_dir(0))?;
+    assert!(files.len() >= 4, "8 KiB files for about 75 KiB of records: {files:?}");
+    let key = cluster.data_dir(0).join("audit.log.pub");
+    let (ok, said) = verify_all(&files, &key)?;
+    assert!(ok, "{said}");
+    assert_eq!(said.matches("ends with a rotation").count(), files.len() - 1, "{said}");
+    let mut ids = Vec::new();
+    for file in &files {
+        for line in std::fs::read_to_string(file)?.lines() {
+            let value: serde_json::Value = serde_json::from_str(line)?;
+            if let Some(id) = value["record"]["request_id"].as_str().filter(|id| id.starts_with("rotation-")) {
+                ids.push(id.to_owned());
+            }
+        }
+    }
+    assert_eq!(ids, (0..150).map(|i| format!("rotation-{i}")).collect::<Vec<_>>(), "each put once, in order");
+    let mut gap = files.clone();
+    gap.remove(1);
+    let (ok, said) = verify_all(&gap, &key)?;
+    assert!(!ok && said.contains("does not continue"), "{said}");
+    Ok(())
+}
+
+/// A collector for the sink test: holds every connection, and reads none until told to.
+struct Collector {
+    port: u16,
+    reading: std::sync::Arc<tokio::sync::Notify>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
+}
+
+impl Collector {
+    /// Listens with a small receive buffer, so a collector that does not read stalls the sink
+    /// after a few KiB.
+    fn start() -> anyhow::Result<Collector> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        let listener = socket.listen(16)?;
+        let port = listener.local_addr()?.port();
+        let reading = std::sync::Arc::new(tokio::sync::Notify::new());
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>> = std::sync::Arc::default();
+        let (wake, store) = (reading.clone(), lines.clone());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let read = |stream: tokio::net::TcpStream, store: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>| {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncBufReadExt;
+                    let index = {
+                        let mut all = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        all.push(Vec::new());
+                        all.len() - 1
+                    };
+                    let mut reader = tokio::io::BufReader::new(stream).lines();
+                    while let Ok(Some(line)) = reader.next_line().await {
+                        // 0: a line that does not parse, which only the torn end of a connection
+                        // the sink dropped mid-write may be.
+                        let seq = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["seq"].as_u64());
+                        store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[index].push(seq.unwrap_or(0));
+                    }
+                })
+            };
+            // Hung: accept, hold, read nothing.
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => if let Ok((stream, _)) = accepted { held.push(stream) },
+                    () = wake.notified() => break,
+                }
+            }
+            for stream in held {
+                read(stream, store.clone());
+            }
+            while let Ok((stream, _)) = listener.accept().await {
+                read(stream, store.clone());
+            }
+        });
+        Ok(Collector { port, reading, lines })
+    }
+}
+
+/// The audit status line of node `i` (`operator status`).
+fn audit_status(cluster: &coffer_testkit::Cluster, i: usize) -> anyhow::Result<String> {
+    let text = cluster.cli_ok(i, &["operator", "status", "-o", "json"])?;
+    Ok(serde_json::from_str::<serde_json::Value>(&text)?["audit"].as_str().unwrap_or_default().to_owned())
+}
+
+fn sink_lag(status: &str) -> Option<u64> {
+    let at = status.find("sink collector: lag ")? + "sink collector: lag ".len();
+    status[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// A sink whose collector hangs (accepts, never reads): every call still completes, the sink's
+/// lag grows and `operator status` names its failure; once the collector reads, the lag drains
+/// to 0 and it has every record, at least once, in order on each connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_sink_adds_lag_not_latency_and_then_delivers_everything_in_order() -> anyhow::Result<()> {
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    let collector = Collector::start()?;
+    let config = format!(
+        "[audit]\ncheckpoint-every = \"1s\"\n[[audit.sink]]\nname = \"collector\"\naddress = \"127.0.0.1:{}\"\ntimeout = \"1s\"\n",
+        collector.port
+    );
+    let cluster = crate::must_start_cluster(1, &config)?;
+    let mut s = SecretsClient::new(cluster.channel(0)?);
+    for i in 0..600 {
+        let mut put = tonic::Request::new(crate::put(&format!("app/{i}"), b"v", None));
+        // A call held behind the sink would miss this; none is.
+        put.set_timeout(std::time::Duration::from_secs(5));
+        s.put(put).await?;
+    }
+    let started = std::time::Instant::now();
+    let stalled = loop {
+        let status = audit_status(&cluster, 0)?;
+        if sink_lag(&status).is_some_and(|lag| lag > 100) && status.contains("failing: writing") {
+            break status;
+        }
+        anyhow::ensure!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the sink never showed its stall: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(stalled.contains("timed out"), "{stalled}");
+
+    collector.reading.notify_one();
+    let started = std::time::Instant::now();
+    let head = loop {
+        let status = audit_status(&cluster, 0)?;
+        let head: u64 = status
+            .split(" at seq ")
+            .nth(1)
+            .and_then(|t| t.split(';').next())
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        if sink_lag(&status) == Some(0) && head > 0 {
+            break head;
+        }
+        anyhow::ensure!(started.elapsed() < std::time::Duration::from_secs(60), "the sink never caught up: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // What was written is read: give the collector a moment to read its buffers.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let connections = collector.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    assert!(connections.len() >= 2, "the stalled connection was dropped and another made: {}", connections.len());
+    for seqs in &connections {
+        let whole = match seqs.last() {
+            Some(0) => &seqs[..seqs.len() - 1],
+            _ => &seqs[..],
+        };
+        assert!(!whole.contains(&0), "a torn line only at a connection's end: {seqs:?}");
+        assert!(whole.windows(2).all(|w| w[0] < w[1]), "in order on each connection: {seqs:?}");
+    }
+    let mut all: Vec<u64> = connections.concat();
+    all.sort_unstable();
+    all.dedup();
+    // (The status calls themselves add records past `head`.)
+    all.retain(|seq| (1..=head).contains(seq));
+    assert_eq!(all, (1..=head).collect::<Vec<_>>(), "every record up to seq {head}, none missing");
+    Ok(())
+}
