@@ -72,8 +72,10 @@ pub(crate) const CHECKED_PASS: &str = "auth cost: token + policy";
 pub(crate) const UNCHECKED_PASS: &str = "auth cost: checks off";
 /// The scenarios measured with and without audit.
 pub(crate) const AUDIT_COST_SCENARIOS: [&str; 4] = ["put", "get-linear", "encrypt64", "encrypt64-batch"];
-/// The side of the audit pass that records every call.
-pub(crate) const AUDITED_PASS: &str = "audit cost: audit on";
+/// The side of the audit pass that records every call, each on disk before its answer.
+pub(crate) const AUDITED_PASS: &str = "audit cost: sync always";
+/// The side of the audit pass that records every call, synced within 10 ms.
+pub(crate) const AUDITED_WITHIN_PASS: &str = "audit cost: sync 10ms";
 /// The side of the audit pass with `[audit] enabled = false`.
 pub(crate) const UNAUDITED_PASS: &str = "audit cost: audit off";
 
@@ -305,7 +307,11 @@ impl Report {
         }
         for sc in AUDIT_COST_SCENARIOS {
             let (measured, met) = cost(AUDITED_PASS, UNAUDITED_PASS, sc, ("audited", "unaudited"), 10.0);
-            goals.push((format!("audit costs < 10 % on {sc}"), measured, met));
+            goals.push((format!("audit (sync always, the default) costs < 10 % on {sc}"), measured, met));
+        }
+        for sc in AUDIT_COST_SCENARIOS {
+            let (measured, met) = cost(AUDITED_WITHIN_PASS, UNAUDITED_PASS, sc, ("audited", "unaudited"), 10.0);
+            goals.push((format!("audit (sync 10ms) costs < 10 % on {sc}"), measured, met));
         }
         goals
     }

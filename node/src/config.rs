@@ -47,6 +47,8 @@
 //! checkpoint-every = "10s"              # an HSM-signed checkpoint this often, even when idle ...
 //! checkpoint-records = 10000            # ... and after this many records
 //! rotate-bytes = 268435456              # past this size the file is renamed audit.log.<first seq> (0: never)
+//! sync = "always"                       # each record fsync'd before its answer; or "10ms": written before
+//!                                       # its answer, fsync'd within 10 ms (a power loss may lose that much)
 //! # [[audit.sink]]                      # a collector the spool is copied to, asynchronously (any number)
 //! # name = "siem"
 //! # address = "127.0.0.1:6514"          # TCP, JSON lines (the chain lines themselves)
@@ -150,8 +152,14 @@ struct RawAudit {
     checkpoint_records: u64,
     #[serde(default = "default_rotate_bytes")]
     rotate_bytes: u64,
+    #[serde(default = "default_audit_sync")]
+    sync: String,
     #[serde(default)]
     sink: Vec<RawSink>,
+}
+
+fn default_audit_sync() -> String {
+    "always".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +187,7 @@ impl Default for RawAudit {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_records: default_checkpoint_records(),
             rotate_bytes: default_rotate_bytes(),
+            sync: default_audit_sync(),
             sink: Vec::new(),
         }
     }
@@ -416,6 +425,8 @@ pub struct AuditConfig {
     pub checkpoint_records: u64,
     /// Past this size the spool is rotated (0: never).
     pub rotate_bytes: u64,
+    /// When records reach the disk.
+    pub sync: crate::audit::spool::Sync,
     /// Collectors the spool is copied to.
     pub sinks: Vec<SinkConfig>,
 }
@@ -715,6 +726,19 @@ impl RawConfig {
                 return invalid(format!("audit.sink {:?}: timeout is more than 0", sink.name));
             }
         }
+        let sync = match audit.sync.as_str() {
+            "always" => crate::audit::spool::Sync::Always,
+            other => match humantime::parse_duration(other) {
+                Ok(bound) if !bound.is_zero() && bound <= Duration::from_secs(1) => {
+                    crate::audit::spool::Sync::Within(bound)
+                }
+                _ => {
+                    return invalid(format!(
+                        "audit.sync = {other:?}: \"always\" (each record on disk before its answer) or a bound up to 1s (\"10ms\")"
+                    ))
+                }
+            },
+        };
         if audit.rotate_bytes != 0 && audit.rotate_bytes < 4096 {
             return invalid("audit.rotate-bytes is 0 (never) or at least 4096".into());
         }
@@ -725,6 +749,7 @@ impl RawConfig {
                 checkpoint_every: self.audit.checkpoint_every,
                 checkpoint_records: self.audit.checkpoint_records,
                 rotate_bytes: self.audit.rotate_bytes,
+                sync,
                 sinks: self
                     .audit
                     .sink
@@ -836,6 +861,29 @@ mod tests {
         assert!(err.to_string().contains("max-value-bytes"), "{err}");
         let err = parse(&format!("{MINIMAL}[raft]\nheartbeat-interval = \"1s\"\n")).unwrap_err();
         assert!(err.to_string().contains("heartbeat-interval <"), "{err}");
+    }
+
+    #[test]
+    fn audit_is_on_by_default_and_its_settings_name_their_rules() {
+        let audit = parse(MINIMAL).unwrap().audit.unwrap();
+        assert_eq!(audit.spool, PathBuf::from("/etc/coffer/data/audit.log"));
+        assert_eq!(audit.sync, crate::audit::spool::Sync::Always);
+        let custom = format!(
+            "{MINIMAL}[audit]\nsync = \"10ms\"\n[[audit.sink]]\nname = \"siem\"\naddress = \"siem.internal:6514\"\n"
+        );
+        let audit = parse(&custom).unwrap().audit.unwrap();
+        assert_eq!(audit.sync, crate::audit::spool::Sync::Within(Duration::from_millis(10)));
+        assert_eq!(audit.sinks[0].timeout, Duration::from_secs(5));
+        assert!(parse(&format!("{MINIMAL}[audit]\nenabled = false\n")).unwrap().audit.is_none());
+        for (bad, rule) in [
+            ("sync = \"5s\"", "audit.sync"),
+            ("rotate-bytes = 10", "rotate-bytes"),
+            ("[[audit.sink]]\nname = \"Bad Name\"\naddress = \"a:1\"", "audit.sink name"),
+            ("[[audit.sink]]\nname = \"s\"\naddress = \"nowhere\"", "not host:port"),
+        ] {
+            let err = parse(&format!("{MINIMAL}[audit]\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(rule), "{bad}: {err}");
+        }
     }
 
     #[test]

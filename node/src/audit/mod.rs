@@ -73,7 +73,7 @@ impl Audit {
     /// The spool cannot be opened or written, or the HSM cannot give the key or sign.
     pub async fn open(config: &AuditConfig, hsm: &Hsm, node: u64) -> Result<Arc<Audit>, Error> {
         let fail = |what: String| Error::Serve(what.into());
-        let spool = Spool::open(&config.spool, config.checkpoint_records, config.rotate_bytes)
+        let spool = Spool::open(&config.spool, config.checkpoint_records, config.rotate_bytes, config.sync)
             .map_err(|e| fail(format!("cannot open the audit spool {}: {e}", config.spool.display())))?;
         let key = hsm
             .signing_key(&key_label(node))
@@ -119,7 +119,7 @@ impl Audit {
         if kind == Kind::Rotate {
             self.spool.append_last(cp.record_json()).await?;
         } else {
-            self.spool.append(cp.record_json()).await?;
+            self.spool.append_synced(cp.record_json()).await?;
         }
         Ok(())
     }

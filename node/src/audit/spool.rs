@@ -46,6 +46,8 @@ pub enum SpoolError {
 
 struct Pending {
     record_json: String,
+    /// On disk (synced) before its caller hears back, whatever the sync mode: checkpoints.
+    sync: bool,
     /// The last line of this file: once it is on disk the file is renamed and a new one begun.
     rotate: bool,
     done: tokio::sync::oneshot::Sender<Result<u64, SpoolError>>,
@@ -114,7 +116,7 @@ impl Spool {
     ///
     /// # Errors
     /// The file cannot be opened or read.
-    pub fn open(path: &Path, every_records: u64, rotate_bytes: u64) -> std::io::Result<Spool> {
+    pub fn open(path: &Path, every_records: u64, rotate_bytes: u64, sync: Sync) -> std::io::Result<Spool> {
         let mut file = create(path)?;
         let (head, ended_closed, first) = resume(&mut file)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -127,6 +129,7 @@ impl Spool {
             every_records: every_records.max(1),
             rotate_bytes,
             first_seq: first.unwrap_or(head.seq + 1),
+            sync,
         };
         std::thread::Builder::new().name("coffer-audit".into()).spawn(move || writer.run(file, head, &rx))?;
         Ok(Spool { tx, path: path.to_owned(), shared, ended_closed, filled })
@@ -163,7 +166,16 @@ impl Spool {
     /// # Errors
     /// [`SpoolError`]: the node must refuse the call it was auditing.
     pub async fn append(&self, record_json: String) -> Result<u64, SpoolError> {
-        self.send(record_json, false).await
+        self.send(record_json, false, false).await
+    }
+
+    /// Appends one record and waits until it is synced to disk, whatever the sync mode: a
+    /// checkpoint.
+    ///
+    /// # Errors
+    /// As [`Spool::append`].
+    pub async fn append_synced(&self, record_json: String) -> Result<u64, SpoolError> {
+        self.send(record_json, false, true).await
     }
 
     /// Appends the last record of this file (a `rotate` checkpoint): once it is on disk, the
@@ -172,17 +184,29 @@ impl Spool {
     /// # Errors
     /// As [`Spool::append`].
     pub async fn append_last(&self, record_json: String) -> Result<u64, SpoolError> {
-        self.send(record_json, true).await
+        self.send(record_json, true, true).await
     }
 
-    async fn send(&self, record_json: String, rotate: bool) -> Result<u64, SpoolError> {
+    async fn send(&self, record_json: String, rotate: bool, sync: bool) -> Result<u64, SpoolError> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx.try_send(Pending { record_json, rotate, done }).map_err(|e| match e {
+        self.tx.try_send(Pending { record_json, sync, rotate, done }).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => SpoolError::Busy,
             mpsc::TrySendError::Disconnected(_) => SpoolError::Closed,
         })?;
         wait.await.map_err(|_| SpoolError::Closed)?
     }
+}
+
+/// When the spool syncs what it wrote to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Before any call of a group hears back: one `fdatasync` per group. A record is on disk
+    /// before its answer leaves, power loss included.
+    Always,
+    /// Records are written (to the kernel) before their answers leave, and synced at most this
+    /// long after: a crash of the node loses nothing; a power loss, at most this much.
+    /// Checkpoints are always synced before they count.
+    Within(std::time::Duration),
 }
 
 /// Opens (or creates, 0600) a spool file.
@@ -200,6 +224,7 @@ struct Writer {
     rotate_bytes: u64,
     /// The first seq of the file being written.
     first_seq: u64,
+    sync: Sync,
 }
 
 impl Writer {
@@ -211,7 +236,32 @@ impl Writer {
         // next try, so a torn group never stays in the chain.
         let mut good_len = file.metadata().map_or(0, |m| m.len());
         let mut failing = false;
-        while let Ok(first) = rx.recv() {
+        // Written but not yet synced, since when.
+        let mut unsynced: Option<std::time::Instant> = None;
+        loop {
+            let first = match (self.sync, unsynced) {
+                (Sync::Within(bound), Some(since)) => {
+                    match rx.recv_timeout(bound.saturating_sub(since.elapsed())) {
+                        Ok(first) => first,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Idle: sync what waits. A failure here shows at the next write.
+                            if let Err(e) = file.sync_data() {
+                                tracing::error!(path = %path, error = %e, "the audit spool cannot be synced");
+                                failing = true;
+                                *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                    Some(e.to_string());
+                            }
+                            unsynced = None;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match rx.recv() {
+                    Ok(first) => first,
+                    Err(_) => break,
+                },
+            };
             let mut group = vec![first];
             // A file's last line ends its group.
             while group.len() < GROUP && !group.last().is_some_and(|p| p.rotate) {
@@ -234,9 +284,20 @@ impl Writer {
                 file.set_len(good_len)?;
                 file.seek(SeekFrom::Start(good_len)).map(|_| ())
             };
+            let must_sync = match self.sync {
+                Sync::Always => true,
+                Sync::Within(bound) => {
+                    rotate
+                        || group.iter().any(|p| p.sync)
+                        || unsynced.get_or_insert_with(std::time::Instant::now).elapsed() >= bound
+                }
+            };
             let written = if failing { cut_back(&mut file) } else { Ok(()) }
                 .and_then(|()| file.write_all(text.as_bytes()))
-                .and_then(|()| file.sync_data());
+                .and_then(|()| if must_sync { file.sync_data() } else { Ok(()) });
+            if must_sync {
+                unsynced = None;
+            }
             match written {
                 Ok(()) => {
                     good_len += text.len() as u64;
@@ -315,10 +376,24 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn synced_within_a_bound_every_append_is_written_before_it_returns() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("audit.log");
+        let spool = Spool::open(&path, 1000, 0, Sync::Within(std::time::Duration::from_millis(10)))?;
+        for i in 1..=20 {
+            assert_eq!(spool.append(format!("{{\"n\":{i}}}")).await?, i);
+            // Written (to the kernel) before append returned: another reader sees it at once.
+            assert_eq!(span(&path)?, (1, i));
+        }
+        assert_eq!(spool.append_synced("{\"checkpoint\":{}}".into()).await?, 21);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn concurrent_appends_make_one_chain_that_survives_a_reopen_and_a_tear() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("audit.log");
-        let spool = std::sync::Arc::new(Spool::open(&path, 1000, 0)?);
+        let spool = std::sync::Arc::new(Spool::open(&path, 1000, 0, Sync::Always)?);
         let mut tasks = Vec::new();
         for i in 0..200 {
             let spool = spool.clone();
@@ -334,7 +409,7 @@ mod tests {
         assert_eq!(span(&path)?, (1, 200));
         // A torn last line (a crash mid-write) is dropped on reopen, and the chain goes on.
         OpenOptions::new().append(true).open(&path)?.write_all(b"{\"seq\":201,\"prev\":\"ab")?;
-        let spool = Spool::open(&path, 1000, 0)?;
+        let spool = Spool::open(&path, 1000, 0, Sync::Always)?;
         assert_eq!(spool.append("{\"n\":\"after\"}".into()).await?, 201);
         drop(spool);
         assert_eq!(span(&path)?, (1, 201));
