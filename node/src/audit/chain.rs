@@ -52,11 +52,16 @@ impl Default for Head {
     }
 }
 
-/// What a line says about its place in the chain.
+/// What a line says about its place in the chain. A key given twice (a second `record`
+/// appended to fool a reader that keeps the last) is refused.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Place {
     seq: u64,
     prev: String,
+    /// Present once; its content is checked by the hash and read by `verify`.
+    #[serde(rename = "record")]
+    _record: serde::de::IgnoredAny,
     hash: String,
 }
 
@@ -122,6 +127,14 @@ pub enum Broken {
         /// The sequence number it vouches for.
         covers: u64,
     },
+    /// A line after a `rotate` checkpoint, which is its file's last line.
+    #[error("line {line}: follows the rotate checkpoint of line {rotate_line}, which ends its file (lines appended)")]
+    AfterRotate {
+        /// The line number.
+        line: u64,
+        /// The rotate checkpoint's line.
+        rotate_line: u64,
+    },
     /// No checkpoint vouches for the file at all.
     #[error("no checkpoint in {lines} lines: nothing vouches for these records")]
     NoCheckpoint {
@@ -152,13 +165,17 @@ pub fn check_line(number: u64, text: &str, head: &Head) -> Result<Head, Broken> 
     let unreadable = |why: &str| Broken::Unreadable { line: number, why: why.to_owned() };
     let place: Place = serde_json::from_str(text).map_err(|e| unreadable(&e.to_string()))?;
     let body = text.rfind(HASH_FIELD).map(|at| &text[..at]).ok_or_else(|| unreadable("no hash field"))?;
+    // Nothing may follow the hash: bytes there would be read by tools but covered by no hash.
+    if text.len() != body.len() + HASH_FIELD.len() + place.hash.len() + 2 || !text.ends_with("\"}") {
+        return Err(Broken::Edited { line: number, seq: place.seq });
+    }
     if body_hash(body) != place.hash {
         return Err(Broken::Edited { line: number, seq: place.seq });
     }
     // The first line checked may start anywhere (a rotated file continues the chain of the one
     // before it); every later one must follow.
     let first = head.seq == 0 && head.hash == GENESIS;
-    let follows = first || (place.prev == head.hash && place.seq == head.seq + 1);
+    let follows = first || (place.prev == head.hash && head.seq.checked_add(1) == Some(place.seq));
     if !follows {
         return Err(Broken::OutOfChain { line: number, seq: place.seq, after: head.seq });
     }
@@ -207,6 +224,17 @@ mod tests {
         let mut reordered = lines.clone();
         reordered.swap(3, 4);
         assert_eq!(check(&reordered), Err(Broken::OutOfChain { line: 4, seq: 5, after: 3 }));
+        // A second `record` after the hash, or before it: refused.
+        let mut appended = lines.clone();
+        appended[1] = appended[1].replace("\"}\n", "\",\"record\":{\"forged\":1}}\n");
+        assert!(
+            matches!(check(&appended), Err(Broken::Unreadable { line: 2, .. } | Broken::Edited { line: 2, .. })),
+            "{:?}",
+            check(&appended)
+        );
+        let mut doubled = lines.clone();
+        doubled[1] = doubled[1].replacen(",\"record\":", ",\"record\":{},\"record\":", 1);
+        assert!(matches!(check(&doubled), Err(Broken::Unreadable { line: 2, .. } | Broken::Edited { line: 2, .. })));
         let mut garbled = lines;
         garbled[0] = garbled[0].replacen('{', "[", 1);
         assert!(matches!(check(&garbled), Err(Broken::Unreadable { line: 1, .. })));

@@ -52,7 +52,7 @@ enum AuditCommand {
     Tail {
         /// The file.
         file: PathBuf,
-        /// How many records to print (the last ones that match).
+        /// How many records to print (the last ones that match; 0: all of them).
         #[arg(long, short = 'n', default_value_t = 20)]
         lines: usize,
         /// Only records whose principal contains this (an accessor, a certificate name).
@@ -113,7 +113,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         AuditCommand::Tail { file, lines, principal, path, method, decision } => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let mut shown = std::collections::VecDeque::with_capacity(lines);
+            // 0: every matching record.
+            let lines = if lines == 0 { usize::MAX } else { lines };
+            let mut shown = std::collections::VecDeque::with_capacity(lines.min(4096));
             for line in text.lines() {
                 let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else { continue };
                 if matches(
@@ -160,6 +162,27 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
                     println!("{}: empty", file.display());
                     continue;
                 };
+                // A rotated file is named for its first seq.
+                let named = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.rsplit_once('.'))
+                    .filter(|(_, seq)| seq.len() == 20)
+                    .and_then(|(_, seq)| seq.parse::<u64>().ok());
+                if named.is_some_and(|seq| seq != first) {
+                    println!(
+                        "{}: BROKEN: named for seq {} but starts at seq {first} (lines removed from its start)",
+                        file.display(),
+                        named.unwrap_or_default()
+                    );
+                    broken = true;
+                }
+                if first != 1 && rotated_at.is_none() {
+                    println!(
+                        "  note: {} starts at seq {first}, continuing an earlier file not given: its start is checked only when that file is given before it",
+                        file.display()
+                    );
+                }
                 if let (Some((before, end)), Some((prev, _))) = (&rotated_at, &report.joins) {
                     if *prev != end.hash || first != end.seq + 1 {
                         println!(

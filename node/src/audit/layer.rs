@@ -94,16 +94,21 @@ tokio::task_local! {
     pub static CURRENT: AuditSlot;
 }
 
-/// Notes a refusal in the current call's record (if the task serves an audited call and its
-/// record names no refusal yet): `PermissionDenied` from anywhere names what was refused.
-pub fn note_denied(path: &str, capability: &'static str, rule: String) {
+/// Notes a policy check in the current call's record (if the task serves an audited call): the
+/// first check names the path, capability and rule (what an admin call changed), and a refusal
+/// from anywhere names what was refused, unless an earlier refusal already does.
+pub fn note_check(path: &str, capability: &'static str, allowed: bool, rule: impl FnOnce() -> String) {
     let _ = CURRENT.try_with(|slot| {
         slot.update(|info| {
-            if info.decision != Some("denied") || info.rule.is_none() {
+            let first = info.path.is_none();
+            let first_refusal = !allowed && (info.decision != Some("denied") || info.rule.is_none());
+            if first || first_refusal {
                 info.path = Some(path.to_owned());
                 info.capability = Some(capability);
+                info.rule = Some(rule());
+            }
+            if first_refusal {
                 info.decision = Some("denied");
-                info.rule = Some(rule);
             }
         });
     });
@@ -213,6 +218,10 @@ where
         // The ready service answers this call; a fresh clone waits for the next (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Node-to-node calls (only on this router when `tls = "off"`) are not client calls.
+        if request.uri().path().starts_with("/coffer.raft.v1.") {
+            return Box::pin(inner.call(request));
+        }
         let audit = self.audit.clone();
         let slot = AuditSlot::default();
         request.extensions_mut().insert(slot.clone());
@@ -220,18 +229,25 @@ where
         let request_id = request_id(request.headers(), audit.node);
         let trace_id = trace_id(request.headers());
         let started = Instant::now();
-        Box::pin(async move {
+        // Its own task: a client that gives up (a cancel, its deadline) drops the future that
+        // waits for the answer, not the call, which runs on and is recorded as it ended.
+        let call = tokio::spawn(async move {
             let pending = Pending { audit, slot, method, request_id, trace_id, started };
-            // A spool known to fail refuses the call before it runs, so the refusal changes
-            // nothing; the refusal's own record is a write attempt, which finds out when the
-            // spool recovers. (A spool that fails while the call runs refuses its answer only:
-            // like a timeout, UNAVAILABLE then does not say whether a write happened.)
-            if let Some(why) = pending.audit.spool.failure() {
-                let refused = tonic::Status::unavailable(format!(
+            // A spool known to fail (or too far behind to take one more record) refuses the call
+            // before it runs, so the refusal changes nothing; the refusal's own record is a
+            // write attempt, which finds out when the spool recovers. (A spool that fails while
+            // the call runs refuses its answer only: like a timeout, UNAVAILABLE then does not
+            // say whether a write happened.)
+            let reserved = match pending.audit.spool.failure() {
+                Some(why) => Err(format!(
                     "the audit spool cannot be written ({why}): this node refuses calls it cannot audit; call another node"
-                ));
-                return Ok(pending.finish(refused.into_http()).await);
-            }
+                )),
+                None => pending.audit.spool.reserve().map_err(|e| e.to_string()),
+            };
+            let _reservation = match reserved {
+                Ok(reservation) => reservation,
+                Err(why) => return Ok(pending.finish(tonic::Status::unavailable(why).into_http()).await),
+            };
             if pending.method == STREAM {
                 let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
                 pending.echo_id(response.headers_mut());
@@ -245,6 +261,13 @@ where
             let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
             pending.echo_id(response.headers_mut());
             Ok(pending.finish(response).await)
+        });
+        Box::pin(async move {
+            match call.await {
+                Ok(answer) => answer,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Ok(tonic::Status::unavailable("the node is shutting down").into_http()),
+            }
         })
     }
 }
@@ -298,7 +321,7 @@ impl Pending {
         info.decision = match (status, info.decision) {
             ("PERMISSION_DENIED", _) => Some("denied"),
             ("UNAUTHENTICATED", _) => Some("unauthenticated"),
-            (_, None) if info.principal.is_some() => Some("allowed"),
+            ("OK", None) if info.principal.is_some() => Some("allowed"),
             (_, decision) => decision,
         };
         let record = Record {
@@ -370,5 +393,21 @@ impl http_body::Body for AuditedBody {
 
     fn is_end_stream(&self) -> bool {
         self.pending.is_none() && self.writing.is_none() && self.inner.is_end_stream()
+    }
+}
+
+impl Drop for AuditedBody {
+    /// A stream the client cancelled (or whose connection broke) ends here without trailers:
+    /// its record is written all the same, as `CANCELLED`, with the counts of its items so far.
+    fn drop(&mut self) {
+        let Some(pending) = self.pending.take() else { return };
+        let json = pending.record("CANCELLED");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = pending.audit.spool.append(json).await {
+                    tracing::error!(error = %e, "cannot record a cancelled stream");
+                }
+            });
+        }
     }
 }

@@ -128,7 +128,11 @@ impl Audit {
     pub fn start_sinks(&self) -> Vec<tokio::task::JoinHandle<()>> {
         self.sinks
             .iter()
-            .map(|(config, state)| tokio::spawn(sink::run(self.config.spool.clone(), config.clone(), state.clone())))
+            .map(|(config, state)| {
+                let head = self.spool.head_watch();
+                let confirmed = move || head.load(std::sync::atomic::Ordering::Acquire);
+                tokio::spawn(sink::run(self.config.spool.clone(), config.clone(), state.clone(), confirmed))
+            })
             .collect()
     }
 

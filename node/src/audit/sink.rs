@@ -16,7 +16,7 @@
 //!   to "received": a stalled collector stalls the sink after at most that much.
 //! - A new sink (no cursor yet) starts with the oldest spool file kept.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +55,7 @@ pub fn rotated_path(spool: &Path, first_seq: u64) -> PathBuf {
 }
 
 /// The rotated files of `spool`, by first seq.
-fn rotated(spool: &Path) -> Vec<(u64, PathBuf)> {
+pub fn rotated_files(spool: &Path) -> Vec<(u64, PathBuf)> {
     let Some(dir) = spool.parent() else { return vec![] };
     let Some(name) = spool.file_name().and_then(|n| n.to_str()) else { return vec![] };
     let prefix = format!("{name}.");
@@ -74,10 +74,13 @@ fn rotated(spool: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// Reads the spool's lines in order, across rotations.
+/// Reads the spool's lines in order, across rotations, never past what the writer has
+/// confirmed (a group that failed is cut back and written again, with other records).
 struct Tail {
     spool: PathBuf,
     reader: BufReader<std::fs::File>,
+    /// Where in the current file the next line starts.
+    offset: u64,
     partial: String,
 }
 
@@ -90,26 +93,37 @@ impl Tail {
     /// Opens the file that holds the line after `cursor`: the last rotated file that starts at
     /// or before it, else the live one.
     fn open(spool: &Path, cursor: u64) -> std::io::Result<Tail> {
-        let from = rotated(spool).into_iter().rfind(|(first, _)| *first <= cursor + 1);
+        let from = rotated_files(spool).into_iter().rfind(|(first, _)| *first <= cursor + 1);
         let file = std::fs::File::open(from.as_ref().map_or(spool, |(_, p)| p.as_path()))?;
-        Ok(Tail { spool: spool.to_owned(), reader: BufReader::new(file), partial: String::new() })
+        Ok(Tail { spool: spool.to_owned(), reader: BufReader::new(file), offset: 0, partial: String::new() })
     }
 
-    /// The next complete lines (up to `max`), as (seq, line with its newline).
-    fn next(&mut self, max: usize) -> std::io::Result<Vec<(u64, String)>> {
+    /// The next complete lines (up to `max`) the writer has confirmed (seq up to `confirmed`),
+    /// as (seq, line with its newline).
+    fn next(&mut self, max: usize, confirmed: u64) -> std::io::Result<Vec<(u64, String)>> {
         let mut lines = Vec::new();
         while lines.len() < max {
-            let n = self.reader.read_line(&mut self.partial)?;
-            if n == 0 || !self.partial.ends_with('\n') {
-                if lines.is_empty() && self.partial.is_empty() && self.advance()? {
-                    continue;
+            if !self.partial.ends_with('\n') {
+                let n = self.reader.read_line(&mut self.partial)?;
+                if n == 0 || !self.partial.ends_with('\n') {
+                    if lines.is_empty() && self.advance()? {
+                        continue;
+                    }
+                    break;
                 }
+            }
+            let seq = serde_json::from_str::<serde_json::Value>(&self.partial)
+                .ok()
+                .and_then(|v| v["seq"].as_u64())
+                .unwrap_or(0);
+            if seq > confirmed {
+                // Not confirmed yet (or never: a failed group): read it again later.
+                self.reader.seek(SeekFrom::Start(self.offset))?;
+                self.partial.clear();
                 break;
             }
-            let line = std::mem::take(&mut self.partial);
-            let seq =
-                serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
-            lines.push((seq, line));
+            self.offset += self.partial.len() as u64;
+            lines.push((seq, std::mem::take(&mut self.partial)));
         }
         Ok(lines)
     }
@@ -125,9 +139,10 @@ impl Tail {
         // No longer live: the writer renamed it after its last write, which may have landed
         // after the end seen just now.
         if self.reader.read_line(&mut self.partial)? > 0 {
-            return Ok(true);
+            return Ok(self.partial.ends_with('\n'));
         }
-        let files = rotated(&self.spool);
+        self.partial.clear();
+        let files = rotated_files(&self.spool);
         let at = files.iter().position(|(_, p)| std::fs::File::open(p).ok().as_ref().and_then(inode) == this);
         let next = match at.and_then(|i| files.get(i + 1)) {
             Some((_, path)) => std::fs::File::open(path)?,
@@ -137,12 +152,19 @@ impl Tail {
             },
         };
         self.reader = BufReader::new(next);
+        self.offset = 0;
         Ok(true)
     }
 }
 
-/// Drains the spool to the sink's collector, until aborted.
-pub async fn run(spool: PathBuf, config: SinkConfig, state: Arc<SinkState>) {
+/// Drains the spool to the sink's collector, until aborted; `confirmed` says up to which seq
+/// the writer has written successfully.
+pub async fn run(
+    spool: PathBuf,
+    config: SinkConfig,
+    state: Arc<SinkState>,
+    confirmed: impl Fn() -> u64 + Send + 'static,
+) {
     let cursor_file = cursor_path(&spool, &config.name);
     let cursor = std::fs::read_to_string(&cursor_file).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0);
     state.delivered.store(cursor, Ordering::Relaxed);
@@ -160,7 +182,8 @@ pub async fn run(spool: PathBuf, config: SinkConfig, state: Arc<SinkState>) {
     let mut backoff = Duration::from_millis(200);
     loop {
         if batch.is_empty() {
-            match tokio::task::block_in_place(|| tail.next(BATCH_LINES)) {
+            let confirmed = confirmed();
+            match tokio::task::block_in_place(|| tail.next(BATCH_LINES, confirmed)) {
                 // Lines up to the cursor (the start of a file read again) were sent already.
                 Ok(lines) => batch = lines.into_iter().filter(|(seq, _)| *seq > cursor).collect(),
                 Err(e) => fail(&state, &config, format!("cannot read the spool: {e}")),
@@ -177,7 +200,8 @@ pub async fn run(spool: PathBuf, config: SinkConfig, state: Arc<SinkState>) {
                 *state.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 batch.clear();
                 backoff = Duration::from_millis(200);
-                let tmp = cursor_file.with_extension("tmp");
+                let mut tmp = cursor_file.as_os_str().to_owned();
+                tmp.push(".tmp");
                 if std::fs::write(&tmp, format!("{last}\n")).and_then(|()| std::fs::rename(&tmp, &cursor_file)).is_err()
                 {
                     tracing::warn!(sink = %config.name, "cannot save the sink's cursor");

@@ -62,6 +62,21 @@ struct Shared {
     failure: Mutex<Option<String>>,
     /// The file has reached its rotation size.
     rotate_due: std::sync::atomic::AtomicBool,
+    /// The seq of the last line written successfully (what sinks may send).
+    confirmed: Arc<std::sync::atomic::AtomicU64>,
+    /// Calls running that will append a record ([`Spool::reserve`]).
+    reserved: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A place in the spool's queue, taken before a call runs and given back when its record is
+/// appended (or the call is dropped).
+#[derive(Debug)]
+pub struct Reservation(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// A node's audit spool.
@@ -118,9 +133,23 @@ impl Spool {
     /// The file cannot be opened or read.
     pub fn open(path: &Path, every_records: u64, rotate_bytes: u64, sync: Sync) -> std::io::Result<Spool> {
         let mut file = create(path)?;
-        let (head, ended_closed, first) = resume(&mut file)?;
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let shared = Arc::new(Shared { head: Mutex::new(head.clone()), ..Shared::default() });
+        let (mut head, mut ended_closed, first) = resume(&mut file)?;
+        if head.seq == 0 {
+            // An empty live file after a rotation (a stop right after it): the chain goes on from
+            // the newest rotated file.
+            if let Some((_, newest)) = super::sink::rotated_files(path).pop() {
+                let (last, closed, _) = resume(&mut OpenOptions::new().read(true).write(true).open(newest)?)?;
+                // It ends with its `rotate` line, never a `close`: the next `open` says unclean.
+                (head, ended_closed) = (last, closed);
+            }
+        }
+        // Room past the reserved places for checkpoints and the records of streams ending.
+        let (tx, rx) = mpsc::sync_channel(QUEUE + 1024);
+        let shared = Arc::new(Shared {
+            head: Mutex::new(head.clone()),
+            confirmed: Arc::new(std::sync::atomic::AtomicU64::new(head.seq)),
+            ..Shared::default()
+        });
         let filled = Arc::new(tokio::sync::Notify::new());
         let writer = Writer {
             path: path.to_owned(),
@@ -148,6 +177,26 @@ impl Spool {
     /// Whether the file ended with a `close` checkpoint when it was opened.
     pub fn ended_closed(&self) -> bool {
         self.ended_closed
+    }
+
+    /// The seq of the last line written successfully, as it moves: a line past it may yet be
+    /// cut back (a failed group) and must not be sent anywhere.
+    pub fn head_watch(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.shared.confirmed.clone()
+    }
+
+    /// Takes a place in the queue for a call about to run: refused (`Busy`) when [`QUEUE`]
+    /// calls already wait for theirs, so a call the spool could not record never runs.
+    ///
+    /// # Errors
+    /// [`SpoolError::Busy`].
+    pub fn reserve(&self) -> Result<Reservation, SpoolError> {
+        let reserved = &self.shared.reserved;
+        if reserved.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= QUEUE {
+            reserved.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return Err(SpoolError::Busy);
+        }
+        Ok(Reservation(reserved.clone()))
     }
 
     /// Whether the file has reached its rotation size (the checkpointer then rotates it).
@@ -232,6 +281,9 @@ impl Writer {
     /// answers every caller of the group.
     fn run(mut self, mut file: File, mut head: Head, rx: &mpsc::Receiver<Pending>) {
         let path = self.path.display().to_string();
+        // However this thread ends (a panic included), the node stops taking calls it could
+        // not record.
+        let _stopped = Stopped(self.shared.clone());
         // The length of what is on disk and synced: a failed write is cut back to it before the
         // next try, so a torn group never stays in the chain.
         let mut good_len = file.metadata().map_or(0, |m| m.len());
@@ -286,6 +338,8 @@ impl Writer {
             };
             let must_sync = match self.sync {
                 Sync::Always => true,
+                // A failed sync is cleared only by one that succeeds.
+                Sync::Within(_) if failing => true,
                 Sync::Within(bound) => {
                     rotate
                         || group.iter().any(|p| p.sync)
@@ -302,6 +356,7 @@ impl Writer {
                 Ok(()) => {
                     good_len += text.len() as u64;
                     *self.shared.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = head.clone();
+                    self.shared.confirmed.store(head.seq, std::sync::atomic::Ordering::Release);
                     if failing {
                         failing = false;
                         *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
@@ -344,15 +399,39 @@ impl Writer {
     }
 }
 
+/// Marks the spool failed when the writer thread ends.
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        *self.0.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some("the audit spool's writer has stopped".into());
+    }
+}
+
 impl Writer {
-    /// Renames the file just ended to `<spool>.<first seq>` and opens a new one; the next line
-    /// continues the chain from `head`.
+    /// Renames the file just ended to `<spool>.<first seq>` and puts a new, empty file in its
+    /// place; the next line continues the chain from `head`. The new file is made first under
+    /// a temporary name, so the live name is never missing for long and nothing is overwritten:
+    /// on any error before the first rename, nothing changed (the file goes on, and rotation is
+    /// tried again later).
     fn rotate(&mut self, head: &Head) -> std::io::Result<File> {
         let rotated = super::sink::rotated_path(&self.path, self.first_seq);
+        if rotated.exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists already; not overwriting it", rotated.display()),
+            ));
+        }
+        let mut next_name = self.path.as_os_str().to_owned();
+        next_name.push(".next");
+        let next_name = PathBuf::from(next_name);
+        let _ = std::fs::remove_file(&next_name);
+        let file = create(&next_name)?;
         std::fs::rename(&self.path, &rotated)?;
-        let file = create(&self.path)?;
+        std::fs::rename(&next_name, &self.path)?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // The rename and the new name, durable.
+            // The renames, durable.
             File::open(dir)?.sync_all()?;
         }
         self.first_seq = head.seq + 1;

@@ -69,6 +69,8 @@ pub fn verify(reader: impl BufRead, pinned: Option<&[u8]>, now_ms: u64) -> Resul
         joins: None,
     };
     let mut first_prev = None;
+    // The line of a `rotate` checkpoint: nothing may follow it in its file.
+    let mut rotated_at: Option<u64> = None;
     // Hashes of lines not yet vouched for, by seq; and the records among them.
     let mut recent: BTreeMap<u64, String> = BTreeMap::new();
     let mut unvouched: Vec<u64> = Vec::new();
@@ -76,6 +78,9 @@ pub fn verify(reader: impl BufRead, pinned: Option<&[u8]>, now_ms: u64) -> Resul
     for (i, text) in reader.lines().enumerate() {
         let number = i as u64 + 1;
         let text = text.map_err(|e| Broken::Unreadable { line: number, why: e.to_string() })?;
+        if let Some(rotated) = rotated_at {
+            return Err(Broken::AfterRotate { line: number, rotate_line: rotated });
+        }
         head = chain::check_line(number, &text, &head)?;
         if first_prev.is_none() {
             first_prev = serde_json::from_str::<serde_json::Value>(&text)
@@ -127,8 +132,13 @@ pub fn verify(reader: impl BufRead, pinned: Option<&[u8]>, now_ms: u64) -> Resul
             ));
         }
         unvouched.retain(|s| *s > cp.seq);
-        recent = recent.split_off(&(cp.seq + 1));
+        // Kept from the seq it vouched for on: a checkpoint queued just before a stop may be
+        // followed by a `close` that vouches for the same line.
+        recent = recent.split_off(&cp.seq);
         report.checkpoints += 1;
+        if cp.kind == Kind::Rotate {
+            rotated_at = Some(number);
+        }
         last = Some((number, head.seq, cp));
     }
     if report.lines == 0 {
@@ -297,6 +307,33 @@ mod tests {
         let mut bare = Writer::new();
         bare.record(1);
         assert_eq!(check(&bare.lines, None).unwrap_err(), Broken::NoCheckpoint { lines: 1 });
+    }
+
+    #[test]
+    fn a_close_may_vouch_for_the_line_a_checkpoint_just_did_and_nothing_follows_a_rotate() -> Result<(), Broken> {
+        let mut w = Writer::new();
+        w.checkpoint(Kind::Open, NOW - 60_000, false);
+        w.record(1);
+        // An interval checkpoint and a close signed at the same moment vouch for the same line.
+        let place = w.head.clone();
+        w.checkpoint(Kind::Interval, NOW - 50_000, false);
+        let after_interval = w.head.clone();
+        w.head = place;
+        w.checkpoint(Kind::Close, NOW - 50_000, false);
+        let close = w.lines.pop().expect("close");
+        let close: serde_json::Value = serde_json::from_str(&close).expect("json");
+        w.head = after_interval;
+        w.append(&close["record"].to_string());
+        assert_eq!(check(&w.lines, None)?.ending, Ending::Closed);
+
+        let mut r = Writer::new();
+        r.checkpoint(Kind::Open, NOW - 60_000, false);
+        r.record(1);
+        r.checkpoint(Kind::Rotate, NOW - 50_000, false);
+        assert_eq!(check(&r.lines, None)?.ending, Ending::Rotated);
+        r.record(2);
+        assert_eq!(check(&r.lines, None).unwrap_err(), Broken::AfterRotate { line: 4, rotate_line: 3 });
+        Ok(())
     }
 
     #[test]

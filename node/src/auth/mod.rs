@@ -126,11 +126,12 @@ impl Principal {
     /// # Errors
     /// `PermissionDenied`.
     pub fn require(&self, path: &str, capability: Capability) -> Result<(), Error> {
-        if self.allows(path, capability) {
+        let allowed = self.allows(path, capability);
+        crate::audit::layer::note_check(path, capability.name(), allowed, || self.deciding_rule(path, capability));
+        if allowed {
             return Ok(());
         }
         tracing::debug!(principal = %self.display(), path, %capability, "permission denied");
-        crate::audit::layer::note_denied(path, capability.name(), self.deciding_rule(path, capability));
         Err(Error::PermissionDenied { capability, path: path.to_owned() })
     }
 
@@ -333,13 +334,15 @@ impl Node {
         }
         self.wait_fresh().await?;
         let principal = self.lookup(&credential)?;
+        let decided = principal.require(&path, Capability::Operator);
         if let Some(slot) = slot {
             slot.update(|info| {
                 principal.describe(info);
                 info.rule = Some(principal.deciding_rule(&path, Capability::Operator));
+                info.decision = Some(if decided.is_ok() { "allowed" } else { "denied" });
             });
         }
-        principal.require(&path, Capability::Operator)
+        decided
     }
 
     /// Who is calling: a token in metadata, else the verified client certificate.

@@ -680,3 +680,56 @@ async fn a_hung_sink_adds_lag_not_latency_and_then_delivers_everything_in_order(
     assert_eq!(all, (1..=head).collect::<Vec<_>>(), "every record up to seq {head}, none missing");
     Ok(())
 }
+
+/// A client that gives up does not take the record with it: a Keys stream cancelled after three
+/// items is recorded as CANCELLED with its three items counted, and puts whose deadline (1 ms)
+/// passes before they finish are each recorded, with the status they really ended with.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_the_client_gives_up_on_is_recorded_all_the_same() -> anyhow::Result<()> {
+    use coffer_proto::v1::keys_client::KeysClient;
+    use coffer_proto::v1::secrets_client::SecretsClient;
+    use coffer_proto::v1::{
+        crypto_request::Call, CreateKeyRequest, CryptoRequest, EncryptRequest, KeyType, StreamRequest,
+    };
+    let mut cluster = crate::must_start_cluster(1, "")?;
+    let mut k = KeysClient::new(cluster.channel(0)?);
+    k.create_key(CreateKeyRequest { name: "k".into(), r#type: KeyType::Aes256Gcm as i32, ..Default::default() })
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert("x-request-id", "cancelled-stream".parse()?);
+    let mut replies = k.stream(request).await?.into_inner();
+    for id in 0..3 {
+        let call =
+            Call::Encrypt(EncryptRequest { name: "k".into(), plaintext: b"p".to_vec(), associated_data: vec![] });
+        tx.send(StreamRequest { id, request: Some(CryptoRequest { call: Some(call) }) }).await?;
+        replies.message().await?.ok_or_else(|| anyhow::anyhow!("a reply"))?;
+    }
+    drop(replies); // the client cancels (RST_STREAM) with the request side still open
+    let mut s = SecretsClient::new(cluster.channel(0)?);
+    for i in 0..20 {
+        let mut put = tonic::Request::new(crate::put(&format!("hurried/{i}"), b"v", None));
+        put.set_timeout(std::time::Duration::from_millis(1));
+        put.metadata_mut().insert("x-request-id", format!("hurried-{i}").parse()?);
+        let _ = s.put(put).await; // most give up before the write commits
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    drop(tx);
+    cluster.stop(0)?;
+
+    let text = std::fs::read_to_string(cluster.data_dir(0).join("audit.log"))?;
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["record"].clone()))
+        .collect::<Result<_, _>>()?;
+    let stream: Vec<&serde_json::Value> = records.iter().filter(|r| r["request_id"] == "cancelled-stream").collect();
+    assert_eq!(stream.len(), 1, "{stream:?}");
+    assert_eq!(stream[0]["status"], "CANCELLED", "{}", stream[0]);
+    assert_eq!(stream[0]["counts"], serde_json::json!({"key/k": {"encrypt": {"OK": 3}}}));
+    for i in 0..20 {
+        let id = format!("hurried-{i}");
+        let found: Vec<&serde_json::Value> = records.iter().filter(|r| r["request_id"] == id.as_str()).collect();
+        assert_eq!(found.len(), 1, "{id}: {found:?}");
+    }
+    Ok(())
+}
