@@ -191,6 +191,13 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `record` of every line of an audit file.
+fn records_of(file: &std::path::Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(file)?;
+    let records = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["record"].clone()));
+    Ok(records.collect::<Result<_, _>>()?)
+}
+
 /// One raw call with an empty message (every field at its default), as a stranger would send
 /// it: `token` in metadata if any, `id` as the request id. Returns the status the client saw.
 async fn raw_call(
@@ -289,11 +296,7 @@ async fn every_rpc_of_every_service_leaves_exactly_one_record() -> anyhow::Resul
     assert!(calls.len() >= 3 * 45, "the table covers every RPC: {}", calls.len());
     cluster.stop(0)?;
 
-    let text = std::fs::read_to_string(cluster.data_dir(0).join("audit.log"))?;
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["record"].clone()))
-        .collect::<Result<_, _>>()?;
+    let records = records_of(&cluster.data_dir(0).join("audit.log"))?;
     for (id, path, who, code) in &calls {
         let found: Vec<&serde_json::Value> = records.iter().filter(|r| r["request_id"] == id.as_str()).collect();
         assert_eq!(found.len(), 1, "{who} calling {path} ({id}) left {} records", found.len());
@@ -717,11 +720,7 @@ async fn a_call_the_client_gives_up_on_is_recorded_all_the_same() -> anyhow::Res
     drop(tx);
     cluster.stop(0)?;
 
-    let text = std::fs::read_to_string(cluster.data_dir(0).join("audit.log"))?;
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| v["record"].clone()))
-        .collect::<Result<_, _>>()?;
+    let records = records_of(&cluster.data_dir(0).join("audit.log"))?;
     let stream: Vec<&serde_json::Value> = records.iter().filter(|r| r["request_id"] == "cancelled-stream").collect();
     assert_eq!(stream.len(), 1, "{stream:?}");
     assert_eq!(stream[0]["status"], "CANCELLED", "{}", stream[0]);
