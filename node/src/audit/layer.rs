@@ -76,6 +76,11 @@ pub type Counts = BTreeMap<&'static str, BTreeMap<&'static str, u64>>;
 impl AuditInfo {
     /// Counts one item of a batch or stream.
     pub fn count(&mut self, key: &str, operation: &'static str, outcome: &'static str) {
+        self.count_n(key, operation, outcome, 1);
+    }
+
+    /// Counts `n` items of a batch or stream alike.
+    pub fn count_n(&mut self, key: &str, operation: &'static str, outcome: &'static str, n: u64) {
         *self
             .counts
             .get_or_insert_with(BTreeMap::new)
@@ -84,7 +89,7 @@ impl AuditInfo {
             .entry(operation)
             .or_default()
             .entry(outcome)
-            .or_default() += 1;
+            .or_default() += n;
     }
 }
 

@@ -1,10 +1,13 @@
-//! The local audit spool: one append-only file per node, written by one thread that groups
-//! concurrent appends into one write and one `fdatasync`, and chains every line to the one
-//! before (see [`super::chain`]).
+//! The local audit spool: one append-only file per node, every line chained to the one before
+//! (see [`super::chain`]). With `sync = "always"` one thread writes it, grouping concurrent
+//! appends into one write and one `fdatasync`; with `sync = <bound>` each caller writes its
+//! line to the kernel under a mutex (no thread hand-off) and a sync thread syncs within the
+//! bound.
 //!
 //! # Correctness
-//! - An append completes only once its line is on disk: a caller that answers its client after
-//!   `append` returned `Ok` has its record durable first.
+//! - An append completes only once its line is written: on disk (`always`), or in the kernel
+//!   and on disk within the bound (`<bound>`: a kill -9 loses nothing, a power loss at most
+//!   the bound). A caller that answers after `append` returned `Ok` has its record first.
 //! - A failed write or sync fails every append of its group (the node fails closed) and marks
 //!   the spool failing ([`Spool::failure`]); each later group first cuts the file back to what
 //!   was last synced, then tries again, and the first that succeeds clears the failure: the
@@ -79,9 +82,18 @@ impl Drop for Reservation {
     }
 }
 
+/// How appends reach the file.
+enum Mode {
+    /// To the spool thread, which groups them (`sync = "always"`).
+    Thread(mpsc::SyncSender<Pending>),
+    /// Written by the caller under the mutex (`sync = <bound>`): a write to the kernel's page
+    /// cache, no thread hand-off; the sync thread syncs.
+    Inline(Arc<Mutex<Writer>>),
+}
+
 /// A node's audit spool.
 pub struct Spool {
-    tx: mpsc::SyncSender<Pending>,
+    mode: Mode,
     path: PathBuf,
     shared: Arc<Shared>,
     ended_closed: bool,
@@ -143,8 +155,6 @@ impl Spool {
                 (head, ended_closed) = (last, closed);
             }
         }
-        // Room past the reserved places for checkpoints and the records of streams ending.
-        let (tx, rx) = mpsc::sync_channel(QUEUE + 1024);
         let shared = Arc::new(Shared {
             head: Mutex::new(head.clone()),
             confirmed: Arc::new(std::sync::atomic::AtomicU64::new(head.seq)),
@@ -158,10 +168,30 @@ impl Spool {
             every_records: every_records.max(1),
             rotate_bytes,
             first_seq: first.unwrap_or(head.seq + 1),
-            sync,
+            always: sync == Sync::Always,
+            good_len: file.metadata().map_or(0, |m| m.len()),
+            file,
+            head,
+            failing: false,
+            dirty: false,
         };
-        std::thread::Builder::new().name("coffer-audit".into()).spawn(move || writer.run(file, head, &rx))?;
-        Ok(Spool { tx, path: path.to_owned(), shared, ended_closed, filled })
+        let mode = match sync {
+            Sync::Always => {
+                // Room past the reserved places for checkpoints and the records of streams ending.
+                let (tx, rx) = mpsc::sync_channel(QUEUE + 1024);
+                std::thread::Builder::new().name("coffer-audit".into()).spawn(move || writer.run(&rx))?;
+                Mode::Thread(tx)
+            }
+            Sync::Within(bound) => {
+                let writer = Arc::new(Mutex::new(writer));
+                let weak = Arc::downgrade(&writer);
+                std::thread::Builder::new()
+                    .name("coffer-audit-sync".into())
+                    .spawn(move || sync_within(&weak, bound))?;
+                Mode::Inline(writer)
+            }
+        };
+        Ok(Spool { mode, path: path.to_owned(), shared, ended_closed, filled })
     }
 
     /// The file.
@@ -237,12 +267,23 @@ impl Spool {
     }
 
     async fn send(&self, record_json: String, rotate: bool, sync: bool) -> Result<u64, SpoolError> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx.try_send(Pending { record_json, sync, rotate, done }).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => SpoolError::Busy,
-            mpsc::TrySendError::Disconnected(_) => SpoolError::Closed,
-        })?;
-        wait.await.map_err(|_| SpoolError::Closed)?
+        match &self.mode {
+            Mode::Thread(tx) => {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                tx.try_send(Pending { record_json, sync, rotate, done }).map_err(|e| match e {
+                    mpsc::TrySendError::Full(_) => SpoolError::Busy,
+                    mpsc::TrySendError::Disconnected(_) => SpoolError::Closed,
+                })?;
+                wait.await.map_err(|_| SpoolError::Closed)?
+            }
+            // Held for one write to the page cache (a sync only for a checkpoint or a rotation,
+            // every 10 s or so): the one blocking call on a request path, on purpose.
+            Mode::Inline(writer) => {
+                let item = Item { record_json: &record_json, sync, rotate };
+                let mut writer = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                writer.write(&[item]).map(|seqs| seqs.into_iter().next().unwrap_or_default())
+            }
+        }
     }
 }
 
@@ -264,7 +305,15 @@ fn create(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
-/// The spool thread's side.
+/// One record to write.
+struct Item<'a> {
+    record_json: &'a str,
+    sync: bool,
+    rotate: bool,
+}
+
+/// The file and where its chain stands: written by the spool thread (`sync = "always"`) or,
+/// under a mutex, by the callers themselves (`sync = <bound>`).
 struct Writer {
     path: PathBuf,
     shared: Arc<Shared>,
@@ -273,47 +322,85 @@ struct Writer {
     rotate_bytes: u64,
     /// The first seq of the file being written.
     first_seq: u64,
-    sync: Sync,
+    /// Sync every write (`sync = "always"`), or leave it to the sync thread.
+    always: bool,
+    file: File,
+    head: Head,
+    /// The length of what was written successfully: a failed write is cut back to it before
+    /// the next try, so a torn group never stays in the chain.
+    good_len: u64,
+    failing: bool,
+    /// Written since the last sync.
+    dirty: bool,
 }
 
 impl Writer {
-    /// The spool thread: takes what is waiting (up to [`GROUP`]), writes it in one go, syncs, and
-    /// answers every caller of the group.
-    fn run(mut self, mut file: File, mut head: Head, rx: &mpsc::Receiver<Pending>) {
+    /// Writes `items` as one group (one `write`, and one `fdatasync` when the mode or an item
+    /// asks for it); returns their seqs, or why nothing was written.
+    fn write(&mut self, items: &[Item<'_>]) -> Result<Vec<u64>, SpoolError> {
+        let rotate = items.last().is_some_and(|i| i.rotate);
+        let start = self.head.clone();
+        let mut text = String::new();
+        let mut seqs = Vec::with_capacity(items.len());
+        for item in items {
+            let (line, hash) = chain::line(self.head.seq + 1, &self.head.hash, item.record_json);
+            self.head = Head { seq: self.head.seq + 1, hash };
+            seqs.push(self.head.seq);
+            text.push_str(&line);
+        }
+        // A failed sync is cleared only by one that succeeds.
+        let must_sync = self.always || self.failing || rotate || items.iter().any(|i| i.sync);
+        let good_len = self.good_len;
+        let cut_back = |file: &mut File| -> std::io::Result<()> {
+            file.set_len(good_len)?;
+            file.seek(SeekFrom::Start(good_len)).map(|_| ())
+        };
+        let written = if self.failing { cut_back(&mut self.file) } else { Ok(()) }
+            .and_then(|()| self.file.write_all(text.as_bytes()))
+            .and_then(|()| if must_sync { self.file.sync_data() } else { Ok(()) });
         let path = self.path.display().to_string();
+        if let Err(e) = written {
+            if !self.failing {
+                tracing::error!(path = %path, error = %e, "the audit spool cannot be written: refusing calls");
+            }
+            self.failing = true;
+            self.head = start;
+            *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+            return Err(SpoolError::Failed { path, why: e.to_string() });
+        }
+        self.good_len += text.len() as u64;
+        self.dirty = !must_sync;
+        *self.shared.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = self.head.clone();
+        self.shared.confirmed.store(self.head.seq, std::sync::atomic::Ordering::Release);
+        if self.failing {
+            self.failing = false;
+            *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            tracing::warn!(path = %path, "the audit spool is writable again: serving calls");
+        }
+        if rotate {
+            match self.rotate() {
+                Ok(next) => {
+                    self.file = next;
+                    self.good_len = 0;
+                }
+                Err(e) => tracing::error!(path = %path, error = %e, "cannot rotate the audit spool; writing on"),
+            }
+        }
+        let due = self.rotate_bytes != 0 && self.good_len >= self.rotate_bytes;
+        self.shared.rotate_due.store(due, std::sync::atomic::Ordering::Relaxed);
+        if due || start.seq / self.every_records != self.head.seq / self.every_records {
+            self.filled.notify_one();
+        }
+        Ok(seqs)
+    }
+
+    /// The spool thread (`sync = "always"`): takes what is waiting (up to [`GROUP`]), writes it
+    /// in one go, syncs, and answers every caller of the group.
+    fn run(mut self, rx: &mpsc::Receiver<Pending>) {
         // However this thread ends (a panic included), the node stops taking calls it could
         // not record.
         let _stopped = Stopped(self.shared.clone());
-        // The length of what is on disk and synced: a failed write is cut back to it before the
-        // next try, so a torn group never stays in the chain.
-        let mut good_len = file.metadata().map_or(0, |m| m.len());
-        let mut failing = false;
-        // Written but not yet synced, since when.
-        let mut unsynced: Option<std::time::Instant> = None;
-        loop {
-            let first = match (self.sync, unsynced) {
-                (Sync::Within(bound), Some(since)) => {
-                    match rx.recv_timeout(bound.saturating_sub(since.elapsed())) {
-                        Ok(first) => first,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            // Idle: sync what waits. A failure here shows at the next write.
-                            if let Err(e) = file.sync_data() {
-                                tracing::error!(path = %path, error = %e, "the audit spool cannot be synced");
-                                failing = true;
-                                *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                                    Some(e.to_string());
-                            }
-                            unsynced = None;
-                            continue;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                _ => match rx.recv() {
-                    Ok(first) => first,
-                    Err(_) => break,
-                },
-            };
+        while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             // A file's last line ends its group.
             while group.len() < GROUP && !group.last().is_some_and(|p| p.rotate) {
@@ -322,79 +409,52 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let rotate = group.last().is_some_and(|p| p.rotate);
-            let start = head.clone();
-            let mut text = String::new();
-            let mut seqs = Vec::with_capacity(group.len());
-            for p in &group {
-                let (line, hash) = chain::line(head.seq + 1, &head.hash, &p.record_json);
-                head = Head { seq: head.seq + 1, hash };
-                seqs.push(head.seq);
-                text.push_str(&line);
-            }
-            let cut_back = |file: &mut File| -> std::io::Result<()> {
-                file.set_len(good_len)?;
-                file.seek(SeekFrom::Start(good_len)).map(|_| ())
-            };
-            let must_sync = match self.sync {
-                Sync::Always => true,
-                // A failed sync is cleared only by one that succeeds.
-                Sync::Within(_) if failing => true,
-                Sync::Within(bound) => {
-                    rotate
-                        || group.iter().any(|p| p.sync)
-                        || unsynced.get_or_insert_with(std::time::Instant::now).elapsed() >= bound
-                }
-            };
-            let written = if failing { cut_back(&mut file) } else { Ok(()) }
-                .and_then(|()| file.write_all(text.as_bytes()))
-                .and_then(|()| if must_sync { file.sync_data() } else { Ok(()) });
-            if must_sync {
-                unsynced = None;
-            }
-            match written {
-                Ok(()) => {
-                    good_len += text.len() as u64;
-                    *self.shared.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = head.clone();
-                    self.shared.confirmed.store(head.seq, std::sync::atomic::Ordering::Release);
-                    if failing {
-                        failing = false;
-                        *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-                        tracing::warn!(path = %path, "the audit spool is writable again: serving calls");
-                    }
-                    if rotate {
-                        match self.rotate(&head) {
-                            Ok(next) => {
-                                file = next;
-                                good_len = 0;
-                            }
-                            Err(e) => {
-                                tracing::error!(path = %path, error = %e, "cannot rotate the audit spool; writing on")
-                            }
-                        }
-                    }
-                    let due = self.rotate_bytes != 0 && good_len >= self.rotate_bytes;
-                    self.shared.rotate_due.store(due, std::sync::atomic::Ordering::Relaxed);
-                    if due || start.seq / self.every_records != head.seq / self.every_records {
-                        self.filled.notify_one();
-                    }
+            let items: Vec<Item<'_>> =
+                group.iter().map(|p| Item { record_json: &p.record_json, sync: p.sync, rotate: p.rotate }).collect();
+            match self.write(&items) {
+                Ok(seqs) => {
                     for (p, seq) in group.into_iter().zip(seqs) {
                         let _ = p.done.send(Ok(seq));
                     }
                 }
                 Err(e) => {
-                    if !failing {
-                        tracing::error!(path = %path, error = %e, "the audit spool cannot be written: refusing calls");
-                    }
-                    failing = true;
-                    head = start;
-                    *self.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(e.to_string());
                     for p in group {
-                        let _ = p.done.send(Err(SpoolError::Failed { path: path.clone(), why: e.to_string() }));
+                        let _ = p.done.send(Err(e.clone()));
                     }
                 }
             }
+        }
+    }
+}
+
+/// The sync thread (`sync = <bound>`): every `bound`, syncs what was written since the last
+/// sync, on a second handle so writers are not held meanwhile; ends with the spool.
+fn sync_within(writer: &std::sync::Weak<Mutex<Writer>>, bound: std::time::Duration) {
+    loop {
+        std::thread::sleep(bound);
+        let Some(writer) = writer.upgrade() else { return };
+        let handle = {
+            let mut w = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !w.dirty {
+                continue;
+            }
+            w.dirty = false;
+            w.file.try_clone()
+        };
+        if let Err(e) = handle.and_then(|file| file.sync_data()) {
+            let mut w = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            tracing::error!(path = %w.path.display(), error = %e, "the audit spool cannot be synced: refusing calls");
+            // The next write cuts back, writes and syncs before it clears this.
+            w.failing = true;
+            *w.shared.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.dirty {
+            let _ = self.file.sync_data();
         }
     }
 }
@@ -415,7 +475,7 @@ impl Writer {
     /// a temporary name, so the live name is never missing for long and nothing is overwritten:
     /// on any error before the first rename, nothing changed (the file goes on, and rotation is
     /// tried again later).
-    fn rotate(&mut self, head: &Head) -> std::io::Result<File> {
+    fn rotate(&mut self) -> std::io::Result<File> {
         let rotated = super::sink::rotated_path(&self.path, self.first_seq);
         if rotated.exists() {
             return Err(std::io::Error::new(
@@ -434,7 +494,7 @@ impl Writer {
             // The renames, durable.
             File::open(dir)?.sync_all()?;
         }
-        self.first_seq = head.seq + 1;
+        self.first_seq = self.head.seq + 1;
         tracing::info!(rotated = %rotated.display(), "audit spool rotated");
         Ok(file)
     }
@@ -465,6 +525,18 @@ mod tests {
             assert_eq!(span(&path)?, (1, i));
         }
         assert_eq!(spool.append_synced("{\"checkpoint\":{}}".into()).await?, 21);
+        // Concurrent callers, each writing its own line: one chain.
+        let spool = std::sync::Arc::new(spool);
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let spool = spool.clone();
+                tokio::spawn(async move { spool.append(format!("{{\"c\":{i}}}")).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        assert_eq!(span(&path)?, (1, 121));
         Ok(())
     }
 

@@ -161,14 +161,19 @@ fn audit_label(request: Option<&CryptoRequest>) -> (String, &'static str) {
     (format!("key/{}", needs(call).0), operation)
 }
 
-/// Counts an item's outcome in the call's audit record.
-fn count(slot: Option<&crate::audit::layer::AuditSlot>, label: (String, &'static str), result: &CryptoResult) {
-    let Some(slot) = slot else { return };
-    let outcome = match &result.result {
+/// An item's outcome, as counts name it.
+fn outcome(result: &CryptoResult) -> &'static str {
+    match &result.result {
         Some(CryptoOutcome::Error(e)) => crate::audit::layer::code_name(tonic::Code::from_i32(e.code)),
         _ => "OK",
-    };
-    slot.update(|info| info.count(&label.0, label.1, outcome));
+    }
+}
+
+/// Counts an item's outcome in the call's audit record (a stream's: its record may be written
+/// at any moment, if the client cancels).
+fn count(slot: Option<&crate::audit::layer::AuditSlot>, label: (String, &'static str), result: &CryptoResult) {
+    let Some(slot) = slot else { return };
+    slot.update(|info| info.count(&label.0, label.1, outcome(result)));
 }
 
 /// Runs one crypto call of a batch or stream; `Err` is what the unary RPC would have returned.
@@ -239,14 +244,29 @@ impl Keys for KeysService {
             .into());
         }
         let mut results = Vec::with_capacity(items.len());
+        // Counted here, then written into the record once: a batch's items share a few keys.
+        let mut tally: Vec<((String, &'static str, &'static str), u64)> = Vec::new();
         for item in items {
-            let label = audit_label(Some(&item));
+            let label = slot.as_ref().map(|_| audit_label(Some(&item)));
             let result = match self.node.resolve(&credential) {
                 Ok(principal) => execute_item(&self.node, Ok(&principal), Some(item)).await,
                 Err(e) => execute_item(&self.node, Err(e), Some(item)).await,
             };
-            count(slot.as_ref(), label, &result);
+            if let Some((key, operation)) = label {
+                let outcome = outcome(&result);
+                match tally.iter_mut().find(|((k, o, r), _)| *k == key && *o == operation && *r == outcome) {
+                    Some((_, n)) => *n += 1,
+                    None => tally.push(((key, operation, outcome), 1)),
+                }
+            }
             results.push(result);
+        }
+        if let Some(slot) = &slot {
+            slot.update(|info| {
+                for ((key, operation, outcome), n) in &tally {
+                    info.count_n(key, operation, outcome, *n);
+                }
+            });
         }
         Ok(Response::new(BatchResponse { results }))
     }
