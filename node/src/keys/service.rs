@@ -16,6 +16,7 @@ use coffer_proto::v1::{
 use coffer_raft::{NamedKeyRecord, NamedKeyType};
 use tonic::{Request, Response, Status};
 
+use crate::audit::layer::AuditSlot;
 use crate::auth::{key_path, Capability, Principal};
 use crate::error::Error;
 use crate::keys::crypto::DataKeyPlaintext;
@@ -161,6 +162,13 @@ fn audit_label(request: Option<&CryptoRequest>) -> (String, &'static str) {
     (format!("key/{}", needs(call).0), operation)
 }
 
+/// The key version a unary crypto call used, in its audit record.
+fn note_key_version(slot: Option<&AuditSlot>, version: u32) {
+    if let Some(slot) = slot {
+        slot.update(|info| info.version = Some(u64::from(version)));
+    }
+}
+
 /// An item's outcome, as counts name it.
 fn outcome(result: &CryptoResult) -> &'static str {
     match &result.result {
@@ -171,7 +179,7 @@ fn outcome(result: &CryptoResult) -> &'static str {
 
 /// Counts an item's outcome in the call's audit record (a stream's: its record may be written
 /// at any moment, if the client cancels).
-fn count(slot: Option<&crate::audit::layer::AuditSlot>, label: (String, &'static str), result: &CryptoResult) {
+fn count(slot: Option<&AuditSlot>, label: (String, &'static str), result: &CryptoResult) {
     let Some(slot) = slot else { return };
     slot.update(|info| info.count(&label.0, label.1, outcome(result)));
 }
@@ -406,17 +414,26 @@ impl Keys for KeysService {
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Encrypt).await?;
-        Ok(Response::new(encrypt(&self.node, request.into_inner()).await?))
+        let slot = request.extensions().get::<AuditSlot>().cloned();
+        let reply = encrypt(&self.node, request.into_inner()).await?;
+        note_key_version(slot.as_ref(), reply.key_version);
+        Ok(Response::new(reply))
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Decrypt).await?;
-        Ok(Response::new(decrypt(&self.node, request.into_inner()).await?))
+        let slot = request.extensions().get::<AuditSlot>().cloned();
+        let reply = decrypt(&self.node, request.into_inner()).await?;
+        note_key_version(slot.as_ref(), reply.key_version);
+        Ok(Response::new(reply))
     }
 
     async fn rewrap(&self, request: Request<RewrapRequest>) -> Result<Response<RewrapResponse>, Status> {
         self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Rewrap).await?;
-        Ok(Response::new(rewrap(&self.node, request.into_inner()).await?))
+        let slot = request.extensions().get::<AuditSlot>().cloned();
+        let reply = rewrap(&self.node, request.into_inner()).await?;
+        note_key_version(slot.as_ref(), reply.key_version);
+        Ok(Response::new(reply))
     }
 
     async fn generate_data_key(
@@ -424,12 +441,18 @@ impl Keys for KeysService {
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
         self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Datakey).await?;
-        Ok(Response::new(generate_data_key(&self.node, request.into_inner()).await?))
+        let slot = request.extensions().get::<AuditSlot>().cloned();
+        let reply = generate_data_key(&self.node, request.into_inner()).await?;
+        note_key_version(slot.as_ref(), reply.key_version);
+        Ok(Response::new(reply))
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Sign).await?;
-        Ok(Response::new(sign(&self.node, request.into_inner()).await?))
+        let slot = request.extensions().get::<AuditSlot>().cloned();
+        let reply = sign(&self.node, request.into_inner()).await?;
+        note_key_version(slot.as_ref(), reply.key_version);
+        Ok(Response::new(reply))
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
@@ -439,7 +462,10 @@ impl Keys for KeysService {
 
     async fn hmac(&self, request: Request<HmacRequest>) -> Result<Response<HmacResponse>, Status> {
         self.node.authorize(&request, key_path(&request.get_ref().name), Capability::Hmac).await?;
-        Ok(Response::new(hmac(&self.node, request.into_inner()).await?))
+        let slot = request.extensions().get::<AuditSlot>().cloned();
+        let reply = hmac(&self.node, request.into_inner()).await?;
+        note_key_version(slot.as_ref(), reply.key_version);
+        Ok(Response::new(reply))
     }
 
     async fn verify_hmac(&self, request: Request<VerifyHmacRequest>) -> Result<Response<VerifyResponse>, Status> {

@@ -167,6 +167,11 @@ async fn every_call_leaves_one_record_and_no_value() -> anyhow::Result<()> {
     assert_eq!((get["version"].as_u64(), put["version"].as_u64()), (Some(1), Some(1)));
     assert_eq!((get["value_hmac"].as_str(), put["value_hmac"].as_str()), (Some(&*marker_hmac), Some(&*marker_hmac)));
     assert_eq!((put["rule"].as_str(), get["rule"].as_str()), (Some("root"), Some("root")));
+    let encrypt = &records
+        .iter()
+        .find(|r| r["record"]["method"] == "/coffer.v1.Keys/Encrypt")
+        .ok_or_else(|| anyhow::anyhow!("no Encrypt"))?["record"];
+    assert_eq!((encrypt["path"].as_str(), encrypt["version"].as_u64()), (Some("key/k"), Some(1)), "{encrypt}");
     let batch = &records
         .iter()
         .find(|r| r["record"]["method"] == "/coffer.v1.Keys/Batch")
