@@ -211,6 +211,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!("  printf hunter2 | coffer secret put db/password");
     println!("  coffer secret get db/password");
     println!("  coffer operator status");
+    if let Some(first) = nodes.first() {
+        // Every node audits every call to it (AUDIT.md).
+        let audit = first.dir.join("data").join("audit.log");
+        println!("  coffer audit tail {} -n 5      # node {}'s audit records", audit.display(), first.id);
+    }
     println!();
     println!("Press Ctrl-C to stop.");
 
