@@ -253,18 +253,14 @@ where
                 Ok(reservation) => reservation,
                 Err(why) => return Ok(pending.finish(tonic::Status::unavailable(why).into_http()).await),
             };
-            if pending.method == STREAM {
-                let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
-                pending.echo_id(response.headers_mut());
-                if response.headers().contains_key("grpc-status") {
-                    return Ok(pending.finish(response).await);
-                }
+            let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
+            pending.echo_id(response.headers_mut());
+            // A stream that opened is recorded when it ends; anything else now.
+            if pending.method == STREAM && !response.headers().contains_key("grpc-status") {
                 let (parts, body) = response.into_parts();
                 let body = AuditedBody { inner: body, pending: Some(pending), writing: None };
                 return Ok(http::Response::from_parts(parts, tonic::body::Body::new(body)));
             }
-            let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
-            pending.echo_id(response.headers_mut());
             Ok(pending.finish(response).await)
         });
         Box::pin(async move {
@@ -319,9 +315,9 @@ impl Pending {
         }
     }
 
-    /// The record's JSON for a call that ended with `status`.
+    /// The record's JSON for a call that ended with `status` (taken once: a call has one record).
     fn record(&self, status: &'static str) -> String {
-        let mut info = self.slot.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut info = std::mem::take(&mut *self.slot.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         // A refusal decided past the first check (a put's create-or-update) shows in the status.
         info.decision = match (status, info.decision) {
             ("PERMISSION_DENIED", _) => Some("denied"),

@@ -49,17 +49,6 @@ impl std::fmt::Debug for Audit {
     }
 }
 
-/// An error and its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
 /// The HSM label of node `node`'s checkpoint key.
 pub fn key_label(node: u64) -> String {
     format!("coffer-audit-node-{node}")
@@ -75,10 +64,9 @@ impl Audit {
         let fail = |what: String| Error::Serve(what.into());
         let spool = Spool::open(&config.spool, config.checkpoint_records, config.rotate_bytes, config.sync)
             .map_err(|e| fail(format!("cannot open the audit spool {}: {e}", config.spool.display())))?;
-        let key = hsm
-            .signing_key(&key_label(node))
-            .await
-            .map_err(|e| fail(format!("cannot get the audit checkpoint key from the HSM: {}", chain(&e))))?;
+        let key = hsm.signing_key(&key_label(node)).await.map_err(|e| {
+            fail(format!("cannot get the audit checkpoint key from the HSM: {:#}", anyhow::Error::from(e)))
+        })?;
         let public = spool.path().with_extension("log.pub");
         std::fs::write(&public, format!("{}\n", hex::encode(&key.public)))
             .map_err(|e| fail(format!("cannot write {}: {e}", public.display())))?;

@@ -177,13 +177,6 @@ fn outcome(result: &CryptoResult) -> &'static str {
     }
 }
 
-/// Counts an item's outcome in the call's audit record (a stream's: its record may be written
-/// at any moment, if the client cancels).
-fn count(slot: Option<&AuditSlot>, label: (String, &'static str), result: &CryptoResult) {
-    let Some(slot) = slot else { return };
-    slot.update(|info| info.count(&label.0, label.1, outcome(result)));
-}
-
 /// Runs one crypto call of a batch or stream; `Err` is what the unary RPC would have returned.
 async fn execute(node: &Node, call: Call) -> Result<CryptoOutcome, Error> {
     Ok(match call {
@@ -326,12 +319,15 @@ impl Keys for KeysService {
                     let _ = tx.send(Err(Error::Overloaded { limit }.into())).await;
                     return;
                 }
-                let label = audit_label(next.request.as_ref());
+                // Labelled only when audited: no allocation per item otherwise.
+                let label = slot.as_ref().map(|_| audit_label(next.request.as_ref()));
                 let result = match node.resolve(&credential) {
                     Ok(principal) => execute_item(&node, Ok(&principal), next.request).await,
                     Err(e) => execute_item(&node, Err(e), next.request).await,
                 };
-                count(slot.as_ref(), label, &result);
+                if let (Some(slot), Some((key, operation))) = (&slot, label) {
+                    slot.update(|info| info.count(&key, operation, outcome(&result)));
+                }
                 // A client that stops reading frees the stream after stream-idle, as one that stops
                 // sending does.
                 let reply = Ok(StreamResponse { id: next.id, result: Some(result) });
