@@ -45,6 +45,22 @@ pub enum Error {
         /// The version.
         version: SecretVersion,
     },
+    /// A stage label that points at no readable version.
+    #[error("secret {path} has no {stage} version: {why}")]
+    StageEmpty {
+        /// The path.
+        path: String,
+        /// The label.
+        stage: coffer_raft::Stage,
+        /// Why, and what to do.
+        why: String,
+    },
+    /// The secret's rotation is not in a state that allows the request (named in the message).
+    #[error("{0}")]
+    RotationState(String),
+    /// A rotation step lost a race with another leader's step; the worker reads the state again.
+    #[error("{0}")]
+    RotationMoved(String),
     /// No named key with this name.
     #[error("no key named {name}")]
     KeyNotFound {
@@ -249,6 +265,10 @@ impl Error {
             R::TokenNotRenewable => Error::TokenNotRenewable,
             R::PolicyNotFound { name } => Error::PolicyNotFound { name },
             R::RoleNotFound { name } => Error::RoleNotFound { name },
+            r @ (R::RotationNotConfigured { .. } | R::RotationInProgress { .. } | R::NoRotationToCancel { .. }) => {
+                Error::RotationState(r.to_string())
+            }
+            r @ R::RotationMoved { .. } => Error::RotationMoved(r.to_string()),
             // Proposers retry these themselves, or never cause them (format 1 only).
             other @ (R::VersionTaken { .. }
             | R::TokenExists
@@ -277,7 +297,10 @@ impl From<Error> for tonic::Status {
             | Error::KeyVersionNotFound { .. }
             | Error::VersionNotFound { .. }
             | Error::VersionDeleted { .. }
-            | Error::VersionDestroyed { .. } => Code::NotFound,
+            | Error::VersionDestroyed { .. }
+            | Error::StageEmpty { .. } => Code::NotFound,
+            Error::RotationState(_) => Code::FailedPrecondition,
+            Error::RotationMoved(_) => Code::Aborted,
             Error::KeyExists { .. } => Code::AlreadyExists,
             Error::OperatorRequired { .. } | Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::Unauthenticated { .. } => Code::Unauthenticated,

@@ -11,6 +11,7 @@ use crate::identity::{
     RenewToken, RevokeToken,
 };
 
+use crate::rotation::Rotation;
 use crate::types::{KeyName, KeyVersion, KeyringVersion, RequestId, SecretPath, SecretVersion, UnixMillis};
 
 /// A log entry's payload: built and stamped (times, ids) by the proposing node, applied
@@ -104,6 +105,21 @@ pub enum Op {
     PutCertRole(PutCertRole),
     /// See [`DeleteCertRole`].
     DeleteCertRole(DeleteCertRole),
+    /// See [`PutStaged`]: what nodes now propose for a put.
+    PutStaged(PutStaged),
+    /// See [`Rotation`].
+    Rotation(Rotation),
+}
+
+/// A put that keeps the stage labels: its version becomes `CURRENT` and the old `CURRENT`
+/// becomes `PREVIOUS` in this one operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutStaged {
+    /// The put.
+    pub put: PutSecret,
+    /// How long `PREVIOUS` stays readable when the secret has no rotation config (0: until
+    /// `CURRENT` moves again).
+    pub default_grace_ms: u64,
 }
 
 /// A join token's SHA-256, or a service token's keyed hash: 32 bytes, checked when decoded.
@@ -184,15 +200,23 @@ impl Op {
             Op::DeletePolicy(d) => Intent::Identity { change: format!("deleting policy {}", d.name) },
             Op::PutCertRole(p) => Intent::Identity { change: format!("writing login role {}", p.record.name) },
             Op::DeleteCertRole(d) => Intent::Identity { change: format!("deleting login role {}", d.name) },
+            Op::PutStaged(p) => Intent::PutSecret { path: p.put.path.clone() },
+            Op::Rotation(r) => Intent::Rotation { path: r.path.clone() },
         }
     }
 
     /// Bytes the operation adds to an entry, roughly: what makes batches large.
     pub(crate) fn weight(&self) -> usize {
         match self {
-            Op::PutSecret(p) => {
+            Op::PutSecret(p) | Op::PutStaged(PutStaged { put: p, .. }) => {
                 p.path.as_str().len() + p.sealed.ciphertext.len() + p.sealed.wrapped_data_key.len() + 64
             }
+            Op::Rotation(r) => match &r.op {
+                crate::rotation::RotationOp::CreatePending { sealed, .. } => {
+                    r.path.as_str().len() + sealed.ciphertext.len() + sealed.wrapped_data_key.len() + 64
+                }
+                _ => 256,
+            },
             Op::CreateKey(c) => {
                 c.name.as_str().len() + c.record.versions.values().map(|v| v.wrapped.len() + 64).sum::<usize>()
             }
@@ -270,6 +294,11 @@ pub enum Intent {
         /// What, for a person.
         change: String,
     },
+    /// Change the rotation of the secret at `path`.
+    Rotation {
+        /// The secret path.
+        path: SecretPath,
+    },
 }
 
 impl std::fmt::Display for Intent {
@@ -287,6 +316,7 @@ impl std::fmt::Display for Intent {
             Intent::CreateJoinToken => write!(f, "creating a join token"),
             Intent::UseJoinToken { node } => write!(f, "admitting node {node} with a join token"),
             Intent::Identity { change } => f.write_str(change),
+            Intent::Rotation { path } => write!(f, "the rotation of secret {path}"),
         }
     }
 }
@@ -576,6 +606,41 @@ pub enum Rejection {
     RoleNotFound {
         /// The name.
         name: String,
+    },
+    /// The secret has no rotation config.
+    #[error("secret {path} has no rotation config (set one with: coffer secret rotation configure {path} ...)")]
+    RotationNotConfigured {
+        /// The path.
+        path: String,
+    },
+    /// A rotation of the secret is running.
+    #[error(
+        "a rotation of secret {path} is in progress (rotation {id}, step {step}, attempt {attempt}); wait for it to finish, or clear it with: coffer secret rotation cancel {path}"
+    )]
+    RotationInProgress {
+        /// The path.
+        path: String,
+        /// The running rotation.
+        id: u64,
+        /// Its step.
+        step: String,
+        /// Its attempt at the step.
+        attempt: u32,
+    },
+    /// A rotation step named a rotation or step the secret is no longer at (a retry that applied
+    /// already, or a deposed leader's step).
+    #[error("the rotation of secret {path} has moved on: {state}")]
+    RotationMoved {
+        /// The path.
+        path: String,
+        /// Where it stands, in words.
+        state: String,
+    },
+    /// Cancel with no rotation running or failed.
+    #[error("secret {path} has no running or failed rotation to cancel")]
+    NoRotationToCancel {
+        /// The path.
+        path: String,
     },
 }
 

@@ -21,6 +21,7 @@ mod log_store;
 mod network;
 mod reader;
 mod replica;
+mod rotation;
 mod service;
 mod state;
 mod state_machine;
@@ -33,8 +34,8 @@ pub(crate) use coalesce::Coalescer;
 pub use command::{
     ClusterRecord, Command, CreateJoinToken, CreateKey, DeleteKey, InitCluster, Intent, JoinTokenRecord,
     JoinTokenRefusal, KeyRule, KeyVersionRecord, KeyringRecord, NamedKeyRecord, NamedKeyType, Op, Outcome, PutSecret,
-    Rejection, Response, RotateKey, SealedValue, SecretMeta, SetVersionState, TokenHash, UpdateKeyConfig, UseJoinToken,
-    VersionMeta, VersionState, Write,
+    PutStaged, Rejection, Response, RotateKey, SealedValue, SecretMeta, SetVersionState, TokenHash, UpdateKeyConfig,
+    UseJoinToken, VersionMeta, VersionState, Write,
 };
 pub use error::{Error, JoinRefusal, Peer};
 pub use identity::{
@@ -44,6 +45,9 @@ pub use identity::{
 pub use log_store::LogStore;
 pub use reader::{StateReader, VersionRead};
 pub use replica::{Consistency, Leadership, Member, Replica, ReplicaConfig, ReplicaStatus, Role};
+pub use rotation::{
+    Event, EventKind, Rotation, RotationOp, RotationRecord, RotationState, Running, Stage, Stages, Step,
+};
 pub use service::{PeerIdentity, PeerService};
 pub use state_machine::StateMachine;
 pub use store::Store;

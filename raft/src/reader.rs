@@ -8,6 +8,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions};
 use crate::command::{ClusterRecord, KeyringRecord, NamedKeyRecord, SealedValue, SecretMeta};
 use crate::error::StoreError;
 use crate::identity::{CertRoleRecord, IdentityKeyRecord, PolicyRecord, TokenRecord};
+use crate::rotation::{Event, RotationRecord, Stages};
 use crate::state::identity as id;
 use crate::store::{cf, decode, keyring_key, version_key, Store, CLUSTER_KEY, KEYRING_PREFIX};
 use crate::{KeyName, KeyringVersion, SecretPath, SecretVersion, TokenHash};
@@ -108,6 +109,89 @@ impl StateReader {
             None => None,
         };
         Ok(Some(VersionRead { meta, version, sealed }))
+    }
+
+    /// A secret's stage labels; `None` for a secret written before labels existed (its `CURRENT`
+    /// is its newest version) or no secret.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn stages(&self, path: &SecretPath) -> Result<Option<Stages>, StoreError> {
+        self.store.get(cf::STAGES, path.as_str().as_bytes(), "stage labels")
+    }
+
+    /// A secret's rotation record.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn rotation(&self, path: &SecretPath) -> Result<Option<RotationRecord>, StoreError> {
+        self.store.get(cf::ROTATIONS, path.as_str().as_bytes(), "rotation record")
+    }
+
+    /// Up to `limit` rotation records whose path starts with `prefix` and sorts after
+    /// `start_after`, in path order.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn rotations(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, RotationRecord)>, StoreError> {
+        let from = match start_after {
+            Some(after) if after.as_bytes() >= prefix.as_bytes() => [after.as_bytes(), b"\0"].concat(),
+            _ => prefix.as_bytes().to_vec(),
+        };
+        let iter =
+            self.store.db.iterator_cf(self.store.cf(cf::ROTATIONS), IteratorMode::From(&from, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.store.rocks_err(e))?;
+            if !key.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&key).into_owned(), decode(&value, "rotation record")?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` events from `revision` on, in order. The oldest kept is
+    /// [`StateReader::events_window`]'s first.
+    ///
+    /// # Errors
+    /// RocksDB or decoding failures.
+    pub fn events(&self, revision: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let from = revision.to_be_bytes();
+        let iter = self.store.db.iterator_cf(self.store.cf(cf::EVENTS), IteratorMode::From(&from, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (_, value) = item.map_err(|e| self.store.rocks_err(e))?;
+            out.push(decode(&value, "event")?);
+        }
+        Ok(out)
+    }
+
+    /// The oldest event revision kept and the newest written (0, 0 before the first).
+    ///
+    /// # Errors
+    /// RocksDB failures.
+    pub fn events_window(&self) -> Result<(u64, u64), StoreError> {
+        let newest = *self.store.events_tail.borrow();
+        let mut iter = self.store.db.iterator_cf(self.store.cf(cf::EVENTS), IteratorMode::Start);
+        let oldest = match iter.next() {
+            Some(item) => {
+                let (key, _) = item.map_err(|e| self.store.rocks_err(e))?;
+                key.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0)
+            }
+            None => newest.saturating_add(1),
+        };
+        Ok((oldest, newest))
+    }
+
+    /// A receiver that changes whenever events are written; its value is the newest revision.
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.store.events_tail.subscribe()
     }
 
     /// Up to `limit` secret paths that start with `prefix` and sort after `start_after`, in order.

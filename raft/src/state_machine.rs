@@ -90,10 +90,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = last {
             txn.put(cf::SM_META, LAST_APPLIED.to_vec(), &Some(last));
         }
-        let Txn { store, batch, identity_changed, .. } = txn;
+        let Txn { store, batch, identity_changed, last_event, .. } = txn;
         store.db.write(batch).map_err(|e| StorageIOError::write_state_machine(&e))?;
         if identity_changed {
             store.identity_changed();
+        }
+        if let Some(revision) = last_event {
+            store.events_written(revision);
         }
         Ok(responses)
     }

@@ -11,6 +11,10 @@
 //! | `requests` | request id | format 1: postcard [`Response`](crate::Response) of an applied put |
 //! | `request_ids` | request id | postcard (intent, outcome) of the write it was first applied with |
 //! | `keys` | named key name | postcard [`NamedKeyRecord`](crate::NamedKeyRecord) (versions wrapped) |
+//! | `identity` | tag + hash or name | tokens, policies, login roles |
+//! | `stages` | path | postcard [`Stages`](crate::Stages): `CURRENT`, `PENDING`, `PREVIOUS` |
+//! | `rotations` | path | postcard [`RotationRecord`](crate::RotationRecord) |
+//! | `events` | revision u64 big-endian | postcard [`Event`](crate::Event); the next revision is `cluster`/`events/next` |
 //!
 //! Paths never contain 0x00 (the node validates them), so `path 0x00` prefixes one secret's versions.
 
@@ -36,11 +40,28 @@ pub(crate) mod cf {
     pub(crate) const KEYS: &str = "keys";
     pub(crate) const REQUEST_IDS: &str = "request_ids";
     pub(crate) const IDENTITY: &str = "identity";
+    pub(crate) const STAGES: &str = "stages";
+    pub(crate) const ROTATIONS: &str = "rotations";
+    pub(crate) const EVENTS: &str = "events";
     /// The column families that make up the state machine's data, in snapshot order (a snapshot
     /// row names its family by index here: only ever append).
-    pub(crate) const STATE: [&str; 7] = [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS, IDENTITY];
-    pub(crate) const ALL: [&str; 10] =
-        [LOGS, RAFT_META, SM_META, SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS, IDENTITY];
+    pub(crate) const STATE: [&str; 10] =
+        [SECRETS, VERSIONS, CLUSTER, REQUESTS, KEYS, REQUEST_IDS, IDENTITY, STAGES, ROTATIONS, EVENTS];
+    pub(crate) const ALL: [&str; 13] = [
+        LOGS,
+        RAFT_META,
+        SM_META,
+        SECRETS,
+        VERSIONS,
+        CLUSTER,
+        REQUESTS,
+        KEYS,
+        REQUEST_IDS,
+        IDENTITY,
+        STAGES,
+        ROTATIONS,
+        EVENTS,
+    ];
 }
 
 /// One RocksDB database shared by a node's log store, state machine and readers.
@@ -49,6 +70,8 @@ pub struct Store {
     /// Moves after every batch that changed tokens, policies or roles, once it is written (and
     /// after a snapshot install): the node's identity cache is valid while it stays put.
     pub(crate) identity_generation: std::sync::atomic::AtomicU64,
+    /// The revision of the newest event written: Watch streams wait on it.
+    pub(crate) events_tail: tokio::sync::watch::Sender<u64>,
     path: PathBuf,
     snapshot_dir: PathBuf,
 }
@@ -79,7 +102,15 @@ impl Store {
         opts.set_paranoid_checks(true);
         let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| StoreError::rocks(&path, e))?;
-        Ok(Arc::new(Store { db, path, snapshot_dir, identity_generation: std::sync::atomic::AtomicU64::new(1) }))
+        let store = Store {
+            db,
+            path,
+            snapshot_dir,
+            identity_generation: std::sync::atomic::AtomicU64::new(1),
+            events_tail: tokio::sync::watch::Sender::new(0),
+        };
+        store.reload_events_tail()?;
+        Ok(Arc::new(store))
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
@@ -93,6 +124,18 @@ impl Store {
     /// Marks the identity state changed (after the batch that changed it is written).
     pub(crate) fn identity_changed(&self) {
         self.identity_generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Wakes Watch streams: events up to `revision` are written.
+    pub(crate) fn events_written(&self, revision: u64) {
+        self.events_tail.send_replace(revision);
+    }
+
+    /// Reads the newest event's revision from the state (at open and after a snapshot install).
+    pub(crate) fn reload_events_tail(&self) -> Result<(), StoreError> {
+        let next = self.get::<u64>(cf::CLUSTER, EVENTS_NEXT_KEY, "event counter")?.unwrap_or(1);
+        self.events_tail.send_replace(next.saturating_sub(1));
+        Ok(())
     }
 
     pub(crate) fn rocks_err(&self, source: rocksdb::Error) -> StoreError {
@@ -144,6 +187,8 @@ pub(crate) fn keyring_key(version: KeyringVersion) -> Vec<u8> {
 
 pub(crate) const KEYRING_PREFIX: &[u8] = b"keyring/";
 pub(crate) const CLUSTER_KEY: &[u8] = b"cluster";
+/// The `cluster` key of the next event revision.
+pub(crate) const EVENTS_NEXT_KEY: &[u8] = b"events/next";
 
 /// Runs blocking storage work (an fsync) without stalling the other tasks of a multi-threaded Tokio
 /// runtime: the worker hands its queue to another thread for the duration. On a current-thread

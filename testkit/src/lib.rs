@@ -12,6 +12,8 @@
 //! - [`pki`]: a CA and certificates, so that nodes, tests, drills and benchmarks run with TLS.
 //! - [`in_process`]: a server run by a `run(listener, shutdown)` function on a listener bound to
 //!   `127.0.0.1:0`, inside the test's Tokio runtime: for the API tests.
+//! - [`postgres`]: a throwaway PostgreSQL cluster of a test's own (never the system one), with a
+//!   trusted superuser on a unix socket and password logins over TCP: for database credentials.
 //!
 //! # Why a crate, and why the dependencies point this way
 //! The drills are a binary (`coffer-chaos`) that needs the launcher at run time, so the launcher
@@ -33,9 +35,34 @@
 pub mod cluster;
 pub mod in_process;
 pub mod pki;
+pub mod postgres;
 pub mod softhsm;
 
 pub use cluster::{coffer_cli, free_port, with_token, Cluster, Node, Options, Ready, TEST_IDENTITY, TEST_ROLE};
 pub use in_process::InProcess;
 pub use pki::TestPki;
+pub use postgres::Postgres;
 pub use softhsm::{copy_dir, process_softhsm, SoftHsm, PIN, SO_PIN, TOKEN_LABEL};
+
+/// The directories in the temporary directory named `<prefix><pid>-…` whose process no longer
+/// runs (Linux: a process runs while `/proc/<pid>` exists; elsewhere none): what a killed test
+/// process left behind.
+pub(crate) fn dirs_of_exited_processes(prefix: &str) -> Vec<std::path::PathBuf> {
+    if !std::path::Path::new("/proc/self").exists() {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(prefix))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new("/proc").join(pid.to_string()).exists())
+        })
+        .map(|entry| entry.path())
+        .collect()
+}

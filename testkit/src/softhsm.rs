@@ -195,23 +195,8 @@ const PROCESS_SET_PREFIX: &str = "coffer-softhsm-";
 /// process runs while `/proc/<pid>` exists; elsewhere nothing is removed). Best effort: a set
 /// that cannot be removed stays.
 fn remove_sets_of_exited_processes() {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(PROCESS_SET_PREFIX))
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+    for dir in crate::dirs_of_exited_processes(PROCESS_SET_PREFIX) {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 

@@ -59,8 +59,15 @@ async fn audit_verify_passes_a_real_file_and_names_each_tampering() -> anyhow::R
     reordered.swap(records[30], records[30] + 1);
     let (ok, said) = tampered("reordered", &reordered)?;
     assert!(!ok && said.contains("does not follow"), "{said}");
-    // Cut after the second checkpoint, which is older than three intervals by now.
-    let cut = checkpoints[1];
+    // Cut after a checkpoint followed by two records (under load a count checkpoint can follow a
+    // timed one at once), once every checkpoint is older than three intervals and a second.
+    let cut = checkpoints
+        .iter()
+        .copied()
+        .skip(1)
+        .find(|c| c + 2 < lines.len() && !is_checkpoint(&lines[c + 1]) && !is_checkpoint(&lines[c + 2]))
+        .expect("a checkpoint followed by two records");
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let (ok, said) = tampered("cut", &lines[..=cut])?;
     assert!(!ok && said.contains(&format!("line {}", cut + 1)) && said.contains("cut short"), "{said}");
     let (ok, said) = tampered("cut-later", &lines[..cut + 3])?;

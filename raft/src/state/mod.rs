@@ -7,6 +7,7 @@
 //! | [`keys`] | named keys: create, rotate, config, delete |
 //! | [`identity`] | tokens (create, renew, revoke with descendants, expire), policies, login roles |
 //! | [`requests`] | request ids: a write applied once, an id bound to its first write |
+//! | [`rotation`] | stage labels, rotations (steps in order, once), the event log of Watch |
 //! | [`snapshot`] | snapshot files: build, install, read back |
 //!
 //! # Correctness
@@ -20,6 +21,7 @@ pub(crate) mod cluster;
 pub(crate) mod identity;
 pub(crate) mod keys;
 pub(crate) mod requests;
+pub(crate) mod rotation;
 pub(crate) mod secrets;
 pub(crate) mod snapshot;
 
@@ -40,11 +42,13 @@ pub(crate) struct Txn<'a> {
     /// An identity rule wrote something: the store's identity generation moves once the batch
     /// is written.
     pub(crate) identity_changed: bool,
+    /// The revision of the last event this batch appends: Watch streams wake once it is written.
+    pub(crate) last_event: Option<u64>,
 }
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(store: &'a Store) -> Self {
-        Txn { store, batch: WriteBatch::default(), overlay: HashMap::new(), identity_changed: false }
+        Txn { store, batch: WriteBatch::default(), overlay: HashMap::new(), identity_changed: false, last_event: None }
     }
 
     pub(crate) fn get<T: serde::de::DeserializeOwned>(
@@ -163,6 +167,8 @@ impl<'a> Txn<'a> {
             Op::DeletePolicy(d) => identity::delete_policy(self, d),
             Op::PutCertRole(p) => identity::put_role(self, p),
             Op::DeleteCertRole(d) => identity::delete_role(self, d),
+            Op::PutStaged(p) => rotation::put_version(self, &p.put, crate::Stage::Current, p.default_grace_ms),
+            Op::Rotation(r) => rotation::apply(self, r),
         }
     }
 }
@@ -193,10 +199,13 @@ pub(crate) mod testing {
         pub(crate) fn apply(&self, command: &Command) -> Result<Response, StoreError> {
             let mut txn = Txn::new(&self.store);
             let response = txn.apply(command)?;
-            let Txn { batch, identity_changed, .. } = txn;
+            let Txn { batch, identity_changed, last_event, .. } = txn;
             self.store.db.write(batch).map_err(|e| self.store.rocks_err(e))?;
             if identity_changed {
                 self.store.identity_changed();
+            }
+            if let Some(revision) = last_event {
+                self.store.events_written(revision);
             }
             Ok(response)
         }

@@ -1,48 +1,16 @@
-//! Apply rules for secrets: put (check-and-set, version numbers, pruning past `max_versions`) and
+//! Apply rules for secrets: format 1's put (the rules are in `rotation::put_version`) and
 //! the version states (delete, undelete, destroy).
 
-use crate::command::{Outcome, PutSecret, Rejection, SecretMeta, SetVersionState, VersionMeta, VersionState};
+use crate::command::{Outcome, PutSecret, Rejection, SecretMeta, SetVersionState, VersionState};
 use crate::error::StoreError;
+use crate::rotation::EventKind;
 use crate::state::Txn;
 use crate::store::{cf, version_key};
-use crate::SecretVersion;
 
-/// Writes a new version, if the check-and-set holds and the version is the next one.
+/// Writes a new version, if the check-and-set holds and the version is the next one; it becomes
+/// `CURRENT` (format 1's put: `PREVIOUS` then stays readable until `CURRENT` moves again).
 pub(crate) fn put(txn: &mut Txn<'_>, put: &PutSecret) -> Result<Outcome, StoreError> {
-    let meta = txn.get::<SecretMeta>(cf::SECRETS, put.path.as_str().as_bytes(), "secret metadata")?;
-    let current = meta.as_ref().map_or(SecretVersion(0), |m| m.current_version);
-    if let Some(expected) = put.cas {
-        if expected != current {
-            return Ok(Outcome::Rejected(Rejection::CasMismatch { expected, current }));
-        }
-    }
-    let Some(next) = current.next() else {
-        return Ok(Outcome::Rejected(Rejection::SecretVersionsExhausted { path: put.path.to_string() }));
-    };
-    if put.version != next {
-        return Ok(Outcome::Rejected(Rejection::VersionTaken { version: put.version, current }));
-    }
-    let mut meta = meta.unwrap_or(SecretMeta {
-        current_version: SecretVersion(0),
-        max_versions: put.default_max_versions,
-        created_at_ms: put.at_ms,
-        updated_at_ms: put.at_ms,
-        versions: Default::default(),
-    });
-    if let Some(max) = put.max_versions {
-        meta.max_versions = max;
-    }
-    meta.current_version = next;
-    meta.updated_at_ms = put.at_ms;
-    meta.versions.insert(next, VersionMeta { created_at_ms: put.at_ms, deleted_at_ms: None, destroyed: false });
-    while meta.versions.len() > meta.max_versions.max(1) as usize {
-        if let Some((oldest, _)) = meta.versions.pop_first() {
-            txn.delete(cf::VERSIONS, version_key(put.path.as_str(), oldest));
-        }
-    }
-    txn.put(cf::VERSIONS, version_key(put.path.as_str(), next), &put.sealed);
-    txn.put(cf::SECRETS, put.path.as_str().as_bytes().to_vec(), &meta);
-    Ok(Outcome::Put { version: next, created_at_ms: put.at_ms })
+    super::rotation::put_version(txn, put, crate::Stage::Current, 0)
 }
 
 /// Changes the state of versions; every target is checked before any changes.
@@ -64,6 +32,7 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
             Some(_) => {}
         }
     }
+    let targets_for_event = targets.clone();
     for version in targets {
         let Some(v) = meta.versions.get_mut(&version) else { continue };
         match set.state {
@@ -81,6 +50,12 @@ pub(crate) fn set_version_state(txn: &mut Txn<'_>, set: &SetVersionState) -> Res
     }
     meta.updated_at_ms = set.at_ms;
     txn.put(cf::SECRETS, path.as_bytes().to_vec(), &meta);
+    let kind = match set.state {
+        VersionState::Deleted => EventKind::Deleted { versions: targets_for_event },
+        VersionState::Undeleted => EventKind::Undeleted { versions: targets_for_event },
+        VersionState::Destroyed => EventKind::Destroyed { versions: targets_for_event },
+    };
+    super::rotation::emit(txn, &set.path, set.at_ms, kind)?;
     Ok(Outcome::Applied)
 }
 
@@ -89,7 +64,7 @@ mod tests {
     use super::*;
     use crate::command::Op;
     use crate::state::testing::{must_path, sealed, Scratch};
-    use crate::UnixMillis;
+    use crate::{SecretVersion, UnixMillis};
 
     fn put_op(path: &str, version: u64, cas: Option<u64>) -> Op {
         Op::PutSecret(PutSecret {

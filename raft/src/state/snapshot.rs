@@ -115,6 +115,7 @@ impl StateMachine {
         opts.set_sync(true);
         blocking(|| self.store.db.write_opt(batch, &opts)).map_err(|e| self.store.rocks_err(e))?;
         self.store.identity_changed();
+        self.store.reload_events_tail()?;
         self.write_snapshot_file(&StoredSnapshot { meta: meta.clone(), data })
     }
 }
