@@ -193,6 +193,7 @@ impl Target {
             path: format!("bench/read/{}", seq % SEEDED as u64),
             version: None,
             max_staleness: stale.then_some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            stage: String::new(),
         };
         match scenario {
             Scenario::GetLinear => SecretsClient::new(ch).get(read(false)).await.map(|_| 1),

@@ -573,7 +573,12 @@ async fn verify_state(targets: &Targets, history: &[Op], min_key_versions: u32) 
                 if oldest_kept.get(key).is_some_and(|oldest| version < oldest) {
                     continue;
                 }
-                let req = GetRequest { path: key.clone(), version: Some(*version), max_staleness: None };
+                let req = GetRequest {
+                    path: key.clone(),
+                    version: Some(*version),
+                    max_staleness: None,
+                    stage: String::new(),
+                };
                 match retrying(|| {
                     let (mut c, req) = (secrets.clone(), req.clone());
                     async move { c.get(req).await }
@@ -666,7 +671,12 @@ async fn verify_state(targets: &Targets, history: &[Op], min_key_versions: u32) 
         };
         let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
         for v in &described.get_ref().versions {
-            let req = GetRequest { path: key.to_owned(), version: Some(v.version), max_staleness: None };
+            let req = GetRequest {
+                path: key.to_owned(),
+                version: Some(v.version),
+                max_staleness: None,
+                stage: String::new(),
+            };
             let fetched = retrying(|| {
                 let (mut c, req) = (secrets.clone(), req.clone());
                 async move { c.get(req).await }

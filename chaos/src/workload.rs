@@ -131,6 +131,7 @@ async fn run_client(client: usize, channels: Vec<Channel>, keys: usize, rec: Rec
                     path: key.clone(),
                     version: None,
                     max_staleness: stale.map(|ms| prost_types::Duration { seconds: 0, nanos: (ms * 1_000_000) as i32 }),
+                    stage: String::new(),
                 };
                 let outcome = match SecretsClient::new(channels[node].clone()).get(req).await {
                     Ok(r) => {

@@ -54,6 +54,10 @@
 //! # address = "127.0.0.1:6514"          # TCP, JSON lines (the chain lines themselves)
 //! # timeout = "5s"                      # per connect and per write; then retry with backoff
 //!
+//! [rotation]
+//! step-pause = "0s"                     # drills and tests only: wait this long before each rotation
+//!                                       # step's work, so a kill or an outage can land inside a step
+//!
 //! [raft]
 //! heartbeat-interval = "50ms"
 //! election-timeout-min = "150ms"
@@ -122,6 +126,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    rotation: RawRotation,
     /// `"off"`, or a table of [`RawTls`]: checked by hand for a message that names the rule.
     tls: Option<toml::Value>,
 }
@@ -138,6 +144,13 @@ struct RawTls {
 
 fn default_client_certs() -> String {
     "optional".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawRotation {
+    #[serde(with = "humantime_serde", default)]
+    step_pause: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,6 +407,8 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// `max_versions` of a new secret.
     pub default_max_versions: u32,
+    /// Drills and tests: a pause before each rotation step's work (`[rotation] step-pause`).
+    pub rotation_step_pause: Duration,
     /// A node answers Keys crypto calls only while it has heard from the leader within this.
     pub crypto_staleness: Duration,
     /// At most this many named keys are kept unwrapped in memory.
@@ -776,6 +791,7 @@ impl RawConfig {
             data_dir: resolve(path, self.data_dir),
             max_value_bytes: self.max_value_bytes,
             default_max_versions: self.default_max_versions,
+            rotation_step_pause: self.rotation.step_pause,
             crypto_staleness: self.crypto_staleness,
             key_cache_entries: self.key_cache_entries.max(1),
             max_batch_items: self.max_batch_items.max(1),

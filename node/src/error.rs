@@ -55,6 +55,9 @@ pub enum Error {
         /// Why, and what to do.
         why: String,
     },
+    /// A Watch asked for a revision no longer kept (the message names the oldest kept).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The secret's rotation is not in a state that allows the request (named in the message).
     #[error("{0}")]
     RotationState(String),
@@ -300,6 +303,7 @@ impl From<Error> for tonic::Status {
             | Error::VersionDestroyed { .. }
             | Error::StageEmpty { .. } => Code::NotFound,
             Error::RotationState(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::RotationMoved(_) => Code::Aborted,
             Error::KeyExists { .. } => Code::AlreadyExists,
             Error::OperatorRequired { .. } | Error::PermissionDenied { .. } => Code::PermissionDenied,

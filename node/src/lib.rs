@@ -3,6 +3,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`secrets`] | the Secrets service, its use cases (put, get, describe, list, delete/undelete/destroy), `coffer secret` |
+//! | [`rotation`] | secret rotation: rotators (generator, PostgreSQL), the leader's worker, schedules, Watch, `coffer secret rotation` |
 //! | [`keys`] | the Keys service, key management and crypto, key material in memory, automatic rotation, usage stats, `coffer key` |
 //! | [`cluster`] | the Operator service, membership and leadership, `coffer operator` |
 //! | [`audit`] | a record per public call: the spool, its hash chain, HSM-signed checkpoints, `coffer audit` |
@@ -24,6 +25,7 @@ pub mod envelope;
 pub mod error;
 pub mod keys;
 pub mod node;
+pub mod rotation;
 pub mod secrets;
 pub mod server;
 pub mod validate;

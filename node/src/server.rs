@@ -91,6 +91,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let (reflection, reflection_v1alpha) = reflection()?;
     let rotator = tokio::spawn(crate::keys::auto_rotate::run(node.clone()));
     let sweeper = tokio::spawn(crate::auth::sweep::run(node.clone()));
+    let rotations = tokio::spawn(crate::rotation::worker::run(node.clone()));
     if node.config.auth.checks == crate::config::Checks::Off {
         tracing::warn!("auth.checks = \"off\": every call is allowed without a credential; for measuring the checks' cost only, never for serving");
     }
@@ -186,6 +187,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     rotator.abort();
     sweeper.abort();
+    rotations.abort();
+    let _ = rotations.await;
     for task in checkpoints.into_iter().chain(audit_watch).chain(sinks) {
         task.abort();
         let _ = task.await;

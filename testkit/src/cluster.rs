@@ -392,6 +392,18 @@ impl Cluster {
         Ok(endpoint.connect_lazy())
     }
 
+    /// A channel to node `i` for streams that run as long as the test (no per-call timeout).
+    ///
+    /// # Errors
+    /// The URL is malformed or the TLS files cannot be read.
+    pub fn stream_channel(&self, i: usize) -> anyhow::Result<Channel> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.nodes[i].url())?;
+        if let Some(tls) = self.client_tls()? {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint.connect_lazy())
+    }
+
     /// The test PKI, when the cluster runs TLS.
     pub fn pki(&self) -> Option<&TestPki> {
         self.pki.as_ref()

@@ -68,6 +68,9 @@ pub struct AuditInfo {
     /// A batch or stream: per key, per operation, per outcome, how many items.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counts: Option<BTreeMap<String, Counts>>,
+    /// Work the node did on its own (a rotation step): why it failed, in words. Never a value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A key's items in a batch or stream: per operation, per outcome (a gRPC code name), how many.
@@ -143,6 +146,33 @@ struct Record<'a> {
     info: AuditInfo,
     status: &'a str,
     latency_us: u64,
+}
+
+impl Audit {
+    /// Records work the node does on its own, not a call: a rotation step's end. `request_id`
+    /// names the work (`rotation:<path>#<id>/<step>/<attempt>`); `status` is a gRPC code name.
+    ///
+    /// # Errors
+    /// The spool refused the record (failing or busy).
+    pub async fn record_work(
+        &self,
+        request_id: &str,
+        method: &str,
+        info: AuditInfo,
+        status: &'static str,
+    ) -> Result<u64, super::spool::SpoolError> {
+        let record = Record {
+            time_ms: crate::node::now_ms(),
+            node: self.node,
+            request_id,
+            trace_id: None,
+            method,
+            info,
+            status,
+            latency_us: 0,
+        };
+        self.spool.append(serde_json::to_string(&record).unwrap_or_default()).await
+    }
 }
 
 /// The layer: wraps the public router's services.
@@ -256,7 +286,7 @@ where
             let mut response = CURRENT.scope(pending.slot.clone(), inner.call(request)).await?;
             pending.echo_id(response.headers_mut());
             // A stream that opened is recorded when it ends; anything else now.
-            if pending.method == STREAM && !response.headers().contains_key("grpc-status") {
+            if STREAMS.contains(&pending.method.as_str()) && !response.headers().contains_key("grpc-status") {
                 let (parts, body) = response.into_parts();
                 let body = AuditedBody { inner: body, pending: Some(pending), writing: None };
                 return Ok(http::Response::from_parts(parts, tonic::body::Body::new(body)));
@@ -273,8 +303,8 @@ where
     }
 }
 
-/// The Keys stream method: recorded when it ends.
-const STREAM: &str = "/coffer.v1.Keys/Stream";
+/// The streaming methods: recorded when they end (a Watch usually when its client goes).
+const STREAMS: [&str; 2] = ["/coffer.v1.Keys/Stream", "/coffer.v1.Secrets/Watch"];
 
 /// The client's request id when it is sane, else one made here: `<node>-<start ms>-<n>`.
 fn request_id(headers: &http::HeaderMap, node: u64) -> String {
@@ -323,6 +353,8 @@ impl Pending {
             ("PERMISSION_DENIED", _) => Some("denied"),
             ("UNAUTHENTICATED", _) => Some("unauthenticated"),
             ("OK", None) if info.principal.is_some() => Some("allowed"),
+            // A check passed (it named its rule) and the call ended otherwise: a cancelled Watch.
+            (_, None) if info.principal.is_some() && info.rule.is_some() => Some("allowed"),
             (_, decision) => decision,
         };
         let record = Record {

@@ -70,10 +70,14 @@ pub enum Capability {
     TokenAdmin,
     /// Cluster operations: membership, leadership, join tokens.
     Operator,
+    /// Configure, start, cancel and see a secret's rotation.
+    Rotate,
+    /// Follow a folder's metadata events (Watch).
+    Watch,
 }
 
 /// Every capability, in the order `coffer policy` prints them.
-pub const ALL: [Capability; 18] = [
+pub const ALL: [Capability; 20] = [
     Capability::Read,
     Capability::List,
     Capability::Create,
@@ -92,6 +96,8 @@ pub const ALL: [Capability; 18] = [
     Capability::PolicyAdmin,
     Capability::TokenAdmin,
     Capability::Operator,
+    Capability::Rotate,
+    Capability::Watch,
 ];
 
 impl Capability {
@@ -116,6 +122,8 @@ impl Capability {
             Capability::PolicyAdmin => "policy-admin",
             Capability::TokenAdmin => "token-admin",
             Capability::Operator => "operator",
+            Capability::Rotate => "rotate",
+            Capability::Watch => "watch",
         }
     }
 
@@ -139,7 +147,9 @@ impl Capability {
             | Capability::Update
             | Capability::Delete
             | Capability::Undelete
-            | Capability::Destroy => "secret",
+            | Capability::Destroy
+            | Capability::Rotate
+            | Capability::Watch => "secret",
             Capability::Encrypt
             | Capability::Decrypt
             | Capability::Rewrap

@@ -55,8 +55,11 @@ enum SecretCommand {
         /// The secret path.
         path: String,
         /// Read this version instead of the current one.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stage")]
         version: Option<u64>,
+        /// Read the version a stage label points at: CURRENT (default), PENDING or PREVIOUS.
+        #[arg(long)]
+        stage: Option<String>,
         /// Serve from the node's local state if it is at most this stale (e.g. 500ms, 2s), without
         /// a round trip to the leader. Default: a linearizable read.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -82,6 +85,27 @@ enum SecretCommand {
     Undelete(VersionsArgs),
     /// Remove versions' ciphertext and data key for good.
     Destroy(VersionsArgs),
+    /// Start a rotation of a secret now (it needs a rotation: see `coffer secret rotation configure`).
+    Rotate {
+        /// The secret path.
+        path: String,
+    },
+    /// Configure, follow and cancel rotations.
+    #[command(subcommand)]
+    Rotation(crate::rotation::cli::RotationCommand),
+    /// Print metadata events (puts, deletes, label moves, rotations; never values) under a folder
+    /// as they happen. Needs `watch` on the folder.
+    Watch {
+        /// The folder (empty: every secret).
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Start from this revision (to resume: the last one printed plus one). Default: now.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Also print the bookmarks a quiet stream gets.
+        #[arg(long)]
+        bookmarks: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +132,11 @@ pub(crate) fn millis(ts: Option<&prost_types::Timestamp>) -> Option<String> {
         + std::time::Duration::from_secs(u64::try_from(ts.seconds).ok()?)
         + std::time::Duration::from_nanos(u64::try_from(ts.nanos).ok()?);
     Some(humantime::format_rfc3339_millis(time).to_string())
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC.
+pub(crate) fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
 /// A random idempotency key, so a put that a proxy or the client library retries applies once.
@@ -151,7 +180,7 @@ pub async fn run(args: SecretArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Why a client command failed: the server said no (printed as a status), or something local.
-enum Failure {
+pub(crate) enum Failure {
     Status(Box<tonic::Status>),
     Other(anyhow::Error),
 }
@@ -205,17 +234,25 @@ async fn execute(
                 )?,
             }
         }
-        SecretCommand::Get { path, version, max_staleness } => {
+        SecretCommand::Rotate { path } => crate::rotation::cli::rotate(&mut client, path, output).await?,
+        SecretCommand::Rotation(command) => crate::rotation::cli::rotation(&mut client, command, output).await?,
+        SecretCommand::Watch { prefix, from, bookmarks } => {
+            drop(out);
+            return crate::rotation::cli::watch(&mut client, prefix, from, bookmarks, output).await;
+        }
+        SecretCommand::Get { path, version, stage, max_staleness } => {
             let max_staleness = max_staleness.map(|d| prost_types::Duration {
                 seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
             });
-            let reply = client.get(GetRequest { path: path.clone(), version, max_staleness }).await?.into_inner();
+            let stage = stage.unwrap_or_default();
+            let reply =
+                client.get(GetRequest { path: path.clone(), version, max_staleness, stage }).await?.into_inner();
             let value = Zeroizing::new(reply.value);
             match output {
                 Output::Text => out.write_all(&value)?,
                 Output::Json => {
-                    let mut obj = json!({"path": path, "version": reply.version, "created_at": millis(reply.created_at.as_ref())});
+                    let mut obj = json!({"path": path, "version": reply.version, "stages": reply.stages, "created_at": millis(reply.created_at.as_ref())});
                     match std::str::from_utf8(&value) {
                         Ok(text) => obj["value"] = json!(text),
                         Err(_) => {
@@ -245,7 +282,16 @@ async fn execute(
             match output {
                 Output::Text => {
                     writeln!(out, "path:            {}", reply.path)?;
-                    writeln!(out, "current version: {}", reply.current_version)?;
+                    writeln!(out, "newest version:  {}", reply.current_version)?;
+                    writeln!(out, "CURRENT:         {}", reply.current)?;
+                    if reply.pending > 0 {
+                        writeln!(out, "PENDING:         {}", reply.pending)?;
+                    }
+                    if reply.previous > 0 {
+                        let until =
+                            millis(reply.previous_until.as_ref()).map_or(String::new(), |u| format!(" (until {u})"));
+                        writeln!(out, "PREVIOUS:        {}{until}", reply.previous)?;
+                    }
                     writeln!(out, "max versions:    {}", reply.max_versions)?;
                     writeln!(out, "created:         {}", millis(reply.created_at.as_ref()).unwrap_or_default())?;
                     writeln!(out, "updated:         {}", millis(reply.updated_at.as_ref()).unwrap_or_default())?;
@@ -274,6 +320,10 @@ async fn execute(
                             "created_at": millis(reply.created_at.as_ref()),
                             "updated_at": millis(reply.updated_at.as_ref()),
                             "versions": list,
+                            "current": reply.current,
+                            "pending": reply.pending,
+                            "previous": reply.previous,
+                            "previous_until": millis(reply.previous_until.as_ref()),
                         })
                     )?;
                 }

@@ -73,7 +73,7 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
     for _ in 0..MAX_ATTEMPTS {
         let version = current.next().ok_or_else(|| Error::VersionsExhausted { what: format!("secret {path}") })?;
         let sealed = ready.keyring.seal(path.as_str(), version, &req.value)?;
-        let op = Op::PutSecret(coffer_raft::PutSecret {
+        let put = coffer_raft::PutSecret {
             request_id: None,
             path: path.clone(),
             version,
@@ -82,7 +82,9 @@ pub async fn put_secret(node: &Node, req: PutSecret) -> Result<Written, Error> {
             default_max_versions: node.config.default_max_versions,
             sealed,
             at_ms: UnixMillis::now(),
-        });
+        };
+        let default_grace_ms = u64::try_from(crate::rotation::DEFAULT_GRACE.as_millis()).unwrap_or(u64::MAX);
+        let op = Op::PutStaged(coffer_raft::PutStaged { put, default_grace_ms });
         match node.propose(Write { request_id: request_id.clone(), op }).await? {
             Outcome::Put { version, created_at_ms } => return Ok(Written { version, created_at_ms }),
             // A concurrent write took the version: reseal for the one after the current.

@@ -5,6 +5,10 @@ use std::sync::Arc;
 
 use coffer_proto::v1::secrets_server::Secrets;
 use coffer_proto::v1::{
+    CancelRotationRequest, CancelRotationResponse, ConfigureRotationRequest, ConfigureRotationResponse, RotateRequest,
+    RotateResponse, RotationInfo, RotationStatusRequest, RotationStatusResponse, WatchEvent, WatchRequest,
+};
+use coffer_proto::v1::{
     DeleteRequest, DeleteResponse, DescribeRequest, DescribeResponse, DestroyRequest, DestroyResponse, GetRequest,
     GetResponse, ListRequest, ListResponse, PutRequest, PutResponse, UndeleteRequest, UndeleteResponse, VersionInfo,
 };
@@ -14,6 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::{secret_path, Capability, Principal};
 use crate::node::Node;
+use crate::rotation;
 use crate::secrets::{describe, get, list, put, set_state};
 use crate::wire::{duration, timestamp};
 
@@ -107,7 +112,13 @@ impl Secrets for SecretsService {
         let slot = request.extensions().get::<crate::audit::layer::AuditSlot>().cloned();
         let req = request.into_inner();
         let max_staleness = req.max_staleness.map(|d| duration("max_staleness", d)).transpose()?;
-        let secret = get::get_secret(&self.node, &req.path, req.version, max_staleness).await?;
+        let stage = match req.stage.as_str() {
+            "" => None,
+            label => {
+                Some(coffer_raft::Stage::parse(label).map_err(|rule| crate::error::Error::InvalidArgument { rule })?)
+            }
+        };
+        let secret = get::get_secret(&self.node, &req.path, req.version, stage, max_staleness).await?;
         if let Some(slot) = slot {
             let value_hmac = self.node.audit_hmac(&secret.value).await.ok();
             slot.update(|info| {
@@ -121,6 +132,7 @@ impl Secrets for SecretsService {
             value: secret.value.to_vec(),
             version: secret.version.0,
             created_at: Some(timestamp(secret.created_at_ms.0)),
+            stages: secret.stages.iter().map(ToString::to_string).collect(),
         }))
     }
 
@@ -128,7 +140,7 @@ impl Secrets for SecretsService {
     async fn describe(&self, request: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
         self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Read).await?;
         let req = request.into_inner();
-        let meta = describe::describe_secret(&self.node, &req.path).await?;
+        let (meta, stages) = describe::describe_secret(&self.node, &req.path).await?;
         let versions = meta
             .versions
             .iter()
@@ -146,6 +158,10 @@ impl Secrets for SecretsService {
             created_at: Some(timestamp(meta.created_at_ms.0)),
             updated_at: Some(timestamp(meta.updated_at_ms.0)),
             versions,
+            current: stages.current.0,
+            pending: stages.pending.map_or(0, |v| v.0),
+            previous: stages.previous.map_or(0, |v| v.0),
+            previous_until: stages.previous_until_ms.map(|at| timestamp(at.0)),
         }))
     }
 
@@ -195,5 +211,101 @@ impl Secrets for SecretsService {
         set_state::set_version_state(&self.node, &req.path, req.versions, VersionState::Destroyed, &req.request_id)
             .await?;
         Ok(Response::new(DestroyResponse {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn configure_rotation(
+        &self,
+        request: Request<ConfigureRotationRequest>,
+    ) -> Result<Response<ConfigureRotationResponse>, Status> {
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Rotate).await?;
+        let req = request.into_inner();
+        let due = rotation::ops::configure(&self.node, &req.path, req.config.as_ref()).await?;
+        Ok(Response::new(ConfigureRotationResponse { next_due: due.map(|at| timestamp(at.0)) }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Rotate).await?;
+        let rotation = rotation::ops::rotate(&self.node, &request.get_ref().path).await?;
+        Ok(Response::new(RotateResponse { rotation }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn cancel_rotation(
+        &self,
+        request: Request<CancelRotationRequest>,
+    ) -> Result<Response<CancelRotationResponse>, Status> {
+        self.node.authorize(&request, secret_path(&request.get_ref().path), Capability::Rotate).await?;
+        rotation::ops::cancel(&self.node, &request.get_ref().path).await?;
+        Ok(Response::new(CancelRotationResponse {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn rotation_status(
+        &self,
+        request: Request<RotationStatusRequest>,
+    ) -> Result<Response<RotationStatusResponse>, Status> {
+        // Like List: only secrets the caller may `rotate` are shown.
+        let principal = self.node.authenticate(&request).await?;
+        let prefix = request.into_inner().prefix;
+        let records = rotation::ops::status(&self.node, &prefix).await?;
+        let rotations = records
+            .into_iter()
+            .filter(|(path, _)| principal.allows(&format!("secret/{path}"), Capability::Rotate))
+            .map(|(path, record)| {
+                let (state, step, attempt, last_error) = rotation::ops::state_words(&record);
+                RotationInfo {
+                    path,
+                    state: state.into(),
+                    rotation: record.started,
+                    step,
+                    attempt,
+                    last_error: if last_error.is_empty() {
+                        record.last_failure.clone().unwrap_or_default()
+                    } else {
+                        last_error
+                    },
+                    last_success: record.last_success_ms.map(|at| timestamp(at.0)),
+                    next_due: record.next_due_ms.map(|at| timestamp(at.0)),
+                    failures: record.failures,
+                    rotator: rotation::Spec::parse(&record.spec).map(|s| s.describe()).unwrap_or_else(|e| e),
+                }
+            })
+            .collect();
+        Ok(Response::new(RotationStatusResponse { rotations }))
+    }
+
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchEvent, Status>>;
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        // A watch is of a folder, like a list: `watch` on the folder itself (`secret` for all),
+        // and each event only if the caller may `watch` its path.
+        let principal = self.node.authenticate(&request).await?;
+        let folder = request.get_ref().prefix.trim_end_matches('/').to_owned();
+        principal
+            .require(&if folder.is_empty() { "secret".to_owned() } else { secret_path(&folder)? }, Capability::Watch)?;
+        let req = request.into_inner();
+        let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
+        self.node.ready().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let node = self.node.clone();
+        // The first check runs before the answer, so OUT_OF_RANGE is the call's status.
+        let (oldest, _) = node.reader().events_window().map_err(crate::error::Error::from)?;
+        if req.from_revision != 0 && req.from_revision < oldest {
+            return Err(crate::error::Error::OutOfRange(format!(
+                "revision {} is no longer kept (the oldest kept is {oldest}); list the secrets again, then watch from revision {oldest}",
+                req.from_revision
+            ))
+            .into());
+        }
+        tokio::spawn(async move {
+            let visible = |path: &str| principal.allows(&format!("secret/{path}"), Capability::Watch);
+            if let Err(e) = rotation::watch::stream(&node, prefix, req.from_revision, tx.clone(), visible).await {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }

@@ -24,6 +24,7 @@ mod t40_crash;
 mod t50_at_rest;
 mod t55_audit;
 mod t60_kcv;
+mod t65_rotation;
 mod t70_standard_tools;
 mod t80_cluster;
 mod t90_keys;
@@ -222,5 +223,5 @@ pub fn put(path: &str, value: &[u8], cas: Option<u64>) -> coffer_proto::v1::PutR
 
 /// A Get request.
 pub fn get(path: &str, version: Option<u64>) -> coffer_proto::v1::GetRequest {
-    coffer_proto::v1::GetRequest { path: path.into(), version, max_staleness: None }
+    coffer_proto::v1::GetRequest { path: path.into(), version, max_staleness: None, stage: String::new() }
 }

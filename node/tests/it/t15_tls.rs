@@ -128,7 +128,7 @@ fn put(path: &str, value: &[u8]) -> PutRequest {
 }
 
 fn get(path: &str) -> GetRequest {
-    GetRequest { path: path.into(), version: None, max_staleness: None }
+    GetRequest { path: path.into(), version: None, max_staleness: None, stage: String::new() }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -57,7 +57,7 @@ async fn cli_round_trips() -> anyhow::Result<()> {
     assert!(out.status.success());
     let out = node.cli(&["secret", "describe", "db/password"], None)?;
     let described = text(&out);
-    assert!(described.contains("current version: 3"), "{described}");
+    assert!(described.contains("newest version:  3") && described.contains("CURRENT:         3"), "{described}");
     assert!(described.contains("destroyed") && described.contains("live"), "{described}");
 
     let out = node.cli(&["secret", "get", "db/password", "--version", "1"], None)?;

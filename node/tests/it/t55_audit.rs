@@ -237,13 +237,19 @@ async fn raw_call(
             Ok(response) => response.into_inner(),
             Err(status) => return Ok(status.code()),
         };
-        loop {
-            match stream.message().await {
-                Ok(Some(())) => {}
-                Ok(None) => return Ok(tonic::Code::Ok),
-                Err(status) => return Ok(status.code()),
+        // A stream that does not end by itself (Watch) is cancelled, as a client would.
+        let read = async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(())) => {}
+                    Ok(None) => return tonic::Code::Ok,
+                    Err(status) => return status.code(),
+                }
             }
-        }
+        };
+        return Ok(tokio::time::timeout(std::time::Duration::from_secs(2), read)
+            .await
+            .unwrap_or(tonic::Code::Cancelled));
     }
     let mut request = tonic::Request::new(());
     dress(request.metadata_mut())?;
